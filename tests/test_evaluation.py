@@ -1,0 +1,64 @@
+"""Teacher-forced evaluation: every token of a text exits per its policy and predicts the next one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from serving.config import EngineConfig
+from serving.engine import Engine
+from serving.evaluation import agreement, common_prefix, teacher_forced
+from tests.helpers import hf_model
+from workers.model_store import load_tokenizer
+
+
+def evaluate(path, token_ids, exit, **config) -> tuple:
+    async def main():
+        engine = Engine.local(EngineConfig(model=str(path), **{"num_layer_groups": 3, "max_num_seqs": 2, **config}))
+        got = await teacher_forced(engine, token_ids, exit, chunk=16)
+        free = engine.scheduler.slots.num_free
+        occupied = [g.group.cache.occupied() for g in engine.pipeline.groups]
+        await engine.shutdown()
+        return got, free, occupied
+
+    return asyncio.run(main())
+
+
+def test_full_depth_predictions_are_the_models_argmax(tiny_chat_dir):
+    ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(3))
+    got, free, occupied = evaluate(tiny_chat_dir, ids.tolist(), {"policy": "none"}, min_exit_depth=1)
+    with torch.no_grad():
+        ref = hf_model(tiny_chat_dir)(ids[None]).logits[0].argmax(-1)
+    assert torch.equal(got.predictions, ref)
+    assert set(got.exit_depths.tolist()) == {6}
+    assert free == 2 and occupied == [[], [], []]  # its slot is returned and cleared
+
+
+def test_static_exit_with_exact_backfill_predicts_from_that_layer(tiny_chat_dir):
+    """Exact back-fill leaves every cache as the full model's, so each token's depth-3 hidden state (and
+    its prediction through the final norm and LM head) is the full model's at layer 3."""
+    ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(4))
+    exit = {"policy": "static", "max_depth": 3, "backfill": "exact"}
+    got, _, _ = evaluate(tiny_chat_dir, ids.tolist(), exit, min_exit_depth=1, exit_points=[3])
+    model = hf_model(tiny_chat_dir)
+    with torch.no_grad():
+        h3 = model(ids[None], output_hidden_states=True).hidden_states[3][0]
+        ref = model.lm_head(model.model.norm(h3)).argmax(-1)
+    assert set(got.exit_depths.tolist()) == {3}
+    assert torch.equal(got.predictions, ref)
+
+
+def test_wikitext_full_depth_matches_hf_on_the_real_model(shared_dir, default_model_dir):
+    text = (shared_dir / "data/wikitext-2/valid.txt").read_text()[5000:7000]
+    ids = load_tokenizer(default_model_dir).encode(text, add_special_tokens=False)[:200]
+    got, _, _ = evaluate(default_model_dir, ids, {"policy": "none"})
+    with torch.no_grad():
+        ref = hf_model(default_model_dir)(torch.tensor([ids])).logits[0].argmax(-1)
+    assert agreement(got.predictions, ref) == 1.0
+
+
+def test_agreement_measures():
+    assert agreement([1, 2, 3, 4], [1, 9, 3, 4, 5]) == 0.75
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2

@@ -1,0 +1,144 @@
+"""Exit policies, exit packs (adapters, routers, mapped back-fill maps) on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import full_logprobs, group_kv, hf_model, load_groups, pipeline_of, rows, run
+from tests.test_layer_group import _reference_kv
+from workers.exit_pack import ExitPack, ExitPackError
+from workers.layers import rms_norm
+from workers.model_store import fingerprint
+from workers.protocol import Backfill, Policy
+
+VOCAB, LAYERS, HIDDEN = 128, 6, 64
+POINTS = [2, 3, 4, 5, 6]
+
+
+def _pack(path, tensors: dict[str, torch.Tensor], **manifest) -> ExitPack:
+    return ExitPack(
+        manifest={"model": {"name": "tiny", "fingerprint": fingerprint(path)}, "exit_points": POINTS, **manifest},
+        tensors=tensors,
+    )
+
+
+def _single_token_max_probs(path, token: int) -> dict[int, float]:
+    """Top probability of the exit head at each exit point for one token at position 0 (no cache involved)."""
+    probs = {}
+    for d in POINTS:
+        pipe = pipeline_of(load_groups(path, [0, 3, 6], POINTS))
+        out = run(pipe, rows([token], [0], policy=Policy.STATIC, max_depth=d, logprobs=VOCAB))
+        assert out.exit_depth.item() == d
+        probs[d] = full_logprobs(out, VOCAB).exp().max().item()
+    return probs
+
+
+def test_policies_exit_where_they_should(tiny_llama_dir):
+    probs = _single_token_max_probs(tiny_llama_dir, token=17)
+
+    def depth(**kw) -> int:
+        pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS))
+        return run(pipe, rows([17], [0], **kw)).exit_depth.item()
+
+    assert depth(policy=Policy.NONE, max_depth=2) == LAYERS  # none ignores depth bounds
+    assert depth(policy=Policy.STATIC, max_depth=4) == 4
+    assert depth(policy=Policy.CONFIDENCE, threshold=0.0, min_depth=3) == 3
+    for d in POINTS[:-1]:  # a threshold just at the head's confidence at d exits at the first point reaching it
+        tau = probs[d]
+        expected = next(p for p in POINTS if probs[p] >= tau or p == LAYERS)
+        assert depth(policy=Policy.CONFIDENCE, threshold=tau, min_depth=2) == expected
+    # max_depth caps the confidence policy
+    assert depth(policy=Policy.CONFIDENCE, threshold=1.5, max_depth=4) == 4
+
+
+def test_adapter_from_pack_changes_the_exit_head(tiny_llama_dir):
+    gen = torch.Generator().manual_seed(5)
+    w, b = 0.1 * torch.randn(HIDDEN, HIDDEN, generator=gen), 0.1 * torch.randn(HIDDEN, generator=gen)
+    pack = _pack(tiny_llama_dir, {"adapter.2.weight": w, "adapter.2.bias": b})
+    (g0,) = load_groups(tiny_llama_dir, [0, 3], [2, 3], pack=pack)
+    from workers.protocol import StepCall
+
+    r = rows([5, 9, 11], [0, 1, 2], policy=Policy.STATIC, max_depth=2, logprobs=VOCAB, sample_all=True)
+    result, _, h_exit = g0.step(StepCall(r, []), None)
+    model = hf_model(tiny_llama_dir)
+    with torch.no_grad():
+        adapted = h_exit + h_exit @ w.T + b
+        logits = rms_norm(adapted, model.model.norm.weight, model.config.rms_norm_eps) @ model.lm_head.weight.T
+    assert torch.allclose(full_logprobs(result, VOCAB), torch.log_softmax(logits, -1), atol=1e-4)
+    # without the adapter the head is different
+    (plain,) = load_groups(tiny_llama_dir, [0, 3], [2, 3])
+    other, _, _ = plain.step(StepCall(r, []), None)
+    assert not torch.allclose(full_logprobs(other, VOCAB), full_logprobs(result, VOCAB), atol=1e-3)
+
+
+@pytest.mark.parametrize("bias,expected", [(20.0, 3), (-20.0, LAYERS)])
+def test_learned_router_plugs_in(tiny_llama_dir, bias, expected):
+    """A router whose score is ~1 exits at the first point past min_depth; ~0 never exits early."""
+    tensors = {}
+    for d in POINTS:
+        tensors |= {
+            f"router.{d}.w1": torch.zeros(8, HIDDEN),
+            f"router.{d}.b1": torch.zeros(8),
+            f"router.{d}.w2": torch.zeros(1, 8),
+            f"router.{d}.b2": torch.full((1,), bias),
+        }
+    pack = _pack(tiny_llama_dir, tensors, router={"features": ["hidden"]})
+    pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack))
+    out = run(pipe, rows([3, 4, 5], [0, 1, 2], policy=Policy.LEARNED, threshold=0.5, min_depth=3))
+    assert out.exit_depth.tolist() == [expected] * 3
+
+
+def test_learned_policy_without_router_is_refused(tiny_llama_dir):
+    pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 6], POINTS))
+    with pytest.raises(ExitPackError, match="needs a router"):
+        run(pipe, rows([3], [0], policy=Policy.LEARNED))
+
+
+def _exit_at_2_then_backfill(path, backfill: Backfill, pack=None):
+    """8 tokens exit at depth 2; returns (groups, exit hidden states) after every back-fill landed."""
+    from workers.protocol import BackfillRows, Rows, StepCall
+
+    g0, g1 = load_groups(path, [0, 3, 6], POINTS, pack=pack)
+    ids = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(6))
+    r = rows(ids, torch.arange(8), policy=Policy.STATIC, max_depth=2, backfill=backfill)
+    _, _, h_exit = g0.step(StepCall(r, []), None)
+    meta = BackfillRows(r.slots, r.positions, torch.full((8,), 2), r.backfill, torch.arange(8))
+    g1.step(StepCall(Rows.empty(), [meta]), None, h_exit)
+    return (g0, g1), h_exit
+
+
+def test_mapped_backfill_without_maps_is_decoupled(tiny_llama_dir):
+    mapped, _ = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.MAPPED)
+    decoupled, _ = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.DECOUPLED)
+    for a, b in zip(mapped, decoupled, strict=True):
+        assert torch.equal(a.cache.k, b.cache.k) and torch.equal(a.cache.v, b.cache.v)
+
+
+def test_mapped_backfill_uses_the_packs_maps(tiny_llama_dir):
+    gen = torch.Generator().manual_seed(7)
+    maps = {}
+    for layer in range(2, LAYERS):
+        maps[f"map.2.{layer}.weight"] = torch.eye(HIDDEN) + 0.2 * torch.randn(HIDDEN, HIDDEN, generator=gen)
+        maps[f"map.2.{layer}.bias"] = 0.2 * torch.randn(HIDDEN, generator=gen)
+    pack = _pack(tiny_llama_dir, maps)
+    groups, h_exit = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.MAPPED, pack)
+    model = hf_model(tiny_llama_dir)
+    with torch.no_grad():
+        for layer in range(2, LAYERS):
+            group = groups[0] if layer < 3 else groups[1]
+            predicted_input = h_exit @ maps[f"map.2.{layer}.weight"].T + maps[f"map.2.{layer}.bias"]
+            k_ref, v_ref = _reference_kv(model, layer, predicted_input, torch.arange(8))
+            k, v = group_kv(group, layer, slot=0, length=8)
+            assert torch.allclose(k, k_ref, atol=1e-4) and torch.allclose(v, v_ref, atol=1e-4), f"layer {layer}"
+
+
+def test_pack_round_trip_and_identity_check(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    pack = _pack(tiny_llama_dir, {"adapter.2.weight": torch.zeros(HIDDEN, HIDDEN)})
+    pack.save(tmp_path / "pack")
+    loaded = ExitPack.load(tmp_path / "pack", fingerprint(tiny_llama_dir))
+    assert loaded.exit_points == POINTS and torch.equal(loaded.tensors["adapter.2.weight"], torch.zeros(HIDDEN, HIDDEN))
+    with pytest.raises(ExitPackError, match="made for another model"):
+        ExitPack.load(tmp_path / "pack", fingerprint(tiny_qwen2_dir))
+    with pytest.raises(ExitPackError, match="not an exit pack"):
+        ExitPack.load(tmp_path)

@@ -1,0 +1,187 @@
+"""Layer groups on tiny random models against Hugging Face's own forward: logits, KV caches, back-fill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from tests.helpers import full_logprobs, group_kv, hf_cache, hf_model, load_groups, pipeline_of, rows, run
+from workers.kv_cache import KVHoleError
+from workers.layer_group import GroupSpec
+from workers.protocol import Backfill, BackfillRows, Policy, Rows, StepCall
+
+VOCAB = 128
+LAYERS = 6
+
+
+def _hf_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(ids[None]).logits[0].float(), dim=-1)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_mistral_dir", "tiny_llama3_dir"])
+@pytest.mark.parametrize("bounds", [[0, 6], [0, 2, 4, 6]])
+def test_full_depth_logits_match_hf(request, family, bounds):
+    """Prefill of every position, then token-by-token decoding: full distributions match HF within 1e-4."""
+    path = request.getfixturevalue(family)
+    model = hf_model(path)
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(0))
+    reference = _hf_logprobs(model, ids)
+    pipe = pipeline_of(load_groups(path, bounds, [LAYERS]))
+
+    prefill = run(pipe, rows(ids, torch.arange(16), slot=1, logprobs=VOCAB, sample_all=True))
+    assert torch.allclose(full_logprobs(prefill, VOCAB), reference, atol=1e-4)
+    assert prefill.exit_depth.tolist() == [LAYERS] * 16
+
+    run(pipe, rows(ids[:9], torch.arange(9), slot=2))
+    for t in range(9, 16):
+        step = run(pipe, rows(ids[t : t + 1], [t], slot=2, logprobs=VOCAB))
+        assert torch.allclose(full_logprobs(step, VOCAB)[0], reference[t], atol=1e-4), f"position {t}"
+
+
+def test_mixed_batch_of_prefill_and_decode_rows(tiny_qwen2_dir):
+    """Rows of several sequences in one call, in scrambled order: each matches HF on its own sequence."""
+    model = hf_model(tiny_qwen2_dir)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, VOCAB, (10,), generator=gen), torch.randint(0, VOCAB, (7,), generator=gen)
+    pipe = pipeline_of(load_groups(tiny_qwen2_dir, [0, 3, 6], [LAYERS]))
+    run(pipe, rows(a[:9], torch.arange(9), slot=0))  # sequence a is decoding; b arrives as a prompt
+    batch = Rows.cat(
+        [rows(a[9:], [9], slot=0, logprobs=VOCAB), rows(b, torch.arange(7), slot=3, logprobs=VOCAB, sample_all=True)]
+    )
+    order = torch.randperm(len(batch), generator=gen)
+    result = run(pipe, batch.select(order))
+    got = torch.empty(len(batch), VOCAB)
+    got[order] = full_logprobs(result, VOCAB)
+    assert torch.allclose(got[0], _hf_logprobs(model, a)[9], atol=1e-4)
+    assert torch.allclose(got[1:], _hf_logprobs(model, b), atol=1e-4)
+
+
+@pytest.mark.parametrize("bounds", [[0, 6], [0, 2, 4, 6]])
+def test_exact_backfill_reproduces_the_full_cache(tiny_llama_dir, bounds):
+    """Random forced exits at every token, prefill and decode, with exact back-fill: every group's cache
+    equals the full model's cache."""
+    model = hf_model(tiny_llama_dir)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (20,), generator=gen)
+    groups = load_groups(tiny_llama_dir, bounds, list(range(1, LAYERS + 1)))
+    pipe = pipeline_of(groups, flush_rows=1)  # flush every back-fill so the whole cache can be compared
+
+    def depths(n: int) -> torch.Tensor:
+        return torch.randint(1, LAYERS + 1, (n,), generator=gen)
+
+    seen = []
+    out = run(
+        pipe, rows(ids[:12], torch.arange(12), policy=Policy.STATIC, max_depth=depths(12), backfill=Backfill.EXACT)
+    )
+    seen += out.exit_depth.tolist()
+    for t in range(12, 20):
+        out = run(pipe, rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=depths(1), backfill=Backfill.EXACT))
+        seen += out.exit_depth.tolist()
+    assert len(set(seen)) >= 4, "the exits should be spread over the depths"
+    reference = hf_cache(model, ids)
+    for group in groups:
+        for layer in range(group.spec.start, group.spec.end):
+            k, v = group_kv(group, layer, slot=0, length=20)
+            assert torch.allclose(k, reference.layers[layer].keys[0], atol=1e-4), f"K of layer {layer}"
+            assert torch.allclose(v, reference.layers[layer].values[0], atol=1e-4), f"V of layer {layer}"
+
+
+def _reference_kv(model, layer: int, layer_input: torch.Tensor, positions: torch.Tensor):
+    """K, V of one layer computed straight from its input, with HF's own modules: [kv_heads, n, head_dim]."""
+    attn = model.model.layers[layer].self_attn
+    x = model.model.layers[layer].input_layernorm(layer_input)
+    head_dim = attn.head_dim
+    k = attn.k_proj(x).view(1, -1, model.config.num_key_value_heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(1, -1, model.config.num_key_value_heads, head_dim).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(x[None], positions[None])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k[0], v[0]
+
+
+@pytest.mark.parametrize("family", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_decoupled_kv_equals_per_layer_reference(request, family, monkeypatch):
+    """Tokens exit at depth 2: the skipped layers' K/V in this group (same call) and in the next group (a
+    back-fill call) equal k_l, v_l = rope(W_k norm_l(h_e)), W_v norm_l(h_e), computed layer by layer; and
+    each group's back-fill is one batched product over all its skipped layers and rows."""
+    import workers.layer_group as lg
+
+    path = request.getfixturevalue(family)
+    model = hf_model(path)
+    g0, g1 = load_groups(path, [0, 3, 6], [2, 3, 6])
+    calls = []
+    real = lg.decoupled_kv
+    monkeypatch.setattr(lg, "decoupled_kv", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
+
+    ids = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(8)
+    result, continuing, carry = g0.step(StepCall(rows(ids, positions, policy=Policy.STATIC, max_depth=2), []), None)
+    assert result.exit_depth.tolist() == [2] * 8 and continuing.shape[0] == 0
+    assert calls == [torch.Size([1, 2 * g0.arch.kv_size, g0.arch.hidden_size])]  # layer 2, all 8 rows at once
+    meta = BackfillRows(
+        torch.zeros(8, dtype=torch.int64), positions, torch.full((8,), 2), torch.full((8,), 1), torch.arange(8)
+    )
+    g1.step(StepCall(Rows.empty(), [meta]), None, carry)
+    assert calls[1] == torch.Size([3, 2 * g0.arch.kv_size, g0.arch.hidden_size])  # layers 3-5 in one bmm
+
+    with torch.no_grad():
+        for group, layers in ((g0, [2]), (g1, [3, 4, 5])):
+            for layer in layers:
+                k_ref, v_ref = _reference_kv(model, layer, carry, positions)
+                k, v = group_kv(group, layer, slot=0, length=8)
+                assert torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5), f"layer {layer}"
+
+
+def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
+    """A deeper group asked to run a position whose predecessors were never back-filled refuses loudly."""
+    g0, g1 = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
+    ids = torch.arange(6)
+    policy = torch.tensor([Policy.STATIC] * 5 + [Policy.NONE])
+    result, continuing, _carry = g0.step(StepCall(rows(ids, torch.arange(6), policy=policy, max_depth=2), []), None)
+    assert result.exit_depth.tolist() == [2] * 5  # five rows exited in group 0; the last one continues
+    going_on = rows(ids, torch.arange(6), policy=policy, max_depth=2).select(torch.tensor([5]))
+    with pytest.raises(KVHoleError, match="no K/V at position 0"):
+        g1.step(StepCall(going_on, []), continuing)  # the back-fill of positions 0-4 was "lost"
+
+    # The same through a pipeline whose queued back-fills are dropped.
+    pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], [2, 6]))
+    run(pipe, rows(ids, torch.arange(6), policy=Policy.STATIC, max_depth=2))
+    pipe._pending = [[] for _ in pipe.groups]
+    with pytest.raises(KVHoleError):
+        run(pipe, rows([7], [6]))
+
+
+def test_backfills_queued_for_a_group_reach_it_before_the_forward_that_needs_them(tiny_llama_dir):
+    """Positions 0-9 exit in group 0 over several steps; position 10 goes full depth: the pipeline carries
+    the queued back-fills with that forward, and the result equals a run where every back-fill was flushed."""
+    ids = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for flush in (10_000, 1):
+        pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], [2, 6]), flush_rows=flush)
+        run(pipe, rows(ids[:6], torch.arange(6), policy=Policy.STATIC, max_depth=2))
+        for t in range(6, 10):
+            run(pipe, rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=2))
+        assert pipe.pending_rows(1) == (10 if flush > 1 else 0)
+        outs.append(full_logprobs(run(pipe, rows(ids[10:], [10], logprobs=VOCAB)), VOCAB))
+        assert pipe.pending_rows(1) == 0
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_loads_only_its_own_layers(tiny_llama_dir, monkeypatch):
+    """A group reads its layers, plus embeddings if first, plus final norm and (tied) LM head if it has exits."""
+    import workers.layer_group as lg
+
+    read: set[str] = set()
+    real = lg.load_tensors
+    monkeypatch.setattr(lg, "load_tensors", lambda *a: read.update(out := real(*a)) or out)
+
+    def loaded(start: int, end: int, points: tuple[int, ...]) -> tuple[set[str], set[str]]:
+        read.clear()
+        lg.LayerGroup.load(tiny_llama_dir, GroupSpec(start, end, points, 2, 16))
+        layers = {n.split(".")[2] for n in read if n.startswith("model.layers.")}
+        return layers, {n for n in read if not n.startswith("model.layers.")}
+
+    assert loaded(2, 4, ()) == ({"2", "3"}, set())
+    assert loaded(0, 2, ()) == ({"0", "1"}, {"model.embed_tokens.weight"})
+    assert loaded(4, 6, (6,)) == ({"4", "5"}, {"model.embed_tokens.weight", "model.norm.weight"})

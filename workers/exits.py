@@ -1,0 +1,148 @@
+"""Exit heads and exit decisions.
+
+An exit head at depth d: adapter_d (identity until calibration trains one) -> the model's final norm ->
+the shared LM head. A policy decides, per row, whether the row stops at d."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from workers.exit_pack import ExitPack, ExitPackError
+from workers.layers import rms_norm
+from workers.protocol import Policy, Rows
+
+
+@dataclass
+class Adapter:
+    """Residual map h + W h + b, with W full (weight) or low rank (up @ down)."""
+
+    weight: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        delta = F.linear(h, self.weight) if self.weight is not None else F.linear(F.linear(h, self.down), self.up)
+        return h + delta if self.bias is None else h + delta + self.bias
+
+
+class ExitRouter(Protocol):
+    """A trained exit decision at one exit point: a score in [0, 1] per row; the row exits when its score
+    reaches the request's threshold. `confidence` is [rows, 3] (top probability, top-2 margin, entropy) of
+    the exit head, computed only when the router asks for it (it costs an LM head)."""
+
+    uses_confidence: bool
+
+    def __call__(self, hidden: torch.Tensor, confidence: torch.Tensor | None) -> torch.Tensor: ...
+
+
+@dataclass
+class MLPRouter:
+    """Two-layer router on the exit hidden state (normalized), plus the head's confidence features if asked."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    eps: float
+    uses_confidence: bool = False
+
+    def __call__(self, hidden: torch.Tensor, confidence: torch.Tensor | None) -> torch.Tensor:
+        x = rms_norm(hidden, None, self.eps).float()
+        if self.uses_confidence:
+            x = torch.cat([x, confidence.float()], dim=-1)
+        return torch.sigmoid(F.linear(F.gelu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)).squeeze(-1)
+
+
+def confidence_features(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, 3]: top probability, margin between the top two, entropy (nats)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top2 = logp.topk(2, dim=-1).values.exp()
+    entropy = -(logp.exp() * logp).sum(-1)
+    return torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=-1)
+
+
+class ExitHead:
+    """The exit heads of one layer group: shared final norm and LM head, one adapter per exit point."""
+
+    def __init__(
+        self,
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        eps: float,
+        adapters: dict[int, Adapter],
+        routers: dict[int, ExitRouter],
+    ) -> None:
+        self.norm, self.lm_head, self.eps = norm, lm_head, eps
+        self.adapters, self.routers = adapters, routers
+
+    @classmethod
+    def build(
+        cls,
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        eps: float,
+        points: list[int],
+        pack: ExitPack | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> ExitHead:
+        adapters: dict[int, Adapter] = {}
+        routers: dict[int, ExitRouter] = {}
+        for d in points if pack is not None else []:
+            t = {k: v.to(device) for k, v in pack.prefixed(f"adapter.{d}.").items()}
+            if t:
+                adapters[d] = Adapter(**{k: v.to(dtype) for k, v in t.items()})
+            r = {k: v.to(device, torch.float32) for k, v in pack.prefixed(f"router.{d}.").items()}
+            if r:
+                routers[d] = MLPRouter(**r, eps=eps, uses_confidence="confidence" in pack.router_features)
+        return cls(norm, lm_head, eps, adapters, routers)
+
+    def logits(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        adapter = self.adapters.get(depth)
+        if adapter is not None:
+            h = adapter(h)
+        return F.linear(rms_norm(h, self.norm, self.eps), self.lm_head).float()
+
+    def decide(
+        self, depth: int, is_last: bool, h: torch.Tensor, rows: Rows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Which rows exit at `depth`. Returns (exit mask, mask of rows whose logits were computed, those
+        logits) so that sampling reuses the logits a confidence decision already paid for."""
+        n = len(rows)
+        has_logits = torch.zeros(n, dtype=torch.bool, device=h.device)
+        if is_last:
+            return torch.ones(n, dtype=torch.bool, device=h.device), has_logits, None
+        policy = rows.policy
+        open_ = depth >= rows.min_depth
+        exit_ = (policy != Policy.NONE) & (depth >= rows.max_depth)
+        conf = (policy == Policy.CONFIDENCE) & open_ & ~exit_
+        learned = (policy == Policy.LEARNED) & open_ & ~exit_
+        router = self.routers.get(depth)
+        if bool(learned.any()) and router is None:
+            raise ExitPackError(f"exit policy 'learned' needs a router at exit point {depth}: load an exit pack")
+        if router is not None and router.uses_confidence:
+            conf = conf | learned
+        logits = None
+        if bool(conf.any()):
+            has_logits = conf
+            logits = self.logits(h[conf], depth)
+            probs_max = torch.softmax(logits, dim=-1).max(dim=-1).values
+            hit = torch.zeros(n, dtype=torch.bool, device=h.device)
+            hit[conf] = probs_max >= rows.threshold[conf]
+            exit_ |= hit & (policy == Policy.CONFIDENCE)
+        if bool(learned.any()):
+            features = None
+            if router.uses_confidence:
+                features = torch.zeros(n, 3, device=h.device)
+                features[conf] = confidence_features(logits)
+                features = features[learned]
+            scores = router(h[learned], features)
+            hit = torch.zeros(n, dtype=torch.bool, device=h.device)
+            hit[learned] = scores >= rows.threshold[learned]
+            exit_ |= hit
+        return exit_, has_logits, logits

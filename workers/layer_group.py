@@ -1,0 +1,355 @@
+"""A layer group: decoder layers [start, end) of a Llama-family model, their KV cache, the exit heads at
+the group's exit points, and the embeddings if it is the first group.
+
+`step` runs one call from the scheduler: back-fills of tokens that exited in earlier groups, then the
+forward rows, layer by layer, stopping each row at the exit point its policy chooses. Rows that exit
+inside the group get the group's remaining layers back-filled in the same call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from workers.arch import ModelArch, rope_tables
+from workers.backfill import decoupled_kv, mapped_inputs, split_rope
+from workers.exit_pack import ExitPack
+from workers.exits import ExitHead
+from workers.kv_cache import KVCache
+from workers.layers import AttentionLayout, apply_rope, rms_norm
+from workers.model_store import load_config, load_tensors
+from workers.protocol import Backfill, BackfillRows, Policy, Rows, StepCall, StepResult, to_device
+from workers.sampling import logprobs_of, sample
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Which part of the model a worker holds, and how big its cache is."""
+
+    start: int
+    end: int
+    exit_points: tuple[int, ...]  # depths in (start, end]
+    num_slots: int
+    max_len: int
+
+
+@dataclass
+class _Exits:
+    """Accumulates what happens to forward rows during a step."""
+
+    rows: list[torch.Tensor]
+    depth: list[torch.Tensor]
+    tokens: list[torch.Tensor]
+    logprobs: list[torch.Tensor]
+    top_ids: list[torch.Tensor]
+    top_logprobs: list[torch.Tensor]
+    carry_ids: list[torch.Tensor]
+    carry_hidden: list[torch.Tensor]
+
+
+class LayerGroup:
+    def __init__(
+        self,
+        arch: ModelArch,
+        spec: GroupSpec,
+        weights: dict[str, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        pack: ExitPack | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.arch, self.spec, self.pack, self.device, self.dtype = arch, spec, pack, device, dtype
+        self.is_first = spec.start == 0
+        self.is_last = spec.end == arch.num_layers
+        self.windows = arch.sliding_windows[spec.start : spec.end]
+        self.act = ACT2FN[arch.hidden_act]
+
+        def stack(name: str) -> torch.Tensor:
+            return torch.stack([weights.pop(f"model.layers.{i}.{name}") for i in range(spec.start, spec.end)])
+
+        def stack_cat(names: list[str]) -> torch.Tensor:
+            per_layer = [
+                torch.cat([weights.pop(f"model.layers.{i}.{n}") for n in names]) for i in range(spec.start, spec.end)
+            ]
+            return torch.stack(per_layer)
+
+        qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        gate_up = ["mlp.gate_proj", "mlp.up_proj"]
+        # Fused, stacked weights: one matmul for q/k/v and one for gate/up per layer, and the K/V rows of
+        # wqkv, viewed across layers, are the decoupled back-fill's batched projection.
+        self.wqkv = stack_cat([f"{n}.weight" for n in qkv])
+        self.bqkv = stack_cat([f"{n}.bias" for n in qkv]) if arch.qkv_bias else None
+        self.wo = stack("self_attn.o_proj.weight")
+        self.bo = stack("self_attn.o_proj.bias") if arch.o_bias else None
+        self.w13 = stack_cat([f"{n}.weight" for n in gate_up])
+        self.b13 = stack_cat([f"{n}.bias" for n in gate_up]) if arch.mlp_bias else None
+        self.w2 = stack("mlp.down_proj.weight")
+        self.b2 = stack("mlp.down_proj.bias") if arch.mlp_bias else None
+        self.ln1 = stack("input_layernorm.weight")
+        self.ln2 = stack("post_attention_layernorm.weight")
+        self.embed = weights.get("model.embed_tokens.weight") if self.is_first else None
+        self.head = None
+        if spec.exit_points:
+            lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+            norm = weights["model.norm.weight"]
+            self.head = ExitHead.build(norm, lm_head, arch.rms_norm_eps, list(spec.exit_points), pack, dtype, device)
+        self.cos, self.sin = rope
+        self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        n_layers = spec.end - spec.start
+        self.cache = KVCache(n_layers, spec.num_slots, spec.max_len, arch.num_kv_heads, arch.head_dim, dtype, device)
+
+    @classmethod
+    def load(
+        cls,
+        model_path: Path,
+        spec: GroupSpec,
+        pack: ExitPack | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> LayerGroup:
+        """Load only this group's layers (plus embeddings if first, final norm and LM head if it has exits)."""
+        device = torch.device(device)
+        config = load_config(model_path)
+        arch = ModelArch.from_config(config)
+        layers = {f"model.layers.{i}." for i in range(spec.start, spec.end)}
+
+        def want(name: str) -> bool:
+            if name.startswith("model.layers."):
+                return name[: name.index(".", len("model.layers.")) + 1] in layers
+            if name == "model.embed_tokens.weight":
+                return spec.start == 0 or (bool(spec.exit_points) and arch.tie_word_embeddings)
+            return bool(spec.exit_points) and name in ("model.norm.weight", "lm_head.weight")
+
+        weights = {k: v.to(device) for k, v in load_tensors(model_path, want, dtype).items()}
+        rope = tuple(t.to(device) for t in rope_tables(config, spec.max_len, dtype))
+        return cls(arch, spec, weights, rope, pack, device, dtype)
+
+    # ---- calls ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(
+        self, call: StepCall, hidden: torch.Tensor | None, *backfill_hidden: torch.Tensor
+    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
+        """Returns (small result, hidden states of rows that continue, hidden states deeper groups need
+        to back-fill the rows listed in result.carry)."""
+        rows = to_device(call.rows, self.device)
+        n = len(rows)
+        bf = to_device(BackfillRows.cat(call.backfills), self.device) if call.backfills else None
+        h_bf = (
+            torch.cat(
+                [t.to(self.device, self.dtype)[b.index] for t, b in zip(backfill_hidden, call.backfills, strict=True)]
+            )
+            if call.backfills
+            else None
+        )
+
+        exact_bf = torch.empty(0, dtype=torch.int64, device=self.device)
+        if bf is not None:
+            from_exit = (bf.backfill != Backfill.EXACT).nonzero().flatten()
+            if from_exit.numel():
+                self._kv_from_exit(h_bf[from_exit], bf.select(from_exit), first_layer=0)
+            exact_bf = (bf.backfill == Backfill.EXACT).nonzero().flatten()
+
+        if n == 0:  # a back-fill-only call
+            x = torch.empty(0, self.arch.hidden_size, device=self.device, dtype=self.dtype)
+        elif hidden is None:
+            if not self.is_first:
+                raise ValueError(f"layer group [{self.spec.start}, {self.spec.end}) needs hidden states as input")
+            x = F.embedding(rows.token_ids, self.embed)
+        else:
+            x = hidden.to(self.device, self.dtype)
+        # The rows run through the layers: forward rows, then exact back-fill rows (which attend together
+        # with the forward rows, in position order, so neither sees a hole in the other).
+        h = torch.cat([x, h_bf[exact_bf]]) if exact_bf.numel() else x
+        ids = torch.cat([torch.arange(n, device=self.device), n + exact_bf])
+        slots = torch.cat([rows.slots, bf.slots[exact_bf]]) if exact_bf.numel() else rows.slots
+        positions = torch.cat([rows.positions, bf.positions[exact_bf]]) if exact_bf.numel() else rows.positions
+        deciding = ids < n  # forward rows that have not exited yet
+        # Rows with policy none only exit at the last layer: skip the exit points in between for them.
+        can_exit_early = bool((rows.policy != Policy.NONE).any())
+        out = _Exits([], [], [], [], [], [], [], [])
+        top_k = max(int(rows.logprobs.max()), 0) if n else 0
+
+        layout = None
+        for i in range(self.spec.end - self.spec.start):
+            if h.shape[0] == 0:
+                break
+            if layout is None:
+                layout = AttentionLayout.build(slots, positions, self.cos, self.sin)
+            h = self._layer(i, h, slots, positions, layout)
+            depth = self.spec.start + i + 1
+            if depth not in self.spec.exit_points or not (can_exit_early or depth == self.arch.num_layers):
+                continue
+            if not bool(deciding.any()):
+                continue
+            leaving = self._exit(depth, h, rows, ids, deciding, out, top_k)
+            if leaving is not None:  # decoupled/mapped rows leave; exact rows keep running this group's layers
+                keep = torch.ones(h.shape[0], dtype=torch.bool, device=self.device)
+                keep[leaving] = False
+                h, ids, slots, positions, deciding = h[keep], ids[keep], slots[keep], positions[keep], deciding[keep]
+                layout = None
+
+        if not self.is_last:
+            exact_done = ~deciding
+            out.carry_ids.append(ids[exact_done])
+            out.carry_hidden.append(h[exact_done])
+        result = StepResult(
+            exited=_cat_long(out.rows, self.device),
+            exit_depth=_cat_long(out.depth, self.device),
+            tokens=_cat_long(out.tokens, self.device),
+            logprobs=torch.cat(out.logprobs) if out.logprobs else torch.empty(0, device=self.device),
+            top_ids=torch.cat(out.top_ids) if out.top_ids else torch.empty(0, top_k, dtype=torch.int64),
+            top_logprobs=torch.cat(out.top_logprobs) if out.top_logprobs else torch.empty(0, top_k),
+            carry=_cat_long(out.carry_ids, self.device),
+        )
+        carry = torch.cat(out.carry_hidden) if out.carry_hidden else h.new_empty(0, self.arch.hidden_size)
+        return to_device(result, torch.device("cpu")), h[deciding], carry
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.cache.free(slots.to(self.device))
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _layer(
+        self, i: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout
+    ) -> torch.Tensor:
+        a = self.arch
+        p = h.shape[0]
+        x = rms_norm(h, self.ln1[i], a.rms_norm_eps)
+        qkv = F.linear(x, self.wqkv[i], None if self.bqkv is None else self.bqkv[i])
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = apply_rope(q.view(p, a.num_heads, a.head_dim), layout.cos, layout.sin)
+        k = apply_rope(k.view(p, a.num_kv_heads, a.head_dim), layout.cos, layout.sin)
+        self.cache.write(i, slots, positions, k, v.view(p, a.num_kv_heads, a.head_dim))
+
+        mask, needed = layout.masks(self.windows[i])
+        self.cache.check_complete(i, layout.slots, needed, self.spec.start + i)
+        keys, values = self.cache.gather(i, layout.slots, layout.length)
+        queries = q[layout.query_index].transpose(1, 2)  # [S, heads, Qmax, head_dim]
+        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], enable_gqa=True)
+        attn = attn.transpose(1, 2).reshape(-1, a.q_size)[layout.row_index]
+        h = h + F.linear(attn, self.wo[i], None if self.bo is None else self.bo[i])
+
+        x = rms_norm(h, self.ln2[i], a.rms_norm_eps)
+        gate, up = F.linear(x, self.w13[i], None if self.b13 is None else self.b13[i]).chunk(2, dim=-1)
+        return h + F.linear(self.act(gate) * up, self.w2[i], None if self.b2 is None else self.b2[i])
+
+    def _exit(
+        self,
+        depth: int,
+        h: torch.Tensor,
+        rows: Rows,
+        ids: torch.Tensor,
+        deciding: torch.Tensor,
+        out: _Exits,
+        top_k: int,
+    ) -> torch.Tensor | None:
+        """Decide exits at `depth`; record exited rows (sampling those that produce a token) and back-fill
+        their remaining layers in this group. Returns the positions in `h` of rows that leave the batch."""
+        idx = deciding.nonzero().flatten()
+        row_ids = ids[idx]
+        sub = rows.select(row_ids)
+        exiting, has_logits, logits = self.head.decide(depth, depth == self.arch.num_layers, h[idx], sub)
+        if not bool(exiting.any()):
+            return None
+        idx, row_ids, sub = idx[exiting], row_ids[exiting], sub.select(exiting.nonzero().flatten())
+        deciding[idx] = False
+        tokens = torch.full((idx.numel(),), -1, dtype=torch.int64, device=self.device)
+        logprobs = torch.full((idx.numel(),), float("nan"), device=self.device)
+        top_ids = torch.full((idx.numel(), top_k), -1, dtype=torch.int64, device=self.device)
+        top_logprobs = torch.full((idx.numel(), top_k), float("-inf"), device=self.device)
+        sampling = sub.sample.nonzero().flatten()
+        if sampling.numel():
+            if logits is not None and bool(has_logits[exiting][sampling].all()):
+                # reuse what the confidence decision computed: logits rows follow has_logits' order
+                pos_in_logits = torch.cumsum(has_logits.long(), 0) - 1
+                row_logits = logits[pos_in_logits[exiting.nonzero().flatten()[sampling]]]
+            else:
+                row_logits = self.head.logits(h[idx[sampling]], depth)
+            s = sub.select(sampling)
+            chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions)
+            tokens[sampling] = chosen
+            asked = (s.logprobs >= 0).nonzero().flatten()
+            if asked.numel():
+                chosen_lp, best_ids, best_lp = logprobs_of(row_logits[asked], chosen[asked], top_k)
+                at = sampling[asked]
+                logprobs[at] = chosen_lp
+                if top_k:  # each row keeps as many alternatives as it asked for
+                    keep = torch.arange(top_k, device=self.device)[None, :] < s.logprobs[asked][:, None]
+                    top_ids[at] = torch.where(keep, best_ids, -1)
+                    top_logprobs[at] = torch.where(keep, best_lp, float("-inf"))
+        out.rows.append(row_ids)
+        out.depth.append(torch.full_like(row_ids, depth))
+        out.tokens.append(tokens)
+        out.logprobs.append(logprobs)
+        out.top_ids.append(top_ids)
+        out.top_logprobs.append(top_logprobs)
+
+        from_exit = sub.backfill != Backfill.EXACT
+        leaving = idx[from_exit]
+        if leaving.numel():
+            if not self.is_last:
+                out.carry_ids.append(row_ids[from_exit])
+                out.carry_hidden.append(h[leaving].clone())
+            if depth < self.spec.end:
+                meta = BackfillRows(
+                    slots=sub.slots[from_exit],
+                    positions=sub.positions[from_exit],
+                    exit_depth=torch.full_like(leaving, depth),
+                    backfill=sub.backfill[from_exit],
+                    index=torch.arange(leaving.numel(), device=self.device),
+                )
+                self._kv_from_exit(h[leaving], meta, first_layer=depth - self.spec.start)
+        return leaving
+
+    def _kv_from_exit(self, h_exit: torch.Tensor, meta: BackfillRows, first_layer: int) -> None:
+        """Decoupled/mapped back-fill of this group's layers [first_layer, end) for rows that exited at or
+        before them: one batched product over all those layers (per exit depth when maps apply)."""
+        a = self.arch
+        layers = slice(first_layer, self.spec.end - self.spec.start)
+        groups = [(meta, h_exit, None)]
+        mapped = meta.backfill == Backfill.MAPPED
+        if self.pack is not None and bool(mapped.any()):
+            groups = [(meta.select(~mapped), h_exit[~mapped], None)]
+            for e in meta.exit_depth[mapped].unique().tolist():
+                sel = mapped & (meta.exit_depth == e)
+                groups.append((meta.select(sel), h_exit[sel], self._maps(int(e), layers)))
+        for m, h, maps in groups:
+            if len(m) == 0:
+                continue
+            inputs = None if maps is None else mapped_inputs(h, *maps)
+            kv = decoupled_kv(
+                h,
+                self.ln1[layers],
+                self.wqkv[layers, a.q_size :],
+                None if self.bqkv is None else self.bqkv[layers, a.q_size :],
+                a.rms_norm_eps,
+                inputs,
+            )
+            k, v = split_rope(kv, a.num_kv_heads, a.head_dim, self.cos[m.positions], self.sin[m.positions])
+            self.cache.write(layers, m.slots, m.positions, k, v)
+
+    def _maps(self, exit_depth: int, layers: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked maps [Lk, H, H] and biases [Lk, H] from exit depth to each layer's input; identity where
+        the pack has no map for a layer."""
+        key = (exit_depth, layers.start)
+        if key in self._map_cache:
+            return self._map_cache[key]
+        hsz = self.arch.hidden_size
+        eye = torch.eye(hsz, device=self.device, dtype=self.dtype)
+        zero = torch.zeros(hsz, device=self.device, dtype=self.dtype)
+        weights, biases = [], []
+        for local in range(layers.start, layers.stop):
+            found = self.pack.map_for(exit_depth, self.spec.start + local)
+            w, b = found if found is not None else (eye, zero)
+            weights.append(w.to(self.device, self.dtype))
+            biases.append(zero if b is None else b.to(self.device, self.dtype))
+        self._map_cache[key] = torch.stack(weights), torch.stack(biases)
+        return self._map_cache[key]
+
+
+def _cat_long(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat(items) if items else torch.empty(0, dtype=torch.int64, device=device)

@@ -1,0 +1,127 @@
+"""What crosses the boundary between the scheduler and a layer group: per-row metadata as tensors
+(never Python lists), so the same messages travel in-process and between Ray actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import IntEnum
+
+import torch
+
+
+class Policy(IntEnum):
+    NONE = 0  # full depth
+    STATIC = 1  # every token exits at max_depth
+    CONFIDENCE = 2  # exit when the exit head's top probability reaches the threshold
+    LEARNED = 3  # exit when a trained router's score reaches the threshold
+
+
+class Backfill(IntEnum):
+    EXACT = 0  # run the skipped layers on the exited token (later, batched)
+    DECOUPLED = 1  # skipped layers' K/V straight from the exit hidden state
+    MAPPED = 2  # like decoupled, through learned per-layer maps of the exit hidden state
+
+
+def _select(obj, index: torch.Tensor):
+    return type(obj)(**{f.name: getattr(obj, f.name)[index] for f in fields(obj)})
+
+
+def to_device(obj, device: torch.device):
+    """A copy of a dataclass of tensors (Rows, BackfillRows, StepResult) on `device`."""
+    return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
+
+
+def _cat(items: list):
+    cls = type(items[0])
+    return cls(**{f.name: torch.cat([getattr(i, f.name) for i in items]) for f in fields(cls)})
+
+
+@dataclass
+class Rows:
+    """Rows of a forward call: tokens of many sequences, each at its own position. 1-D tensors, one length."""
+
+    slots: torch.Tensor  # int64: KV slot of the row's sequence
+    positions: torch.Tensor  # int64
+    token_ids: torch.Tensor  # int64: read by the group that holds the embeddings
+    policy: torch.Tensor  # int64 (Policy)
+    threshold: torch.Tensor  # float32
+    min_depth: torch.Tensor  # int64: no exit before this many layers
+    max_depth: torch.Tensor  # int64: exit at the first exit point at or past this depth
+    backfill: torch.Tensor  # int64 (Backfill)
+    sample: torch.Tensor  # bool: the row produces the sequence's next token
+    temperature: torch.Tensor  # float32; 0 is greedy
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64; 0 is off
+    seed: torch.Tensor  # int64
+    logprobs: torch.Tensor  # int64: -1 none, 0 the chosen token's, k also the top k alternatives
+
+    def __len__(self) -> int:
+        return self.slots.numel()
+
+    def select(self, index: torch.Tensor) -> Rows:
+        return _select(self, index)
+
+    @staticmethod
+    def cat(items: list[Rows]) -> Rows:
+        return _cat(items)
+
+    @staticmethod
+    def empty() -> Rows:
+        return Rows(**{f.name: torch.empty(0, dtype=_ROW_DTYPES.get(f.name, torch.int64)) for f in fields(Rows)})
+
+
+_ROW_DTYPES = {"threshold": torch.float32, "temperature": torch.float32, "top_p": torch.float32, "sample": torch.bool}
+
+
+@dataclass
+class BackfillRows:
+    """Tokens that exited before this group; `index` picks each row's exit hidden state from the tensor
+    that travels beside this metadata."""
+
+    slots: torch.Tensor  # int64
+    positions: torch.Tensor  # int64
+    exit_depth: torch.Tensor  # int64
+    backfill: torch.Tensor  # int64 (Backfill)
+    index: torch.Tensor  # int64: row of the accompanying hidden-state tensor
+
+    def __len__(self) -> int:
+        return self.slots.numel()
+
+    def select(self, index: torch.Tensor) -> BackfillRows:
+        return _select(self, index)
+
+    @staticmethod
+    def cat(items: list[BackfillRows]) -> BackfillRows:
+        return _cat(items)
+
+    @staticmethod
+    def empty() -> BackfillRows:
+        e = torch.empty(0, dtype=torch.int64)
+        return BackfillRows(e, e, e, e, e)
+
+
+@dataclass
+class StepCall:
+    """One call to a layer group: back-fills first (in effect), then the forward rows.
+
+    `backfills[i]` describes rows of the i-th back-fill hidden tensor passed with the call."""
+
+    rows: Rows
+    backfills: list[BackfillRows]
+
+
+@dataclass
+class StepResult:
+    """The small part of a group's answer; hidden states travel separately (by reference between actors).
+
+    `carry` lists, in the order of the carried hidden tensor, the rows whose hidden state deeper groups need
+    for back-fill: ids below len(rows) are forward rows that exited here, ids from len(rows) on are the
+    exact back-fill rows this call ran (id - len(rows) indexes the call's concatenated back-fill rows)."""
+
+    exited: torch.Tensor  # int64: indices into the call's rows
+    exit_depth: torch.Tensor  # int64, per exited row
+    tokens: torch.Tensor  # int64, per exited row; -1 where the row does not sample
+    logprobs: torch.Tensor  # float32, per exited row; NaN where not asked for
+    top_ids: torch.Tensor  # int64 [exited, K], K the most alternatives any row asked for; -1 pads
+    top_logprobs: torch.Tensor  # float32 [exited, K]
+    carry: torch.Tensor  # int64
