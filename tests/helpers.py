@@ -91,13 +91,11 @@ def hf_model(path: Path):
 
 def hf_cache(model, token_ids: torch.Tensor) -> DynamicCache:
     """The full model's KV cache over `token_ids` (one sequence)."""
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(token_ids[None], past_key_values=cache, use_cache=True)
-    return cache
+        return model(token_ids[None], use_cache=True).past_key_values
 
 
 def group_kv(group: LayerGroup, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A group's cached K, V of global `layer` as [kv_heads, length, head_dim], HF's per-sequence layout."""
     i = layer - group.spec.start
-    return group.cache.k[i, slot, :length].transpose(0, 1), group.cache.v[i, slot, :length].transpose(0, 1)
+    return group.cache.k[i, slot, :, :length], group.cache.v[i, slot, :, :length]

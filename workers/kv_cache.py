@@ -36,7 +36,9 @@ class SlotAllocator:
 
 
 class KVCache:
-    """K/V of `num_layers` consecutive layers for `num_slots` sequences of up to `max_len` positions.
+    """K/V of `num_layers` consecutive layers for `num_slots` sequences of up to `max_len` positions, laid out
+    [layer, slot, kv_head, position, head_dim] so that a run of slots is already in attention's layout (a view,
+    no copy).
 
     `filled` records which (layer, slot, position) hold K/V, so attention over a hole fails loudly."""
 
@@ -50,10 +52,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, num_slots, max_len, num_kv_heads, head_dim)
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.filled = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+        self.filled = torch.zeros((num_layers, num_slots, max_len), dtype=torch.bool, device=device)
         self.max_len = max_len
         self.num_slots = num_slots
 
@@ -61,18 +63,21 @@ class KVCache:
         """k, v: [n, kv_heads, head_dim] for one layer, or [layers, n, kv_heads, head_dim] for a slice."""
         if positions.numel() and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} is past the cache length {self.max_len}")
-        self.k[layers, slots, positions] = k
-        self.v[layers, slots, positions] = v
+        if isinstance(layers, slice):  # indexing puts the (slot, position) dimension first
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+        self.k[layers, slots, :, positions] = k
+        self.v[layers, slots, :, positions] = v
         self.filled[layers, slots, positions] = True
 
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of positions [0, length) for `slots`: [len(slots), kv_heads, length, head_dim]."""
-        if slots.numel() == 1:  # a view, no copy: the common single-sequence case
-            s = int(slots)
-            k, v = self.k[layer, s : s + 1, :length], self.v[layer, s : s + 1, :length]
-        else:
-            k, v = self.k[layer, slots, :length], self.v[layer, slots, :length]
-        return k.transpose(1, 2), v.transpose(1, 2)
+    def gather(
+        self, layer: int, slots: torch.Tensor, length: int, run: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions [0, length) for `slots` (sorted): [len(slots), kv_heads, length, head_dim].
+        `run` = (first, last) when the slots are consecutive: then a view, no copy."""
+        if run is not None:
+            first, last = run
+            return self.k[layer, first : last + 1, :, :length], self.v[layer, first : last + 1, :, :length]
+        return self.k[layer, :, :, :length].index_select(0, slots), self.v[layer, :, :, :length].index_select(0, slots)
 
     def check_complete(self, layer: int, slots: torch.Tensor, needed: torch.Tensor, layer_name: int) -> None:
         """`needed[s, q, t]` marks positions t that query q of slots[s] is about to attend to."""

@@ -227,7 +227,7 @@ class LayerGroup:
 
         mask, needed = layout.masks(self.windows[i])
         self.cache.check_complete(i, layout.slots, needed, self.spec.start + i)
-        keys, values = self.cache.gather(i, layout.slots, layout.length)
+        keys, values = self.cache.gather(i, layout.slots, layout.length, layout.run)
         queries = q[layout.query_index].transpose(1, 2)  # [S, heads, Qmax, head_dim]
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], enable_gqa=True)
         attn = attn.transpose(1, 2).reshape(-1, a.q_size)[layout.row_index]

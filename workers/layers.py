@@ -35,6 +35,7 @@ class AttentionLayout:
     cos: torch.Tensor  # [P, 1, head_dim]
     sin: torch.Tensor
     length: int  # T
+    run: tuple[int, int] | None  # (first, last) slot when the slots are consecutive: the cache is read as a view
     _masks: dict
 
     @classmethod
@@ -64,6 +65,7 @@ class AttentionLayout:
             cos=cos[positions][:, None, :],
             sin=sin[positions][:, None, :],
             length=int(positions.max()) + 1,
+            run=(first, last) if (last := int(unique[-1])) - (first := int(unique[0])) + 1 == unique.numel() else None,
             _masks={},
         )
 
