@@ -6,20 +6,25 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from typing import get_args
 
-from serving.config import EngineConfig
+from serving.app import GRPC_SERVICE, AppConfig
 from serving.params import BackfillName, PolicyName, RequestError
 
 log = logging.getLogger("adept")
+
+ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adept", description="ADEPT Serve: token-level early-exit LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
+    _add_serve(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -31,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--config", help="engine configuration YAML (EngineConfig fields); flags override it")
+    g.add_argument("--config", help="configuration YAML (the fields of serving.app.AppConfig); flags override it")
     g.add_argument("--model", help="'smollm2-135m' (default) or a local Hugging Face model folder")
     g.add_argument("--layer-groups", type=int, dest="num_layer_groups", help="split the layers into N groups")
     g.add_argument("--exit-pack", help="calibrated exit pack directory")
@@ -40,10 +45,20 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
 
 
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    keys = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    return EngineConfig.from_yaml(args.config, **overrides) if args.config else EngineConfig(**overrides)
+def _app_config(args: argparse.Namespace) -> AppConfig:
+    """The configuration file (if any) with the command line's flags on top."""
+    data = (AppConfig.from_yaml(args.config) if args.config else AppConfig()).model_dump()
+    data["engine"] |= _given(args, *ENGINE_FLAGS)
+    data["http"] |= _given(args, host="http_host", port="http_port")
+    data["grpc"] |= _given(args, host="grpc_host", port="grpc_port")
+    data |= _given(args, "num_pipelines")
+    return AppConfig.model_validate(data)
+
+
+def _given(args: argparse.Namespace, *same: str, **renamed: str) -> dict:
+    """Config fields from the flags that were given (field name -> attribute of args)."""
+    names = {**{n: n for n in same}, **renamed}
+    return {field: getattr(args, attr) for field, attr in names.items() if getattr(args, attr, None) is not None}
 
 
 def _add_generate(commands) -> None:
@@ -72,7 +87,7 @@ def _add_generate(commands) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from serving.engine import Engine
 
-    engine = Engine.local(_engine_config(args))
+    engine = Engine.local(_app_config(args).engine)
     return asyncio.run(_generate_with(engine, args))
 
 
@@ -129,6 +144,51 @@ async def _generate_with(engine, args: argparse.Namespace) -> int:
             f"{mean_depth:.1f} of {num_layers} layers, finish: {last.finish_reason}]",
             file=sys.stderr,
         )
+    return 0
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="serve the model over HTTP (OpenAI API) and gRPC on Ray Serve",
+        description="Start ADEPT Serve: layer-group workers on Ray, HTTP and gRPC on Ray Serve. Ctrl-C stops it.",
+    )
+    n = p.add_argument_group("network and cluster")
+    n.add_argument("--http-host", help="HTTP bind address (default 127.0.0.1: this machine only)")
+    n.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    n.add_argument("--grpc-host", help="gRPC bind address (default 127.0.0.1)")
+    n.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
+    n.add_argument("--pipelines", type=int, dest="num_pipelines", help="pipelines (router replicas)")
+    n.add_argument("--address", help="an existing Ray cluster (default: start one on this machine)")
+    _engine_options(p)
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from serving import server
+    from serving.app import APP_NAME
+
+    config = _app_config(args)
+    server.init_ray(config, args.address)
+    try:
+        server.start(config)
+        info = serve.get_deployment_handle("Router", APP_NAME).info.remote().result()
+        log.warning(
+            "ADEPT Serve is up: model %r, %d layers in %d layer groups, exit points %s, %d pipeline(s)\n"
+            "  HTTP  http://%s:%d  (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health)\n"
+            "  gRPC  %s:%d  (%s, server reflection on)\n"
+            "Ctrl-C stops it.",
+            info.name, info.num_layers, info.num_layer_groups, info.exit_points, config.num_pipelines,
+            config.http.host, config.http.port, config.grpc.host, config.grpc.port, GRPC_SERVICE,
+        )  # fmt: skip
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        log.warning("stopping")
+    finally:
+        server.stop()
     return 0
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +28,7 @@ class EngineConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADEPT_", env_nested_delimiter="__", extra="forbid")
 
     model: str = Field(DEFAULT_MODEL, description=f"{DEFAULT_MODEL!r} or a local Hugging Face folder")
-    num_layer_groups: int = Field(1, ge=1, description="contiguous layer groups (one worker each)")
+    num_layer_groups: int = Field(3, ge=1, description="contiguous layer groups (one worker each)")
     layer_boundaries: list[int] | None = Field(
         None, description="explicit group starts after layer 0, e.g. [10, 20] for 30 layers in 3 groups"
     )
@@ -52,6 +51,9 @@ class EngineConfig(BaseSettings):
     max_waiting_requests: int = Field(256, ge=0, description="admission queue; beyond it requests are refused")
     max_inflight_batches: int = Field(1, ge=1, description="micro-batches in the pipeline at once")
     backfill_flush_rows: int = Field(256, ge=1, description="send queued back-fills once this many pile up")
+    sync_backfill: bool = Field(
+        False, description="send and await every back-fill at once (slower; a reference for benchmarks)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -67,17 +69,6 @@ class EngineConfig(BaseSettings):
     def from_yaml(cls, path: str | Path, **overrides: object) -> EngineConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         return cls(**{**data, **overrides})
-
-    def torch_device(self) -> torch.device:
-        # Decided from torch, not from Ray's GPU ids: a "GPU" Ray hands out may be emulated.
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,27 @@ import asyncio
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from serving.config import EngineConfig, PipelinePlan, plan_pipeline
 from serving.detokenizer import Detokenizer
-from serving.executor import BatchResult, LocalGroup, Pipeline
+from serving.executor import BatchResult, GroupHandle, LocalGroup, Pipeline
 from serving.params import ExitParams, RequestError, SamplingParams, request_error, resolve_exit
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceUpdate
 from workers.arch import ModelArch
+from workers.device import resolve_device, resolve_dtype
 from workers.exit_pack import ExitPack
 from workers.layer_group import LayerGroup
 from workers.model_store import fingerprint, load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
+
+GroupFactory = Callable[[Path, PipelinePlan, ExitPack | None], list[GroupHandle]]
 
 
 class EngineError(RuntimeError):
@@ -51,6 +55,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "abort"
     usage: Usage | None = None
+    token_texts: dict[int, str] | None = None  # each token's text, for logprobs (filled by the router)
 
 
 @dataclass
@@ -63,8 +68,9 @@ class _Stream:
 class RequestStream:
     """An admitted request: iterate for its outputs; closing it early aborts the request."""
 
-    def __init__(self, engine: Engine, request_id: str, queue: asyncio.Queue) -> None:
+    def __init__(self, engine: Engine, request_id: str, queue: asyncio.Queue, prompt_tokens: int) -> None:
         self.engine, self.request_id, self._queue = engine, request_id, queue
+        self.prompt_tokens = prompt_tokens
         self._done = False
 
     def __aiter__(self) -> RequestStream:
@@ -113,17 +119,27 @@ class Engine:
         self._background: set[asyncio.Task] = set()
 
     @classmethod
-    def local(cls, config: EngineConfig) -> Engine:
-        """The in-process engine: every layer group in this process, each on its own thread."""
+    def build(cls, config: EngineConfig, make_groups: GroupFactory) -> Engine:
+        """An engine whose layer groups `make_groups(model_path, plan, exit_pack)` creates."""
         path = resolve_model(config.model)
         arch = ModelArch.from_config(load_config(path))
         plan = plan_pipeline(config, arch)
         pack = ExitPack.load(config.exit_pack, fingerprint(path)) if config.exit_pack else None
-        device, dtype = config.torch_device(), config.torch_dtype()
-        groups = [LocalGroup(LayerGroup.load(path, spec, pack, device, dtype)) for spec in plan.groups]
-        pipeline = Pipeline(groups, config.backfill_flush_rows)
+        groups = make_groups(path, plan, pack)
+        pipeline = Pipeline(groups, config.backfill_flush_rows, config.sync_backfill)
         has_routers = pack is not None and pack.has_routers()
         return cls(config, plan, pipeline, load_tokenizer(path), arch, has_routers)
+
+    @classmethod
+    def local(cls, config: EngineConfig) -> Engine:
+        """The in-process engine: every layer group in this process, each on its own thread."""
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+
+        def make_groups(path: Path, plan: PipelinePlan, pack: ExitPack | None) -> list[GroupHandle]:
+            return [LocalGroup(LayerGroup.load(path, spec, pack, device, dtype)) for spec in plan.groups]
+
+        return cls.build(config, make_groups)
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -171,7 +187,7 @@ class Engine:
         stream = _Stream(seq, Detokenizer(self.tokenizer, sampling.stop, prompt_ids))
         self._streams[request_id] = stream
         self._start()
-        return RequestStream(self, request_id, stream.queue)
+        return RequestStream(self, request_id, stream.queue, len(prompt_ids))
 
     async def generate(
         self,
@@ -228,7 +244,7 @@ class Engine:
         while True:
             self._wakeup.clear()
             while len(inflight) < self.config.max_inflight_batches:
-                batch = self.scheduler.schedule()
+                batch = self.scheduler.schedule(self._batch_seqs())
                 if batch is None:
                     break
                 inflight.add(asyncio.create_task(self._step(batch)))
@@ -236,6 +252,12 @@ class Engine:
             done, _ = await asyncio.wait({*inflight, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             inflight -= done
+
+    def _batch_seqs(self) -> int:
+        """Sequences per micro-batch: the work split evenly over the micro-batches in flight, so that while
+        group g runs one micro-batch, group g+1 has another (layer-group pipelining)."""
+        work = len(self.scheduler.running) + len(self.scheduler.waiting)
+        return max(1, -(-work // self.config.max_inflight_batches))
 
     async def _step(self, batch: ScheduledBatch) -> None:
         try:
@@ -329,6 +351,6 @@ class Engine:
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(EngineError("the engine is shutting down"))
         self._streams.clear()
+        await self.pipeline.drain()
         for group in self.pipeline.groups:
-            if isinstance(group, LocalGroup):
-                group.close()
+            group.close()

@@ -1,7 +1,7 @@
 """Running a batch through the layer groups of one pipeline.
 
 `Pipeline` is shared by the in-process and the distributed engine; they differ only in the GroupHandle:
-how a layer group is called and how its answers are fetched. Each group call returns three handles: the
+how a layer group is called and how its answers are fetched. A forward call returns three handles: the
 small result (which the pipeline reads), the hidden states of the rows that continue (passed, unread, to
 the next group), and the hidden states deeper groups need for back-fill (queued, unread, per group)."""
 
@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 class GroupHandle(Protocol):
     """A layer group as the pipeline sees it. Calls to one group take effect in submission order."""
 
-    def step(self, call: StepCall, hidden: Any, *backfill_hidden: Any) -> tuple[Any, Any, Any]: ...
+    def forward(self, call: StepCall, hidden: Any, *backfill_hidden: Any) -> tuple[Any, Any, Any]: ...
+
+    def backfill(self, backfills: list[BackfillRows], *backfill_hidden: Any) -> tuple[Any, Any]: ...
 
     def free(self, slots: torch.Tensor) -> Any: ...
 
     async def fetch(self, ref: Any) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -51,10 +55,17 @@ class _Pending:
 
 
 class Pipeline:
-    def __init__(self, groups: list[GroupHandle], flush_rows: int) -> None:
+    """Back-fills of rows that exited early are queued per deeper group and travel with that group's next
+    forward call (coalesced, never awaited on their own); groups no forward reaches get them in a call of
+    their own once `flush_rows` pile up, also not awaited. `sync_backfill` instead sends and awaits every
+    back-fill at once: the slow reference the benchmark compares against."""
+
+    def __init__(self, groups: list[GroupHandle], flush_rows: int, sync_backfill: bool = False) -> None:
         self.groups = groups
         self.flush_rows = flush_rows
+        self.sync_backfill = sync_backfill
         self._pending: list[list[_Pending]] = [[] for _ in groups]
+        self._sent: set[asyncio.Task] = set()  # back-fill calls nobody waits for; failures are logged
 
     def pending_rows(self, group: int) -> int:
         return sum(len(p.rows) for p in self._pending[group])
@@ -64,7 +75,7 @@ class Pipeline:
         exit_depth = torch.zeros(n, dtype=torch.int64)
         tokens = torch.full((n,), -1, dtype=torch.int64)
         logprobs = torch.full((n,), float("nan"))
-        k = max(int(rows.logprobs.max()), 0)
+        k = max(int(rows.logprobs.max()), 0) if n else 0
         top_ids = torch.full((n, k), -1, dtype=torch.int64)
         top_logprobs = torch.full((n, k), float("-inf"))
         ids = torch.arange(n)
@@ -75,9 +86,12 @@ class Pipeline:
             # Queued back-fills travel with this call and take effect before its forward rows need them.
             pending, self._pending[g] = self._pending[g], []
             call = StepCall(rows, [p.rows for p in pending])
-            result_ref, hidden, carry = group.step(call, hidden, *(p.hidden for p in pending))
+            result_ref, hidden, carry = group.forward(call, hidden, *(p.hidden for p in pending))
             result: StepResult = await group.fetch(result_ref)
             self._queue_carry(g, carry, result, rows, call.backfills)
+            if self.sync_backfill:
+                sent = [self._send(d) for d in range(g + 1, len(self.groups)) if self._pending[d]]
+                await asyncio.gather(*(self.groups[d].fetch(ref) for d, ref in sent))
             done = ids[result.exited]
             exit_depth[done] = result.exit_depth
             tokens[done] = result.tokens
@@ -87,7 +101,9 @@ class Pipeline:
             keep = torch.ones(len(rows), dtype=torch.bool)
             keep[result.exited] = False
             ids, rows = ids[keep], rows.select(keep.nonzero().flatten())
-        await self._flush()
+        for g in range(1, len(self.groups)):
+            if self.pending_rows(g) >= self.flush_rows:
+                self._background(*self._send(g))
         return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs)
 
     def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
@@ -109,13 +125,21 @@ class Pipeline:
         for group, ref in calls:
             await group.fetch(ref)
 
+    async def drain(self) -> None:
+        """Wait for back-fill calls in flight (tests and shutdown)."""
+        while self._sent:
+            await asyncio.gather(*self._sent, return_exceptions=True)
+
     def _queue_carry(self, g: int, carry: Any, result: StepResult, rows: Rows, backfills: list[BackfillRows]) -> None:
         if g + 1 == len(self.groups) or result.carry.numel() == 0:
             return
         depth = torch.zeros(len(rows), dtype=torch.int64)
         depth[result.exited] = result.exit_depth
         forward = BackfillRows(rows.slots, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
-        meta = BackfillRows.cat([forward, *backfills]).select(result.carry)
+        self._queue(g, carry, BackfillRows.cat([forward, *backfills]).select(result.carry))
+
+    def _queue(self, g: int, carry: Any, meta: BackfillRows) -> None:
+        """Queue the rows whose hidden states `carry` holds (in order) for the groups after g."""
         meta.index = torch.arange(len(meta))
         exact = meta.backfill == Backfill.EXACT
         if bool(exact.any()):  # exact back-fill runs group by group: its output feeds the next group
@@ -125,16 +149,28 @@ class Pipeline:
             for deeper in range(g + 1, len(self.groups)):
                 self._pending[deeper].append(_Pending(carry, from_exit))
 
-    async def _flush(self) -> None:
-        """Send back-fills that piled up for groups no forward has reached lately."""
-        for g in range(1, len(self.groups)):
-            if self.pending_rows(g) < self.flush_rows:
-                continue
-            pending, self._pending[g] = self._pending[g], []
-            call = StepCall(Rows.empty(), [p.rows for p in pending])
-            result_ref, _, carry = self.groups[g].step(call, None, *(p.hidden for p in pending))
-            result = await self.groups[g].fetch(result_ref)
-            self._queue_carry(g, carry, result, call.rows, call.backfills)
+    def _send(self, g: int) -> tuple[int, Any]:
+        """Submit a back-fill-only call to group g with everything queued for it; returns (g, result)."""
+        pending, self._pending[g] = self._pending[g], []
+        backfills = [p.rows for p in pending]
+        result_ref, carry = self.groups[g].backfill(backfills, *(p.hidden for p in pending))
+        if g + 1 < len(self.groups):  # a back-fill-only call carries its exact rows, in order
+            rows = BackfillRows.cat(backfills)
+            exact = (rows.backfill == Backfill.EXACT).nonzero().flatten()
+            if exact.numel():
+                self._queue(g, carry, rows.select(exact))
+        return g, result_ref
+
+    def _background(self, g: int, result_ref: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self.groups[g].fetch(result_ref))
+        self._sent.add(task)
+        task.add_done_callback(self._sent_done)
+
+    def _sent_done(self, task: asyncio.Task) -> None:
+        self._sent.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The rows' K/V stay missing: the completeness check fails the forward that would read them.
+            log.error("a back-fill call failed", exc_info=task.exception())
 
 
 class LocalGroup:
@@ -145,9 +181,14 @@ class LocalGroup:
         self.group = group
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"layer-group-{group.spec.start}")
 
-    def step(self, call: StepCall, hidden: Any, *backfill_hidden: Any) -> tuple[Any, Any, Any]:
+    def forward(self, call: StepCall, hidden: Any, *backfill_hidden: Any) -> tuple[Any, Any, Any]:
         future = self._thread.submit(lambda: self.group.step(call, _value(hidden), *map(_value, backfill_hidden)))
         return _Part(future, 0), _Part(future, 1), _Part(future, 2)
+
+    def backfill(self, backfills: list[BackfillRows], *backfill_hidden: Any) -> tuple[Any, Any]:
+        call = StepCall(Rows.empty(), backfills)
+        future = self._thread.submit(lambda: self.group.step(call, None, *map(_value, backfill_hidden)))
+        return _Part(future, 0), _Part(future, 2)
 
     def free(self, slots: torch.Tensor) -> Any:
         return _Part(self._thread.submit(self.group.free, slots), None)

@@ -102,18 +102,20 @@ class Scheduler:
             self.slots.free(slot)
         return slot
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, max_seqs: int | None = None) -> ScheduledBatch | None:
+        """The next batch: at most `max_seqs` sequences and the token budget's worth of rows."""
         budget = self.token_budget
+        room = max_seqs or self.slots.capacity
         picked: list[tuple[Sequence, int]] = []
         # Decode rows first (one token each), then unfinished prompts, then new sequences.
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
         for seq in sorted(ready, key=lambda s: not s.prefill_done):
-            if budget == 0:
+            if budget == 0 or len(picked) == room:
                 break
             n = 1 if seq.prefill_done else min(len(seq.prompt_ids) - seq.num_computed, budget)
             picked.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and self.slots.num_free > 0:
+        while self.waiting and budget > 0 and self.slots.num_free > 0 and len(picked) < room:
             seq = self.waiting.popleft()
             seq.slot = self.slots.allocate()
             self.running.append(seq)

@@ -77,7 +77,14 @@ def rows(
 
 
 def run(pipeline: Pipeline, r: Rows):
-    return asyncio.run(pipeline.execute(r))
+    """One batch through the pipeline, and every back-fill it sent landed."""
+
+    async def main():
+        result = await pipeline.execute(r)
+        await pipeline.drain()
+        return result
+
+    return asyncio.run(main())
 
 
 def full_logprobs(result, vocab: int) -> torch.Tensor:

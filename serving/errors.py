@@ -1,0 +1,53 @@
+"""Errors a client can cause (or must be told about), with what each means in HTTP and in gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from serving.params import RequestError
+from serving.scheduler import QueueFullError
+
+# kind -> (HTTP status, OpenAI error type, gRPC status)
+KINDS: dict[str, tuple[int, str, grpc.StatusCode]] = {
+    "invalid": (400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
+    "not_found": (404, "not_found_error", grpc.StatusCode.NOT_FOUND),
+    "too_large": (413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    "overloaded": (429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    "internal": (500, "server_error", grpc.StatusCode.INTERNAL),
+    "unavailable": (503, "server_error", grpc.StatusCode.UNAVAILABLE),
+}
+
+
+@dataclass
+class ApiError(Exception):
+    kind: str
+    message: str
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def http_status(self) -> int:
+        return KINDS[self.kind][0]
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return KINDS[self.kind][2]
+
+    def body(self) -> dict:
+        """The OpenAI error object."""
+        return {"error": {"message": self.message, "type": KINDS[self.kind][1], "param": self.param, "code": None}}
+
+    @classmethod
+    def of(cls, error: Exception) -> ApiError:
+        """What the client is told about an exception raised while admitting or running its request."""
+        if isinstance(error, ApiError):
+            return error
+        if isinstance(error, RequestError):
+            return cls("invalid", str(error), error.param)
+        if isinstance(error, QueueFullError):
+            return cls("overloaded", str(error))
+        return cls("internal", f"the request failed inside the server: {error}")

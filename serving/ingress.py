@@ -1,0 +1,286 @@
+"""The ingress deployment: the OpenAI-compatible HTTP API (FastAPI) and the gRPC service, both validating
+requests (pydantic) before handing them to a router, and both turning the router's events into responses."""
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of the routes.
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from protos.adept.v1 import adept_pb2 as pb
+from serving.app import AppConfig
+from serving.engine import RequestOutput
+from serving.errors import ApiError
+from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
+from serving.params import ExitParams, RequestError, SamplingParams, request_error
+from serving.router import Admitted, GenerateRequest, ModelInfo, Rejected
+
+log = logging.getLogger(__name__)
+
+app = FastAPI(title="ADEPT Serve", description="Token-level early-exit LLM serving (OpenAI-compatible API)")
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+# Helpers live above the class: serve.ingress serializes the routes when the class is decorated, and
+# only names that exist by then reach the replica.
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.http_status)
+
+
+def _invalid(error: RequestError) -> ApiError:
+    return ApiError("invalid", str(error), error.param)
+
+
+def _grpc_error(context: RayServegRPCContext, error: ApiError) -> None:
+    context.set_code(error.grpc_code)
+    context.set_details(str(error))
+
+
+def _grpc_token(out: RequestOutput) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(text=out.text, token_id=out.token_ids[0], exit_layer=out.exit_layers[0])
+    if out.logprobs:
+        message.logprob = out.logprobs[0]
+        message.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=v) for t, v in out.top_logprobs[0].items())
+    return message
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, router: DeploymentHandle, config: AppConfig) -> None:
+        self.router = router
+        self.model = config.served_name()
+        self.max_body = config.max_request_bytes
+        self._info: ModelInfo | None = None
+
+    # ---- HTTP ----------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        try:
+            body = await self._body(request, CompletionRequest)
+            responder = Responder(chat=False, model=self.model, logprobs=body.logprobs is not None)
+            generate = GenerateRequest(
+                request_id=_request_id(request),
+                prompt=body.prompt,
+                messages=None,
+                sampling=body.sampling(body.max_tokens, body.logprobs),
+                exit=body.adept or ExitParams(),
+            )
+            return await self._http(generate, responder, body.stream, body.stream_options)
+        except (ApiError, RequestError) as e:
+            return _error_response(ApiError.of(e))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            body = await self._body(request, ChatCompletionRequest)
+            logprobs = body.top_logprobs or 0 if body.logprobs else None
+            generate = GenerateRequest(
+                request_id=_request_id(request),
+                prompt=None,
+                messages=body.chat(),
+                sampling=body.sampling(body.max_completion_tokens or body.max_tokens, logprobs),
+                exit=body.adept or ExitParams(),
+            )
+            responder = Responder(chat=True, model=self.model, logprobs=body.logprobs)
+            return await self._http(generate, responder, body.stream, body.stream_options)
+        except (ApiError, RequestError) as e:
+            return _error_response(ApiError.of(e))
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        info = await self._model_info()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "adept-serve",
+                    "max_model_len": info.max_model_len,
+                    "adept": {
+                        "num_layers": info.num_layers,
+                        "exit_points": info.exit_points,
+                        "num_layer_groups": info.num_layer_groups,
+                    },
+                }
+            ],
+        }
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await self.router.check_health.remote()
+        except Exception as e:
+            return JSONResponse({"status": "unavailable", "detail": str(e).splitlines()[0]}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def _body(self, request: Request, schema: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise ApiError("too_large", f"the request body has {declared} bytes; the limit is {self.max_body}")
+        raw = await request.body()
+        if len(raw) > self.max_body:
+            raise ApiError("too_large", f"the request body has {len(raw)} bytes; the limit is {self.max_body}")
+        try:
+            body = schema.model_validate_json(raw)
+        except ValidationError as e:
+            if e.errors()[0]["type"] == "json_invalid":
+                raise ApiError("invalid", f"the request body is not valid JSON: {e.errors()[0]['msg']}") from None
+            raise _invalid(request_error(e)) from None
+        if body.model != self.model:
+            raise self._unknown(body.model)
+        return body
+
+    async def _http(self, request: GenerateRequest, responder: Responder, stream: bool, options) -> Response:
+        events = await self._start(request)
+        if stream:
+            include_usage = options is not None and options.include_usage
+            return StreamingResponse(self._sse(events, responder, include_usage), media_type="text/event-stream")
+        last = None
+        try:
+            async for event in events:
+                if isinstance(event, Rejected):
+                    raise event.error
+                responder.add(event)
+                last = event
+        finally:
+            events.cancel()
+        return JSONResponse(responder.response(last.finish_reason, last.usage))
+
+    async def _sse(
+        self, events: DeploymentResponseGenerator, responder: Responder, include_usage: bool
+    ) -> AsyncIterator[str]:
+        try:
+            if responder.chat:
+                yield _sse(responder.role_chunk())
+            async for event in events:
+                if isinstance(event, Rejected):  # failed after it started: say so in the stream
+                    yield _sse(event.error.body())
+                    break
+                if event.token_ids or event.finished:
+                    yield _sse(responder.chunk(event, include_usage))
+                if event.finished and include_usage:
+                    yield _sse(responder.usage_chunk(event.usage))
+            yield _sse("[DONE]")
+        finally:
+            events.cancel()
+
+    # ---- gRPC (adept.v1.AdeptService) ----------------------------------------------------------------
+
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            events = await self._start(self._grpc_request(request))
+        except ApiError as e:
+            _grpc_error(grpc_context, e)
+            raise
+        try:
+            async for event in events:
+                if isinstance(event, Rejected):
+                    _grpc_error(grpc_context, event.error)
+                    raise event.error
+                if event.token_ids:
+                    yield _grpc_token(event)
+                if event.finished:
+                    usage = event.usage
+                    yield pb.GenerateResponse(
+                        text="" if event.token_ids else event.text,
+                        finish_reason=event.finish_reason,
+                        usage=pb.Usage(
+                            prompt_tokens=usage.prompt_tokens,
+                            completion_tokens=usage.completion_tokens,
+                            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+                            layers_computed=usage.layers_computed,
+                            layers_total=usage.layers_total,
+                        ),
+                    )
+        finally:
+            events.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ListModelsResponse:
+        info = await self._model_info()
+        model = pb.Model(
+            id=info.name,
+            num_layers=info.num_layers,
+            exit_points=info.exit_points,
+            num_layer_groups=info.num_layer_groups,
+            max_model_len=info.max_model_len,
+        )
+        return pb.ListModelsResponse(models=[model])
+
+    def _grpc_request(self, request: pb.GenerateRequest) -> GenerateRequest:
+        if request.model and request.model != self.model:
+            raise self._unknown(request.model)
+        if bool(request.prompt) == bool(request.messages):
+            raise ApiError("invalid", "prompt: give exactly one of prompt and messages", "prompt")
+        for i, m in enumerate(request.messages):
+            if m.role not in CHAT_ROLES:
+                raise ApiError("invalid", f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}", "messages")
+        fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+        sampling = {f: getattr(request, f) for f in fields if request.HasField(f)}
+        sampling |= {"stop": list(request.stop), "ignore_eos": request.ignore_eos}
+        exit_fields = ("policy", "threshold", "min_depth", "max_depth", "backfill")
+        exit = {f: getattr(request.adept, f) for f in exit_fields if request.adept.HasField(f)}
+        try:
+            sampling_params = SamplingParams.model_validate(sampling)
+        except ValidationError as e:
+            raise _invalid(request_error(e)) from None
+        try:
+            exit_params = ExitParams.model_validate(exit)
+        except ValidationError as e:
+            raise _invalid(request_error(e, "adept.")) from None
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages
+        ]
+        return GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            prompt=request.prompt or None,
+            messages=messages or None,
+            sampling=sampling_params,
+            exit=exit_params,
+        )
+
+    # ---- both ----------------------------------------------------------------------------------------
+
+    async def _start(self, request: GenerateRequest) -> DeploymentResponseGenerator:
+        """Hand the request to a router; raises ApiError if it is refused. Returns the remaining events."""
+        events: DeploymentResponseGenerator = self.router.options(stream=True).generate.remote(request)
+        first = await events.__anext__()
+        if isinstance(first, Rejected):
+            events.cancel()
+            raise first.error
+        assert isinstance(first, Admitted)
+        return events
+
+    def _unknown(self, model: str) -> ApiError:
+        return ApiError("not_found", f"model: {model!r} is not served here; this server serves {self.model!r}", "model")
+
+    async def _model_info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = await self.router.info.remote()
+        return self._info

@@ -1,0 +1,73 @@
+"""Layer groups as Ray actors: the distributed engine's GroupHandle.
+
+The router replica that calls `ray_groups` runs in a placement group that Serve created for it (one bundle
+for the router, then one per layer group); each worker goes into its own bundle, so one pipeline's workers
+are scheduled, and torn down, together. Hidden states stay ObjectRefs: they move worker to worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from serving.config import EngineConfig, PipelinePlan
+from workers.actor import LayerGroupWorker
+from workers.protocol import BackfillRows, StepCall
+
+
+class RayGroup:
+    """A layer-group actor. The router is its only caller, so Ray runs its calls in submission order."""
+
+    def __init__(self, actor: ray.actor.ActorHandle) -> None:
+        self.actor = actor
+
+    def forward(self, call: StepCall, hidden: Any, *backfill_hidden: Any) -> tuple[Any, Any, Any]:
+        return self.actor.forward.remote(call, hidden, *backfill_hidden)
+
+    def backfill(self, backfills: list[BackfillRows], *backfill_hidden: Any) -> tuple[Any, Any]:
+        return self.actor.backfill.remote(backfills, *backfill_hidden)
+
+    def free(self, slots: torch.Tensor) -> Any:
+        return self.actor.free.remote(slots)
+
+    async def fetch(self, ref: ray.ObjectRef) -> Any:
+        return await ref
+
+    def close(self) -> None:
+        ray.kill(self.actor)
+
+
+def ray_groups(
+    config: EngineConfig,
+    plan: PipelinePlan,
+    resources: dict[str, float],
+    threads: int | None,
+    first_bundle: int = 1,
+) -> list[RayGroup]:
+    """Start one worker per layer group (in bundles first_bundle, first_bundle + 1, ... of the current
+    placement group, if there is one) and wait until every one has loaded its layers."""
+    placement = get_current_placement_group()
+    resources = dict(resources)
+    cpus, gpus = resources.pop("CPU", 0.0), resources.pop("GPU", 0.0)
+    actor_class = ray.remote(LayerGroupWorker)
+    actors = []
+    for i, spec in enumerate(plan.groups):
+        strategy = (
+            PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=first_bundle + i)
+            if placement is not None
+            else None
+        )
+        actors.append(
+            actor_class.options(
+                num_cpus=cpus,
+                num_gpus=gpus,
+                resources=resources,
+                scheduling_strategy=strategy,
+                max_restarts=0,  # a restarted worker has an empty cache: the router must know (see issue 6)
+            ).remote(config.model, spec, config.exit_pack, config.device, config.dtype, threads)
+        )
+    ray.get([a.ping.remote() for a in actors])  # raises here if a worker cannot load its layers
+    return [RayGroup(a) for a in actors]

@@ -1,0 +1,127 @@
+"""The router: a Ray Serve deployment that owns one pipeline (a layer-group worker per group, in the
+replica's placement group) and runs the same engine and scheduler as the in-process engine, calling the
+groups through Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import serve
+
+from serving.app import AppConfig
+from serving.engine import Engine, EngineError, RequestOutput
+from serving.errors import ApiError
+from serving.params import ExitParams, RequestError, SamplingParams
+from serving.ray_executor import RayGroup, ray_groups
+from serving.scheduler import QueueFullError
+from workers.exit_pack import ExitPack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateRequest:
+    """A validated request, as the ingress hands it to a router."""
+
+    request_id: str
+    prompt: str | list[int] | None  # exactly one of prompt and messages
+    messages: list[dict[str, str]] | None
+    sampling: SamplingParams
+    exit: ExitParams
+
+
+@dataclass
+class Admitted:
+    """The first event of an accepted request."""
+
+    prompt_tokens: int
+
+
+@dataclass
+class Rejected:
+    """The first (and last) event of a refused request, or the last of one that failed."""
+
+    error: ApiError
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    num_layers: int
+    exit_points: list[int]
+    num_layer_groups: int
+    max_model_len: int
+
+
+Event = Admitted | Rejected | RequestOutput
+
+
+@serve.deployment(name="Router", health_check_period_s=10, health_check_timeout_s=60)
+class Router:
+    def __init__(self, config: AppConfig, worker_resources: dict[str, float]) -> None:
+        engine_config = config.engine
+
+        def make_groups(_path: Path, plan, _pack: ExitPack | None) -> list[RayGroup]:
+            return ray_groups(engine_config, plan, worker_resources, config.worker_threads)
+
+        self.engine = Engine.build(engine_config, make_groups)
+        self.name = config.served_name()
+        plan = self.engine.plan
+        log.info(
+            "router (pid %d): %s, %d layers in %d layer groups %s, exit points %s",
+            os.getpid(), self.name, plan.num_layers, len(plan.groups),
+            [(g.start, g.end) for g in plan.groups], list(plan.exit_points),
+        )  # fmt: skip
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        """Admitted (or Rejected), then one RequestOutput per step of the request, the last one finished.
+        Cancelling the call (the client went away) aborts the request and frees its slots."""
+        try:
+            prompt = request.prompt if request.messages is None else self._chat(request.messages)
+            stream = self.engine.submit(prompt, request.sampling, request.exit, request.request_id)
+        except (RequestError, QueueFullError) as e:
+            yield Rejected(ApiError.of(e))
+            return
+        yield Admitted(prompt_tokens=stream.prompt_tokens)
+        try:
+            async for out in stream:
+                if request.sampling.logprobs is not None:
+                    out.token_texts = self._texts(out)
+                yield out
+        except EngineError as e:
+            yield Rejected(ApiError("internal", str(e)))
+        finally:
+            stream.abort()
+
+    async def info(self) -> ModelInfo:
+        plan = self.engine.plan
+        return ModelInfo(self.name, plan.num_layers, list(plan.exit_points), len(plan.groups), plan.max_model_len)
+
+    async def kv_slots(self) -> dict:
+        """Slots in use, by the scheduler and on every worker (after all requests ended: none)."""
+        await self.engine.drain()
+        occupied = await asyncio.gather(*(g.actor.occupied.remote() for g in self.engine.pipeline.groups))
+        allocator = self.engine.scheduler.slots
+        return {"capacity": allocator.capacity, "free": allocator.num_free, "workers": list(occupied)}
+
+    async def check_health(self) -> None:
+        """Serve's health check: every worker of the pipeline answers."""
+        await asyncio.gather(*(g.actor.ping.remote() for g in self.engine.pipeline.groups))
+
+    def _chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return self.engine.chat_prompt(messages)
+        except Exception as e:  # the template refuses the conversation (roles out of order, ...)
+            raise RequestError("messages", f"the model's chat template cannot format them: {e}") from None
+
+    def _texts(self, out: RequestOutput) -> dict[int, str]:
+        ids = set(out.token_ids)
+        for top in out.top_logprobs or []:
+            ids |= set(top)
+        tokenizer = self.engine.tokenizer
+        return {i: tokenizer.decode([i]) for i in ids}

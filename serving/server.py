@@ -1,0 +1,38 @@
+"""Running the application on a Ray cluster from Python: what `adept serve` and the tests do."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.app import APP_NAME, GRPC_SERVICER, AppConfig, build_app
+from serving.grpc_bind import HOST_ENV
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(config: AppConfig, address: str | None = None, **kwargs) -> None:
+    """Connect to the Ray cluster at `address` (or start one on this machine). Every worker of the job
+    runs offline (nothing is downloaded) and Serve's gRPC proxy binds to `config.grpc.host`."""
+    runtime_env = {
+        "env_vars": {"HF_HUB_OFFLINE": "1", HOST_ENV: config.grpc.host},
+        "worker_process_setup_hook": "serving.grpc_bind.bind_grpc_proxy",
+    }
+    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, **kwargs)
+
+
+def start(config: AppConfig) -> DeploymentHandle:
+    """Start Serve with the configured listeners and run the application; returns the ingress handle."""
+    serve.start(
+        http_options={"host": config.http.host, "port": config.http.port},
+        grpc_options={"port": config.grpc.port, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    return serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,70 @@
+"""A layer group as a Ray actor: it owns the group's weights (only its own layers) and KV cache.
+
+The actor is synchronous (one call at a time): Ray runs the calls of one submitter, the router, in
+submission order even when their ObjectRef arguments become ready out of order, which is the ordering
+invariant a back-fill needs to precede the forward that reads it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import torch
+
+from workers.device import resolve_device, resolve_dtype
+from workers.exit_pack import ExitPack
+from workers.layer_group import GroupSpec, LayerGroup
+from workers.model_store import fingerprint, resolve_model
+from workers.protocol import BackfillRows, Rows, StepCall, StepResult
+
+log = logging.getLogger(__name__)
+
+
+class LayerGroupWorker:
+    def __init__(
+        self,
+        model: str,
+        spec: GroupSpec,
+        exit_pack: str | None,
+        device: str,
+        dtype: str,
+        threads: int | None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        path = resolve_model(model)
+        pack = ExitPack.load(exit_pack, fingerprint(path)) if exit_pack else None
+        where = resolve_device(device)
+        self.group = LayerGroup.load(path, spec, pack, where, resolve_dtype(dtype, where))
+        self.spec = spec
+        log.info(
+            "layer group [%d, %d) ready on %s (pid %d, %d threads)",
+            spec.start, spec.end, where, os.getpid(), torch.get_num_threads(),
+        )  # fmt: skip
+
+    @ray.method(num_returns=3)
+    def forward(
+        self, call: StepCall, hidden: torch.Tensor | None, *backfill_hidden: torch.Tensor
+    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
+        """Queued back-fills, then the forward rows: (small result, continuing hidden, carried hidden)."""
+        result, out, carry = self.group.step(call, hidden, *backfill_hidden)
+        return result, out.cpu(), carry.cpu()  # Ray copies tensors to host memory anyway
+
+    @ray.method(num_returns=2)
+    def backfill(
+        self, backfills: list[BackfillRows], *backfill_hidden: torch.Tensor
+    ) -> tuple[StepResult, torch.Tensor]:
+        """Back-fill only: (small result, hidden states of the exact rows for the next group)."""
+        result, _, carry = self.group.step(StepCall(Rows.empty(), backfills), None, *backfill_hidden)
+        return result, carry.cpu()
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.group.free(slots)
+
+    def occupied(self) -> list[int]:
+        """Slots holding any K/V (after every request has finished: none)."""
+        return self.group.cache.occupied()
+
+    def ping(self) -> tuple[int, int]:
+        return self.spec.start, self.spec.end
