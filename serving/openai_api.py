@@ -169,7 +169,7 @@ class Responder:
     def role_chunk(self) -> dict:
         """The first chunk of a chat stream."""
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self._envelope([choice], object="chat.completion.chunk")
+        return self._envelope([choice], object="chat.completion.chunk", adept={"token_ids": [], "exit_layers": []})
 
     def chunk(self, out: RequestOutput, include_usage: bool) -> dict:
         """A stream chunk for one output (one token), with its exit layer."""

@@ -45,10 +45,12 @@ def ray_groups(
     plan: PipelinePlan,
     resources: dict[str, float],
     threads: int | None,
+    name: str,
     first_bundle: int = 1,
 ) -> list[RayGroup]:
     """Start one worker per layer group (in bundles first_bundle, first_bundle + 1, ... of the current
-    placement group, if there is one) and wait until every one has loaded its layers."""
+    placement group, if there is one), named `{name}-group-{i}`, and wait until every one has loaded its
+    layers."""
     placement = get_current_placement_group()
     resources = dict(resources)
     cpus, gpus = resources.pop("CPU", 0.0), resources.pop("GPU", 0.0)
@@ -66,6 +68,7 @@ def ray_groups(
                 num_gpus=gpus,
                 resources=resources,
                 scheduling_strategy=strategy,
+                name=f"{name}-group-{i}",
                 max_restarts=0,  # a restarted worker has an empty cache: the router must know (see issue 6)
             ).remote(config.model, spec, config.exit_pack, config.device, config.dtype, threads)
         )

@@ -67,7 +67,8 @@ class Router:
         engine_config = config.engine
 
         def make_groups(_path: Path, plan, _pack: ExitPack | None) -> list[RayGroup]:
-            return ray_groups(engine_config, plan, worker_resources, config.worker_threads)
+            replica = serve.get_replica_context().replica_id.unique_id
+            return ray_groups(engine_config, plan, worker_resources, config.worker_threads, f"adept-{replica}")
 
         self.engine = Engine.build(engine_config, make_groups)
         self.name = config.served_name()

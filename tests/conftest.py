@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from ray import serve
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from serving import server
+from serving.app import APP_NAME, AppConfig, Listener
+from serving.config import EngineConfig
 from workers.model_store import DEFAULT_MODEL, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,3 +99,45 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"needs the shared data folder at {SHARED} (present in CI and on developer machines)")
     return SHARED
+
+
+@dataclass
+class Served:
+    """The application running on a real local Ray and Serve, on loopback ports of its own."""
+
+    config: AppConfig
+    http: str  # base URL
+    grpc: str  # host:port
+
+    @property
+    def model(self) -> str:
+        return self.config.served_name()
+
+    def router(self):
+        return serve.get_deployment_handle("Router", APP_NAME)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVED_ENGINE = dict(max_num_seqs=8, max_model_len=1024, max_inflight_batches=2)
+
+
+@pytest.fixture(scope="session")
+def served(default_model_dir) -> Served:
+    """Ray, Serve and the application on the default model, started once for the whole test session."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for a throwaway local cluster
+    config = AppConfig(
+        engine=EngineConfig(**SERVED_ENGINE),
+        http=Listener(host="127.0.0.1", port=free_port()),
+        grpc=Listener(host="127.0.0.1", port=free_port()),
+    )
+    server.init_ray(config, num_cpus=2)
+    try:
+        server.start(config)
+        yield Served(config, f"http://127.0.0.1:{config.http.port}", f"127.0.0.1:{config.grpc.port}")
+    finally:
+        server.stop()

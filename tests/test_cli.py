@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
+import httpx
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.usefixtures("default_model_dir")  # converted once before the subprocesses start
 
@@ -63,3 +69,33 @@ def test_bad_arguments_exit_2_with_a_message(flags, message):
     r = adept("generate", "hi", *flags)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_adept_serve_starts_answers_and_stops_on_ctrl_c():
+    """`adept serve` as a user runs it: its own local Ray, the addresses it prints, one request, Ctrl-C."""
+    http, grpc = free_port(), free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "serving.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc)]
+    proc = subprocess.Popen(
+        [*command, "--max-model-len", "256"], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("Ctrl-C stops it" in line for line in log):
+            assert proc.poll() is None, "".join(log)
+            assert time.monotonic() < deadline, "adept serve did not come up:\n" + "".join(log)
+            time.sleep(0.5)
+        banner = "".join(log)
+        assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
+        assert "30 layers in 3 layer groups" in banner
+        body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+        r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP API on a real local Ray Serve, driven by the official `openai` client and by
+httpx: streaming and not, both endpoints, concurrency, disconnects and bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "To make a cup of tea, first",
+    "In machine learning, overfitting means",
+    "The largest planet in the solar system is",
+]
+
+
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.http + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def exits_of(chunks) -> list[int]:
+    return [d for c in chunks if c.choices for d in c.model_extra["adept"]["exit_layers"]]
+
+
+def wait_for_clean_slots(served, timeout: float = 30.0) -> dict:
+    """Poll the router until every slot is free in the scheduler and on every worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        slots = served.router().kv_slots.remote().result()
+        if slots["free"] == slots["capacity"] and all(not w for w in slots["workers"]):
+            return slots
+        if time.monotonic() > deadline:
+            raise AssertionError(f"slots still allocated: {slots}")
+        time.sleep(0.2)
+
+
+def test_completions_with_and_without_streaming(served):
+    c = client(served)
+    full = c.completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert "Paris" in full.choices[0].text and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 8 and full.usage.prompt_tokens == 5
+    assert full.usage.model_extra["layers_computed"] == full.usage.model_extra["layers_total"] == (5 + 8 - 1) * 30
+    assert full.model_extra["adept"]["exit_layers"] == [30] * 8
+
+    chunks = list(
+        c.completions.create(
+            model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
+    assert exits_of(chunks) == [30] * 8
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+
+
+def test_chat_completions_with_and_without_streaming(served):
+    c = client(served)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = c.chat.completions.create(model=served.model, messages=messages, max_tokens=12, temperature=0)
+    answer = full.choices[0].message
+    assert answer.role == "assistant" and "Paris" in answer.content
+
+    chunks = list(
+        c.chat.completions.create(model=served.model, messages=messages, max_tokens=12, temperature=0, stream=True)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == answer.content
+    assert len(exits_of(chunks)) == full.usage.completion_tokens
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_exit_layers_follow_the_requests_controls(served):
+    c = client(served)
+    static = c.completions.create(
+        model=served.model, prompt=PROMPTS[2], max_tokens=6, temperature=0,
+        extra_body={"adept": {"policy": "static", "max_depth": 12, "backfill": "decoupled"}},
+    )  # fmt: skip
+    assert static.model_extra["adept"]["exit_layers"] == [12] * 6
+    usage = static.usage.model_extra
+    assert usage["layers_computed"] == 12 * (static.usage.prompt_tokens + 5) < usage["layers_total"]
+
+    chunks = list(
+        c.completions.create(
+            model=served.model, prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True,
+            extra_body={"adept": {"policy": "confidence", "threshold": 0.3}},
+        )
+    )  # fmt: skip
+    exits = exits_of(chunks)
+    assert len(exits) == 16 and all(d in (8, 12, 16, 20, 24, 28, 30) for d in exits)
+    assert min(exits) < 30, "a low threshold should let some tokens exit early"
+
+
+def test_logprobs(served):
+    c = client(served)
+    out = c.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    content = out.choices[0].logprobs.content
+    assert len(content) == 3 and "".join(t.token for t in content) == out.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token
+
+
+def test_eight_concurrent_streams_match_their_runs_alone(served):
+    c = client(served)
+    alone = [
+        c.completions.create(model=served.model, prompt=p, max_tokens=12, temperature=0).model_extra["adept"]
+        for p in PROMPTS
+    ]
+
+    async def stream(ac: openai.AsyncOpenAI, prompt: str) -> dict:
+        chunks = [
+            ch
+            async for ch in await ac.completions.create(
+                model=served.model, prompt=prompt, max_tokens=12, temperature=0, stream=True
+            )
+        ]
+        return {
+            "token_ids": [t for ch in chunks if ch.choices for t in ch.model_extra["adept"]["token_ids"]],
+            "exit_layers": exits_of(chunks),
+        }
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=served.http + "/v1", api_key="unused", max_retries=0) as ac:
+            return await asyncio.gather(*(stream(ac, p) for p in PROMPTS))
+
+    together = asyncio.run(main())
+    assert together == alone
+    wait_for_clean_slots(served)
+
+
+def test_a_client_that_disconnects_leaves_no_slot_allocated(served):
+    body = {"model": served.model, "prompt": PROMPTS[3], "max_tokens": 500, "temperature": 0, "stream": True}
+    got = []
+    with httpx.stream("POST", served.http + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            got += [line] if line.startswith("data: {") else []
+            if len(got) == 3:
+                break  # leave mid-stream: the connection closes here
+    assert all(json.loads(line[6:])["choices"][0]["finish_reason"] is None for line in got)
+    wait_for_clean_slots(served)
+    after = client(served).completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert after.usage.completion_tokens == 2
+
+
+LONG = "word " * 1100  # more tokens than the 1024-token context
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        ({"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": "hi", "top_p": 3}, 400, "top_p"),
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "frobnicate": True}, 400, "frobnicate"),
+        ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "adept": {"threshold": 2}}, 400, "adept.threshold"),
+        ({"prompt": "hi", "adept": {"policy": "learned"}}, 400, "adept.policy"),
+        ({"prompt": LONG}, 400, "prompt"),
+        ({"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
+        ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+        ({"prompt": "x" * (2 << 20)}, 413, None),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_change_nothing(served, content, status, param):
+    if isinstance(content, dict):
+        content = json.dumps({"model": served.model, **content}).encode()
+    r = httpx.post(
+        served.http + "/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"]
+    if param:
+        assert param in error["message"]
+    ok = client(served).completions.create(model=served.model, prompt="Hello", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+    wait_for_clean_slots(served)
+
+
+def test_the_openai_client_raises_its_own_errors(served):
+    c = client(served)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        c.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "hi"}], top_p=5)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model=served.model, messages=[])
+
+
+def test_models_and_health(served):
+    models = client(served).models.list().data
+    assert [m.id for m in models] == [served.model]
+    assert models[0].model_extra["adept"] == {
+        "num_layers": 30,
+        "exit_points": [8, 12, 16, 20, 24, 28, 30],
+        "num_layer_groups": 3,
+    }
+    health = httpx.get(served.http + "/health", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_one_worker_actor_per_layer_group(served):
+    workers = [a for a in ray.util.list_named_actors(all_namespaces=True) if "-group-" in a["name"]]
+    assert len(workers) == served.config.engine.num_layer_groups == 3
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port` (Linux: /proc/net/tcp and tcp6)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # per-word little endian
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def test_http_and_grpc_listen_on_loopback_only(served):
+    loopback = {"127.0.0.1", "::ffff:127.0.0.1"}
+    for port in (served.config.http.port, served.config.grpc.port):
+        addresses = listening_addresses(port)
+        assert addresses and addresses <= loopback, f"port {port} listens on {addresses}"
