@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
 PROMPT ?= The capital of France is
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run generate test lint bench protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-run: install  ## generate from the default model with per-token exit layers
+run: install  ## serve the default model: HTTP (OpenAI API) on 127.0.0.1:8000, gRPC on 127.0.0.1:9000; Ctrl-C stops
+	$(VENV)/bin/adept serve
+
+generate: install  ## generate in-process from the default model, each token with its exit layer
 	$(VENV)/bin/adept generate "$(PROMPT)" --show-exits
 
 test: install-test  ## the whole test suite, as CI runs it
@@ -36,9 +39,13 @@ test: install-test  ## the whole test suite, as CI runs it
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: install  ## engine speed and early-exit quality
+bench: install  ## engine speed and early-exit quality, then serving speed through Ray Serve
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/engine_speed.py --json benchmarks/results/engine_speed.json
+	$(PY) benchmarks/serve_speed.py --json benchmarks/results/serve_speed.json
+
+protos: install-test  ## regenerate protos/adept/v1/*_pb2*.py from protos/adept/v1/adept.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/adept/v1/adept.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

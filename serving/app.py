@@ -46,7 +46,7 @@ class AppConfig(BaseModel):
         None, description="Ray resources of one layer-group worker; default {CPU: 1, GPU: 1} or, on CPUs, {CPU: 0.25}"
     )
     worker_threads: int | None = Field(
-        None, ge=1, description="torch threads per worker; default: every core of a CPU node"
+        None, ge=1, description="torch threads per worker; default: Ray's, the worker's CPU share (at least 1)"
     )
     router_cpus: float = Field(0.1, ge=0)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")

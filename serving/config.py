@@ -50,9 +50,8 @@ class EngineConfig(BaseSettings):
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step (prefill chunks)")
     max_waiting_requests: int = Field(256, ge=0, description="admission queue; beyond it requests are refused")
     max_inflight_batches: int = Field(1, ge=1, description="micro-batches in the pipeline at once")
-    backfill_flush_rows: int = Field(256, ge=1, description="send queued back-fills once this many pile up")
     sync_backfill: bool = Field(
-        False, description="send and await every back-fill at once (slower; a reference for benchmarks)"
+        False, description="a step waits for its back-fills on every deeper group (slower; a benchmark reference)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

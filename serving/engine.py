@@ -4,6 +4,7 @@ them to a Pipeline; the in-process engine and the distributed one differ only in
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import uuid
@@ -16,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.config import EngineConfig, PipelinePlan, plan_pipeline
 from serving.detokenizer import Detokenizer
-from serving.executor import BatchResult, GroupHandle, LocalGroup, Pipeline
+from serving.executor import BatchResult, GroupHandle, LocalGroup, Pipeline, Submitted
 from serving.params import ExitParams, RequestError, SamplingParams, request_error, resolve_exit
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceUpdate
 from workers.arch import ModelArch
@@ -114,8 +115,11 @@ class Engine:
         self.limits = plan.limits(has_routers)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting_requests)
         self._streams: dict[str, _Stream] = {}
-        self._wakeup = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()  # one task per micro-batch in the pipeline
+        # Every call to the workers is made in this context, never in a request's: on Ray, calls made while
+        # serving a request count as its children, and cancelling the request (its client left) would
+        # cancel them mid-pipeline, under every other request's feet.
+        self._context = contextvars.Context()
         self._background: set[asyncio.Task] = set()
 
     @classmethod
@@ -126,7 +130,7 @@ class Engine:
         plan = plan_pipeline(config, arch)
         pack = ExitPack.load(config.exit_pack, fingerprint(path)) if config.exit_pack else None
         groups = make_groups(path, plan, pack)
-        pipeline = Pipeline(groups, config.backfill_flush_rows, config.sync_backfill)
+        pipeline = Pipeline(groups, config.sync_backfill)
         has_routers = pack is not None and pack.has_routers()
         return cls(config, plan, pipeline, load_tokenizer(path), arch, has_routers)
 
@@ -186,7 +190,7 @@ class Engine:
         self.scheduler.add(seq)
         stream = _Stream(seq, Detokenizer(self.tokenizer, sampling.stop, prompt_ids))
         self._streams[request_id] = stream
-        self._start()
+        self._in_engine(self._launch)
         return RequestStream(self, request_id, stream.queue, len(prompt_ids))
 
     async def generate(
@@ -210,7 +214,7 @@ class Engine:
         seq = self.scheduler.abort(request_id)
         if seq is not None:  # not in flight: free it now; otherwise when its batch returns
             self._finish(stream, "abort")
-            self._release([seq])
+            self._in_engine(self._release, [seq])
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -234,24 +238,20 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        self._wakeup.set()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+    def _in_engine(self, fn: Callable[..., None], *args: object) -> None:
+        asyncio.get_running_loop().call_soon(fn, *args, context=self._context)
 
-    async def _run(self) -> None:
-        inflight: set[asyncio.Task] = set()
-        while True:
-            self._wakeup.clear()
-            while len(inflight) < self.config.max_inflight_batches:
-                batch = self.scheduler.schedule(self._batch_seqs())
-                if batch is None:
-                    break
-                inflight.add(asyncio.create_task(self._step(batch)))
-            waiter = asyncio.create_task(self._wakeup.wait())
-            done, _ = await asyncio.wait({*inflight, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            inflight -= done
+    def _launch(self) -> None:
+        """Schedule and submit micro-batches until the pipeline holds as many as configured. Called whenever
+        that may change (a request arrives, a batch returns); it submits to the workers before the event
+        loop runs anything else, so streaming the last tokens out never delays the next step."""
+        while len(self._inflight) < self.config.max_inflight_batches:
+            batch = self.scheduler.schedule(self._batch_seqs())
+            if batch is None:
+                return
+            task = asyncio.get_running_loop().create_task(self._step(batch, self.pipeline.submit(batch.rows)))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
     def _batch_seqs(self) -> int:
         """Sequences per micro-batch: the work split evenly over the micro-batches in flight, so that while
@@ -259,9 +259,9 @@ class Engine:
         work = len(self.scheduler.running) + len(self.scheduler.waiting)
         return max(1, -(-work // self.config.max_inflight_batches))
 
-    async def _step(self, batch: ScheduledBatch) -> None:
+    async def _step(self, batch: ScheduledBatch, submitted: Submitted) -> None:
         try:
-            result: BatchResult = await self.pipeline.execute(batch.rows)
+            result: BatchResult = await self.pipeline.collect(submitted)
         except Exception as e:  # a worker failed: fail this batch's requests, keep serving the rest
             log.exception("a batch of %d requests failed", len(batch.seqs))
             for seq in batch.seqs:
@@ -270,13 +270,13 @@ class Engine:
                 if stream is not None:
                     stream.queue.put_nowait(EngineError(f"request {seq.request_id} failed in the engine: {e}"))
             self._release(batch.seqs)
-            return
-        updates = self.scheduler.update(
-            batch, result.exit_depth, result.tokens, result.logprobs, result.top_ids, result.top_logprobs
-        )
-        finished = [u.seq for u in updates if self._deliver(u)]
-        self._release(finished)
-        self._wakeup.set()
+        else:
+            updates = self.scheduler.update(
+                batch, result.exit_depth, result.tokens, result.logprobs, result.top_ids, result.top_logprobs
+            )
+            self._release([u.seq for u in updates if self._deliver(u)])
+        self._inflight.discard(asyncio.current_task())
+        self._launch()
 
     def _deliver(self, update: SequenceUpdate) -> bool:
         """Turn a sequence's new token into an output; returns whether the sequence is done."""
@@ -346,8 +346,8 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in list(self._inflight):
+            task.cancel()
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(EngineError("the engine is shutting down"))
         self._streams.clear()

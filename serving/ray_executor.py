@@ -15,7 +15,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serving.config import EngineConfig, PipelinePlan
 from workers.actor import LayerGroupWorker
-from workers.protocol import BackfillRows, StepCall
 
 
 class RayGroup:
@@ -24,11 +23,8 @@ class RayGroup:
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
 
-    def forward(self, call: StepCall, hidden: Any, *backfill_hidden: Any) -> tuple[Any, Any, Any]:
-        return self.actor.forward.remote(call, hidden, *backfill_hidden)
-
-    def backfill(self, backfills: list[BackfillRows], *backfill_hidden: Any) -> tuple[Any, Any]:
-        return self.actor.backfill.remote(backfills, *backfill_hidden)
+    def forward(self, batch: Any) -> tuple[Any, Any]:
+        return self.actor.forward.remote(batch)
 
     def free(self, slots: torch.Tensor) -> Any:
         return self.actor.free.remote(slots)

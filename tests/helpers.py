@@ -30,8 +30,8 @@ def load_groups(
     return [LayerGroup.load(path, s, pack) for s in specs]
 
 
-def pipeline_of(groups: list[LayerGroup], flush_rows: int = 10_000) -> Pipeline:
-    return Pipeline([LocalGroup(g) for g in groups], flush_rows)
+def pipeline_of(groups: list[LayerGroup], sync_backfill: bool = False) -> Pipeline:
+    return Pipeline([LocalGroup(g) for g in groups], sync_backfill)
 
 
 def rows(

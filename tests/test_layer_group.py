@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -9,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from tests.helpers import full_logprobs, group_kv, hf_cache, hf_model, load_groups, pipeline_of, rows, run
 from workers.kv_cache import KVHoleError
 from workers.layer_group import GroupSpec
-from workers.protocol import Backfill, BackfillRows, Policy, Rows, StepCall
+from workers.protocol import Backfill, BackfillRows, Continuing, Policy, Rows, StepCall
 
 VOCAB = 128
 LAYERS = 6
@@ -66,7 +68,7 @@ def test_exact_backfill_reproduces_the_full_cache(tiny_llama_dir, bounds):
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, VOCAB, (20,), generator=gen)
     groups = load_groups(tiny_llama_dir, bounds, list(range(1, LAYERS + 1)))
-    pipe = pipeline_of(groups, flush_rows=1)  # flush every back-fill so the whole cache can be compared
+    pipe = pipeline_of(groups)
 
     def depths(n: int) -> torch.Tensor:
         return torch.randint(1, LAYERS + 1, (n,), generator=gen)
@@ -144,28 +146,37 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
     with pytest.raises(KVHoleError, match="no K/V at position 0"):
         g1.step(StepCall(going_on, []), continuing)  # the back-fill of positions 0-4 was "lost"
 
-    # The same through a pipeline whose queued back-fills are dropped.
-    pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], [2, 6]))
-    run(pipe, rows(ids, torch.arange(6), policy=Policy.STATIC, max_depth=2))
-    pipe._pending = [[] for _ in pipe.groups]
-    with pytest.raises(KVHoleError):
-        run(pipe, rows([7], [6]))
+    # The same through a pipeline whose first group "loses" the back-fills it hands on.
+    groups = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
+    real = groups[0].forward
+
+    def lossy(batch):
+        result, out = real(batch)
+        return result, Continuing(out.rows, out.hidden, BackfillRows.empty(), out.hidden[:0])
+
+    groups[0].forward = lossy
+    with pytest.raises(KVHoleError, match="layer 3: slot 0 has no K/V at position 0"):
+        run(pipeline_of(groups), rows(ids, torch.arange(6), policy=policy, max_depth=2))
 
 
-def test_backfills_queued_for_a_group_reach_it_before_the_forward_that_needs_them(tiny_llama_dir):
-    """Positions 0-9 exit in group 0 over several steps; position 10 goes full depth: the pipeline carries
-    the queued back-fills with that forward, and the result equals a run where every back-fill was flushed."""
+def test_backfill_off_the_critical_path_gives_the_same_result(tiny_llama_dir):
+    """Positions 0-9 exit in group 0 over several steps, and the pipeline does not wait for the deeper
+    groups' back-fills; position 10 then goes full depth: the same as when every back-fill is awaited."""
     ids = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(4))
-    outs = []
-    for flush in (10_000, 1):
-        pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], [2, 6]), flush_rows=flush)
-        run(pipe, rows(ids[:6], torch.arange(6), policy=Policy.STATIC, max_depth=2))
+
+    async def main(sync: bool):
+        pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], [2, 6]), sync_backfill=sync)
+        await pipe.execute(rows(ids[:6], torch.arange(6), policy=Policy.STATIC, max_depth=2))
+        unawaited = len(pipe._backfilling)
         for t in range(6, 10):
-            run(pipe, rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=2))
-        assert pipe.pending_rows(1) == (10 if flush > 1 else 0)
-        outs.append(full_logprobs(run(pipe, rows(ids[10:], [10], logprobs=VOCAB)), VOCAB))
-        assert pipe.pending_rows(1) == 0
-    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+            await pipe.execute(rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=2))
+        last = await pipe.execute(rows(ids[10:], [10], logprobs=VOCAB))
+        await pipe.drain()
+        return unawaited, full_logprobs(last, VOCAB)
+
+    (unawaited, off_path), (awaited, synchronous) = asyncio.run(main(False)), asyncio.run(main(True))
+    assert unawaited == 1 and awaited == 0  # group 1 was still back-filling when the step returned
+    assert torch.allclose(off_path, synchronous, atol=1e-6)
 
 
 def test_loads_only_its_own_layers(tiny_llama_dir, monkeypatch):

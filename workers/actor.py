@@ -16,7 +16,7 @@ from workers.device import resolve_device, resolve_dtype
 from workers.exit_pack import ExitPack
 from workers.layer_group import GroupSpec, LayerGroup
 from workers.model_store import fingerprint, resolve_model
-from workers.protocol import BackfillRows, Rows, StepCall, StepResult
+from workers.protocol import Continuing, Rows, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,11 @@ class LayerGroupWorker:
         dtype: str,
         threads: int | None,
     ) -> None:
-        if threads:
+        where = resolve_device(device)
+        if threads:  # otherwise Ray's choice: the worker's CPU share, at least one
             torch.set_num_threads(threads)
         path = resolve_model(model)
         pack = ExitPack.load(exit_pack, fingerprint(path)) if exit_pack else None
-        where = resolve_device(device)
         self.group = LayerGroup.load(path, spec, pack, where, resolve_dtype(dtype, where))
         self.spec = spec
         log.info(
@@ -43,21 +43,12 @@ class LayerGroupWorker:
             spec.start, spec.end, where, os.getpid(), torch.get_num_threads(),
         )  # fmt: skip
 
-    @ray.method(num_returns=3)
-    def forward(
-        self, call: StepCall, hidden: torch.Tensor | None, *backfill_hidden: torch.Tensor
-    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
-        """Queued back-fills, then the forward rows: (small result, continuing hidden, carried hidden)."""
-        result, out, carry = self.group.step(call, hidden, *backfill_hidden)
-        return result, out.cpu(), carry.cpu()  # Ray copies tensors to host memory anyway
-
     @ray.method(num_returns=2)
-    def backfill(
-        self, backfills: list[BackfillRows], *backfill_hidden: torch.Tensor
-    ) -> tuple[StepResult, torch.Tensor]:
-        """Back-fill only: (small result, hidden states of the exact rows for the next group)."""
-        result, _, carry = self.group.step(StepCall(Rows.empty(), backfills), None, *backfill_hidden)
-        return result, carry.cpu()
+    def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
+        """Back-fills the batch carries, then its rows: (small result, what the next group needs). Tensors
+        leave on the CPU: Ray copies them to host memory anyway."""
+        result, out = self.group.forward(batch)
+        return result, Continuing(out.rows, out.hidden.cpu(), out.backfill, out.backfill_hidden.cpu())
 
     def free(self, slots: torch.Tensor) -> None:
         self.group.free(slots)

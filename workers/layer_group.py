@@ -21,7 +21,7 @@ from workers.exits import ExitHead
 from workers.kv_cache import KVCache
 from workers.layers import AttentionLayout, apply_rope, rms_norm
 from workers.model_store import load_config, load_tensors
-from workers.protocol import Backfill, BackfillRows, Policy, Rows, StepCall, StepResult, to_device
+from workers.protocol import Backfill, BackfillRows, Continuing, Policy, Rows, StepCall, StepResult, to_device
 from workers.sampling import logprobs_of, sample
 
 
@@ -207,6 +207,32 @@ class LayerGroup:
         )
         carry = torch.cat(out.carry_hidden) if out.carry_hidden else h.new_empty(0, self.arch.hidden_size)
         return to_device(result, torch.device("cpu")), h[deciding], carry
+
+    def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
+        """A pipeline's call: Rows for the first group, the previous group's Continuing for the others.
+        Back-fills it carries land before the forward rows attend to them."""
+        if isinstance(batch, Rows):
+            rows, hidden, incoming, incoming_hidden = batch, None, BackfillRows.empty(), None
+        else:
+            rows, hidden, incoming, incoming_hidden = batch.rows, batch.hidden, batch.backfill, batch.backfill_hidden
+        backfills = [incoming] if len(incoming) else []
+        result, out, carry = self.step(StepCall(rows, backfills), hidden, *([incoming_hidden] if backfills else []))
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        keep[result.exited] = False
+        going_on = rows.select(keep.nonzero().flatten())
+        if self.is_last:
+            return result, Continuing(going_on, out, BackfillRows.empty(), out[:0])
+        # Owed by deeper groups: incoming decoupled/mapped rows (every group needs them) and what this call
+        # carries (rows that exited here, and exact rows whose layers ran here).
+        depth = torch.zeros(len(rows), dtype=torch.int64)
+        depth[result.exited] = result.exit_depth
+        exited_here = BackfillRows(rows.slots, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
+        carried = BackfillRows.cat([exited_here, incoming]).select(result.carry)
+        passed = (incoming.backfill != Backfill.EXACT).nonzero().flatten()
+        owed = BackfillRows.cat([incoming.select(passed), carried])
+        owed.index = torch.arange(len(owed))
+        owed_hidden = torch.cat([incoming_hidden[incoming.index[passed]], carry]) if len(passed) else carry
+        return result, Continuing(going_on, out, owed, owed_hidden)
 
     def free(self, slots: torch.Tensor) -> None:
         self.cache.free(slots.to(self.device))

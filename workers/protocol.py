@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from enum import IntEnum
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -20,6 +22,35 @@ class Backfill(IntEnum):
     EXACT = 0  # run the skipped layers on the exited token (later, batched)
     DECOUPLED = 1  # skipped layers' K/V straight from the exit hidden state
     MAPPED = 2  # like decoupled, through learned per-layer maps of the exit hidden state
+
+
+class Tensors:
+    """A dataclass of tensors that pickles its tensors as NumPy arrays: Ray serializes those without
+    copying, while torch's own tensor pickling costs about a millisecond per tensor on every call."""
+
+    def __reduce__(self):
+        return _rebuild, (type(self), {f.name: _to_numpy(getattr(self, f.name)) for f in fields(self)})
+
+
+def _to_numpy(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:  # NumPy has no bfloat16: travel as its bits
+        return ("bfloat16", value.view(torch.int16).numpy())
+    return value.numpy()
+
+
+def _from_numpy(value: Any) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "bfloat16":
+        return _from_numpy(value[1]).view(torch.bfloat16)
+    if not isinstance(value, np.ndarray):
+        return value
+    return torch.from_numpy(value if value.flags.writeable else value.copy())  # Ray's arrays are read-only
+
+
+def _rebuild(cls: type, values: dict[str, Any]) -> Any:
+    return cls(**{name: _from_numpy(v) for name, v in values.items()})
 
 
 def _select(obj, index: torch.Tensor):
@@ -37,7 +68,7 @@ def _cat(items: list):
 
 
 @dataclass
-class Rows:
+class Rows(Tensors):
     """Rows of a forward call: tokens of many sequences, each at its own position. 1-D tensors, one length."""
 
     slots: torch.Tensor  # int64: KV slot of the row's sequence
@@ -74,7 +105,7 @@ _ROW_DTYPES = {"threshold": torch.float32, "temperature": torch.float32, "top_p"
 
 
 @dataclass
-class BackfillRows:
+class BackfillRows(Tensors):
     """Tokens that exited before this group; `index` picks each row's exit hidden state from the tensor
     that travels beside this metadata."""
 
@@ -111,7 +142,20 @@ class StepCall:
 
 
 @dataclass
-class StepResult:
+class Continuing(Tensors):
+    """What one group hands the next within a step: the rows that did not exit, with their hidden states,
+    and the back-fills deeper groups owe this step's early exits (decoupled/mapped: every deeper group,
+    from the exit hidden state; exact: the next group, from this group's output). It travels worker to
+    worker (an ObjectRef between actors), never through the router."""
+
+    rows: Rows
+    hidden: torch.Tensor
+    backfill: BackfillRows
+    backfill_hidden: torch.Tensor  # row i of `backfill` back-fills from backfill_hidden[backfill.index[i]]
+
+
+@dataclass
+class StepResult(Tensors):
     """The small part of a group's answer; hidden states travel separately (by reference between actors).
 
     `carry` lists, in the order of the carried hidden tensor, the rows whose hidden state deeper groups need
