@@ -32,7 +32,7 @@ def test_serve_config_file_builds_the_application_the_way_serve_does():
 
 def test_adept_serve_config_file_is_the_same_model():
     config = AppConfig.from_yaml(EXAMPLES / "adept.yaml")
-    assert (config.engine.num_layer_groups, config.engine.max_inflight_batches) == (3, 2)
+    assert (config.engine.num_layer_groups, config.engine.max_inflight_batches) == (3, 1)
     assert (config.http.host, config.http.port, config.grpc.port) == ("127.0.0.1", 8000, 9000)
 
 
