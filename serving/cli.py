@@ -183,6 +183,8 @@ def _serve(args: argparse.Namespace) -> int:
             info.name, info.num_layers, info.num_layer_groups, info.exit_points, config.num_pipelines,
             config.http.host, config.http.port, config.grpc.host, config.grpc.port, GRPC_SERVICE,
         )  # fmt: skip
+        # Stop on Ctrl-C and on SIGTERM, even where the shell started us with SIGINT ignored (background).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         threading.Event().wait()
     except KeyboardInterrupt:
