@@ -16,7 +16,6 @@ KINDS: dict[str, tuple[int, str, grpc.StatusCode]] = {
     "too_large": (413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     "overloaded": (429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     "internal": (500, "server_error", grpc.StatusCode.INTERNAL),
-    "unavailable": (503, "server_error", grpc.StatusCode.UNAVAILABLE),
 }
 
 
