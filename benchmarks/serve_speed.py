@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from engine_speed import PROMPTS  # the same prompts as the engine benchmark (benchmarks/ is on sys.path)
 from ray import serve
 
 from serving import server
@@ -33,16 +34,6 @@ from serving.app import AppConfig, Listener
 from serving.config import EngineConfig
 from serving.engine import Engine
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea,",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "The most important invention of the twentieth century was",
-    "To make a cup of tea, first",
-    "In machine learning, overfitting means",
-]
 EXITS = {"full depth": {"policy": "none"}, "confidence 0.5": {"policy": "confidence", "threshold": 0.5}}
 
 

@@ -14,12 +14,10 @@ import openai
 import pytest
 import ray
 
+from tests.test_hf_parity import PROMPTS as HF_PROMPTS
+
 PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea,",
-    "The three primary colors are",
-    "Water boils at a temperature of",
+    *HF_PROMPTS,
     "To make a cup of tea, first",
     "In machine learning, overfitting means",
     "The largest planet in the solar system is",
