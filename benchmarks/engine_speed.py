@@ -1,9 +1,10 @@
-"""Engine speed and early-exit quality on one machine.
+"""Engine speed on one machine.
 
 1. Full depth (policy none): the engine against Hugging Face `generate` on the same prompts, greedy, at 1
    request at a time and at N concurrent requests (HF: one left-padded batch of N).
-2. Policy confidence with decoupled back-fill at several thresholds: tokens/s, mean exit depth, agreement
-   with full depth teacher-forced on held-out wikitext and free-running on chat prompts.
+2. Early exit (the shipped exit pack's default, learned, and other policies): tokens/s against full depth,
+   mean exit depth, and how far the greedy text agrees with full depth's. Quality on held-out text, swept
+   over policies and thresholds, is `adept eval`'s job.
 
     python benchmarks/engine_speed.py                      # the default model, the full run (~10 min on 2 cores)
     python benchmarks/engine_speed.py --quick --json out.json
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import agreement, common_prefix, teacher_forced
+from serving.evaluation import agreement, common_prefix
 from workers.model_store import DEFAULT_MODEL, load_tokenizer, resolve_model
 
 PROMPTS = [
@@ -40,14 +41,12 @@ PROMPTS = [
     "To make a cup of tea, first",
     "In machine learning, overfitting means",
 ]
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for staying healthy.",
-    "Explain what a black hole is in one paragraph.",
-    "Write a short poem about the sea.",
-    "How do I reverse a list in Python?",
-]
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+# Exit controls compared with full depth ({} takes the engine's defaults: the shipped pack's tuned ones).
+EXITS = {
+    "pack default (learned)": {},
+    "learned 0.3, mapped": {"policy": "learned", "threshold": 0.3, "backfill": "mapped"},
+    "confidence 0.9, decoupled": {"policy": "confidence", "threshold": 0.9, "backfill": "decoupled"},
+}
 
 
 def log(msg: str) -> None:
@@ -115,30 +114,10 @@ async def engine_warmup(engine: Engine, prompt: list[int], exit: dict) -> None:
         pass
 
 
-def wikitext_windows(tokenizer, count: int, length: int) -> list[list[int]] | None:
-    """`count` windows of `length` tokens, spread over the held-out text."""
-    if not WIKITEXT.is_file():
-        return None
-    text = WIKITEXT.read_text()
-    step = len(text) // count
-    windows = []
-    for i in range(count):
-        ids = tokenizer.encode(text[i * step : i * step + length * 8], add_special_tokens=False)
-        windows.append(ids[:length])
-    return windows
-
-
 async def main(args: argparse.Namespace) -> dict:
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    chats = [
-        tokenizer.encode(
-            tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )
-        for c in CHAT_PROMPTS
-    ]
     report: dict = {
         "model": args.model,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -168,43 +147,28 @@ async def main(args: argparse.Namespace) -> dict:
     report["full_depth"] = speed
     del model
 
-    log("[2/2] confidence exit with decoupled back-fill")
-    windows = wikitext_windows(tokenizer, args.windows, args.window_tokens)
-    if windows is None:
-        log(f"  {WIKITEXT} is missing: teacher-forced agreement is skipped")
-    reference_tf = [await teacher_forced(engine, w, full) for w in windows or []]
-    _, reference_chat, _ = await engine_run(engine, chats, args.chat_tokens, args.concurrency, full)
+    log("[2/2] early exit: the shipped exit pack's default (learned router) and other policies")
+    _, reference, _ = await engine_run(engine, prompts, args.max_tokens, args.concurrency, full)
     rows = []
-    for threshold in args.thresholds:
-        exit = {"policy": "confidence", "threshold": threshold, "backfill": "decoupled"}
+    for name, exit in EXITS.items():
         tps = {}
         for n in (1, args.concurrency):
-            tps[n], _, depths = await engine_run(engine, prompts, args.max_tokens, n, exit)
+            tps[n], out, depths = await engine_run(engine, prompts, args.max_tokens, n, exit)
         row = {
-            "threshold": threshold,
+            "exit": name,
             "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
-            "mean_exit_depth_generated": round(statistics.fmean(depths), 2),
+            "speedup_vs_full": {n: round(v / speed[n]["engine_tokens_per_s"], 2) for n, v in tps.items()},
+            "mean_exit_depth": round(statistics.fmean(depths), 2),
+            "agreement_with_full": round(
+                statistics.fmean(agreement(a, b) for a, b in zip(out, reference, strict=True)), 3
+            ),
+            "common_prefix_with_full": round(
+                statistics.fmean(common_prefix(a, b) for a, b in zip(out, reference, strict=True)), 1
+            ),
         }
-        if windows:
-            tf = [await teacher_forced(engine, w, exit) for w in windows]
-            row["teacher_forced_agreement"] = round(
-                statistics.fmean(
-                    agreement(t.predictions, r.predictions) for t, r in zip(tf, reference_tf, strict=True)
-                ),
-                3,
-            )
-            row["teacher_forced_mean_depth"] = round(float(torch.cat([t.exit_depths for t in tf]).float().mean()), 2)
-        _, chat_out, chat_depths = await engine_run(engine, chats, args.chat_tokens, args.concurrency, exit)
-        row["free_running_agreement"] = round(
-            statistics.fmean(agreement(a, b) for a, b in zip(chat_out, reference_chat, strict=True)), 3
-        )
-        row["free_running_common_prefix"] = round(
-            statistics.fmean(common_prefix(a, b) for a, b in zip(chat_out, reference_chat, strict=True)), 1
-        )
-        row["free_running_mean_depth"] = round(statistics.fmean(chat_depths), 2)
         rows.append(row)
-        log(f"  threshold {threshold}: {json.dumps(row)}")
-    report["confidence_decoupled"] = rows
+        log(f"  {name}: {json.dumps(row)}")
+    report["early_exit"] = rows
     await engine.shutdown()
     return report
 
@@ -215,15 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layer-groups", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per speed prompt")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    p.add_argument("--windows", type=int, default=4, help="wikitext windows for teacher-forced agreement")
-    p.add_argument("--window-tokens", type=int, default=256)
-    p.add_argument("--chat-tokens", type=int, default=48, help="new tokens per free-running chat prompt")
-    p.add_argument("--quick", action="store_true", help="a smoke run: fewer tokens, one threshold")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 tokens per prompt")
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
     if args.quick:
-        args.max_tokens, args.thresholds, args.windows, args.window_tokens, args.chat_tokens = 8, [0.7], 1, 64, 8
+        args.max_tokens = 8
     return args
 
 

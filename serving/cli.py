@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import signal
@@ -14,9 +15,18 @@ from typing import get_args
 
 from serving.app import GRPC_SERVICE, AppConfig
 from serving.params import BackfillName, PolicyName, RequestError
+from workers.arch import ModelArch
+from workers.calibration import CalibrationSettings
+from workers.corpus import CorpusPart, chat_prompts, text_windows
+from workers.exit_pack import ExitPack, resolve_pack
+from workers.model_store import DEFAULT_MODEL, load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger("adept")
 
+CALIBRATION_FLAGS = (
+    "max_tokens", "adapter_rank", "map_rank", "steps", "batch_size", "lr", "router_steps", "cost_weight", "seed",
+    "default_threshold", "default_backfill",
+)  # fmt: skip
 ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 
 
@@ -25,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_serve(commands)
+    _add_calibrate(commands)
+    _add_eval(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -39,7 +51,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="configuration YAML (the fields of serving.app.AppConfig); flags override it")
     g.add_argument("--model", help="'smollm2-135m' (default) or a local Hugging Face model folder")
     g.add_argument("--layer-groups", type=int, dest="num_layer_groups", help="split the layers into N groups")
-    g.add_argument("--exit-pack", help="calibrated exit pack directory")
+    g.add_argument("--exit-pack", help="'auto' (default: the pack shipped for the model), 'none', or a pack directory")
     g.add_argument("--max-model-len", type=int, help="context length per sequence")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -192,6 +204,168 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _add_calibrate(commands) -> None:
+    p = commands.add_parser(
+        "calibrate",
+        help="train an exit pack (adapters, routers, back-fill maps) from a corpus",
+        description="Train exit-head adapters, learned routers and mapped back-fill maps from the model's own "
+        "hidden states on a corpus, and write an exit pack (serve it with --exit-pack DIR).",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2-135m' (default) or a local Hugging Face folder")
+    p.add_argument("--corpus", required=True, help="text file, or JSONL with text, prompt or messages per line")
+    p.add_argument(
+        "--holdout", type=float, default=0.5, help="last fraction of the corpus's lines kept out for adept eval"
+    )
+    p.add_argument("--prompts", help="JSONL chat prompts: add the model's own continuations of them")
+    p.add_argument("--generate-tokens", type=int, default=128, help="tokens generated per prompt (with --prompts)")
+    p.add_argument("--exit-points", help="comma-separated depths (default: the engine's default exit points)")
+    p.add_argument("--window", type=int, default=256, help="tokens per training window")
+    defaults = CalibrationSettings(exit_points=[])
+    tuning = (
+        "max_tokens",
+        "adapter_rank",
+        "map_rank",
+        "steps",
+        "batch_size",
+        "lr",
+        "router_steps",
+        "cost_weight",
+        "seed",
+    )
+    for name in tuning:
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
+    p.add_argument("--router-features", default="hidden", help="'hidden' (default) or 'hidden,confidence'")
+    p.add_argument("--output", "-o", required=True, help="pack directory to write")
+    p.set_defaults(run=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from serving.config import default_exit_points
+    from workers.calibration import calibrate, self_generated
+
+    logging.getLogger("workers").setLevel(logging.INFO)
+    path = resolve_model(args.model)
+    arch = ModelArch.from_config(load_config(path))
+    n = arch.num_layers
+    points = (
+        [int(d) for d in args.exit_points.split(",")] if args.exit_points else default_exit_points(n, max(1, n // 4))
+    )
+    settings = CalibrationSettings(
+        exit_points=[d for d in points if d < n],
+        router_features=args.router_features.split(","),
+        **{k: getattr(args, k) for k in CALIBRATION_FLAGS},
+    )  # fmt: skip
+    part = CorpusPart.of(args.corpus, (0.0, 1.0 - args.holdout))
+    data = {"corpus": part.describe(), "window": args.window}
+    windows = text_windows(part, load_tokenizer(path), args.window)
+    if args.prompts:
+        prompts = CorpusPart.of(args.prompts)
+        data["prompts"] = prompts.describe() | {"generated_tokens": args.generate_tokens}
+        generated = self_generated(path, chat_prompts(prompts), args.generate_tokens, args.seed)
+        windows = itertools.chain(generated, windows)
+    pack = calibrate(path, windows, settings, data, model_name=args.model)
+    out = pack.save(args.output)
+    for d, figures in pack.manifest["evaluation"]["validation"].items():
+        print(
+            f"exit {d:>3}: agreement {figures['agreement_untrained']:.1%} untrained -> "
+            f"{figures['agreement_adapted']:.1%} adapted, KL {figures['kl_untrained']:.2f} -> "
+            f"{figures['kl_adapted']:.2f}, router AUC {figures['router_auc']:.2f}",
+            file=sys.stderr,
+        )
+    print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="quality against compute of early exit on held-out text (Pareto curves)",
+        description="Sweep exit policies, back-fill modes and thresholds through the real engine on held-out "
+        "text: mean exit depth, layer compute saved, teacher-forced agreement with the full model, perplexity, "
+        "and free-running agreement on chat prompts.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--exit-pack", default="auto", help="'auto' (the shipped pack), or a pack directory")
+    p.add_argument(
+        "--corpus",
+        help="held-out text (default: the part of the pack's calibration corpus it did not train on; when it "
+        "is the pack's corpus, only that part is used)",
+    )
+    p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens (default 4096)")
+    p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window")
+    p.add_argument("--chat-tokens", type=int, default=32, help="greedy tokens per chat prompt; 0 skips")
+    p.add_argument(
+        "--policies",
+        default="static,confidence-untrained,confidence,learned",
+        help="comma-separated: static, confidence-untrained, confidence (adapted heads), learned",
+    )
+    p.add_argument("--backfills", default="exact,decoupled,mapped")
+    p.add_argument("--thresholds", default="0.3,0.5,0.7,0.8,0.9,0.95,0.99", help="confidence thresholds")
+    p.add_argument(
+        "--learned-thresholds", default="0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", help="router thresholds"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (rows, reference, summary)")
+    p.add_argument("--plot", help="write a PNG of the Pareto curves here")
+    p.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from serving import evaluation
+    from serving.config import EngineConfig
+
+    path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path)
+    where = resolve_pack(args.exit_pack, args.model)
+    trained_on = ExitPack.load(where).manifest.get("training", {}).get("data", {}).get("corpus") if where else None
+    part = _held_out(args.corpus, trained_on)
+    windows = list(itertools.islice(text_windows(part, tokenizer, args.window), -(-args.max_tokens // args.window)))
+    config = EngineConfig(
+        model=args.model,
+        num_layer_groups=1,
+        exit_pack=args.exit_pack,
+        max_num_seqs=max(len(windows), len(evaluation.CHAT_PROMPTS)),
+        max_model_len=max(args.window + 1, 256),
+    )
+    chats = evaluation.CHAT_PROMPTS if args.chat_tokens else []
+    policies = args.policies.split(",")
+    arch = ModelArch.from_config(load_config(path))
+    points = ExitPack.load(where).exit_points if where else config.exit_points or []
+    settings = evaluation.sweep(
+        points, arch.num_layers, policies, args.backfills.split(","),
+        [float(t) for t in args.thresholds.split(",")], [float(t) for t in args.learned_thresholds.split(",")],
+    )  # fmt: skip
+    if not settings:
+        raise ValueError("nothing to evaluate: check --policies and --backfills")
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    report = asyncio.run(evaluation.evaluate(config, windows, chats, args.chat_tokens, settings, progress))
+    report = {"model": args.model, "exit_pack": str(where), "corpus": part.describe(), **report}
+    if args.plot:
+        evaluation.plot(report, args.plot)
+        progress(f"wrote {args.plot}")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(evaluation.table(report))
+    return 0
+
+
+def _held_out(corpus: str | None, trained_on: dict | None):
+    """The evaluation text: never the part of the corpus the pack was calibrated on."""
+    if corpus is None:
+        if trained_on is None:
+            raise ValueError("give --corpus: there is no exit pack whose calibration corpus could be held out")
+        corpus = trained_on["path"]
+    whole = CorpusPart.of(corpus)
+    if trained_on is not None and whole.sha256 == trained_on["sha256"]:
+        first, last = trained_on["lines"]
+        return CorpusPart(whole.path, whole.sha256, first, last, whole.total).after()
+    return whole
 
 
 if __name__ == "__main__":

@@ -36,10 +36,14 @@ class EngineConfig(BaseSettings):
         None, description="depths (layers run) where tokens may exit; the last layer is always one"
     )
     min_exit_depth: int | None = Field(None, ge=1, description="no request may exit before this depth")
-    exit_pack: str | None = Field(None, description="calibrated exit pack directory (adept calibrate)")
+    exit_pack: str = Field(
+        "auto",
+        description="'auto': the exit pack shipped for the model, if any; 'none'; or a pack folder (adept calibrate)",
+    )
     exit: ExitParams = Field(
-        default_factory=lambda: ExitParams(policy="none", threshold=0.9, backfill="decoupled"),
-        description="default early-exit controls of requests that leave them unset",
+        default_factory=ExitParams,
+        description="early-exit controls of requests that leave them unset; unset here too: the exit pack's "
+        "tuned defaults (the shipped pack: policy learned), else policy none",
     )
     max_num_seqs: int = Field(8, ge=1, description="KV cache slots: sequences in progress at once")
     max_model_len: int | None = Field(
@@ -88,7 +92,9 @@ def default_exit_points(num_layers: int, min_depth: int) -> list[int]:
     return sorted({d for d in range(step, num_layers, step) if d >= min_depth} | {num_layers})
 
 
-def plan_pipeline(config: EngineConfig, arch: ModelArch) -> PipelinePlan:
+def plan_pipeline(config: EngineConfig, arch: ModelArch, pack_points: list[int] | None = None) -> PipelinePlan:
+    """Groups and exit points: the configured points, else the exit pack's (where it trained heads), else
+    the defaults."""
     n = arch.num_layers
     max_len = config.max_model_len or min(DEFAULT_MAX_MODEL_LEN, arch.max_position_embeddings)
     if max_len > arch.max_position_embeddings:
@@ -100,7 +106,7 @@ def plan_pipeline(config: EngineConfig, arch: ModelArch) -> PipelinePlan:
     if any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"layer group boundaries {bounds[1:-1]} must increase strictly within (0, {n})")
     min_depth = config.min_exit_depth or max(1, n // 4)
-    points = sorted(set(config.exit_points or default_exit_points(n, min_depth)) | {n})
+    points = sorted(set(config.exit_points or pack_points or default_exit_points(n, min_depth)) | {n})
     if points[0] < 1 or points[-1] > n:
         raise ValueError(f"exit points must be depths in [1, {n}], got {points}")
     specs = tuple(

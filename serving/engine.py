@@ -22,9 +22,9 @@ from serving.params import ExitParams, RequestError, SamplingParams, request_err
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceUpdate
 from workers.arch import ModelArch
 from workers.device import resolve_device, resolve_dtype
-from workers.exit_pack import ExitPack
+from workers.exit_pack import ExitPack, load_pack
 from workers.layer_group import LayerGroup
-from workers.model_store import fingerprint, load_config, load_tokenizer, resolve_model
+from workers.model_store import load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,14 @@ class Engine:
         pipeline: Pipeline,
         tokenizer: PreTrainedTokenizerBase,
         arch: ModelArch,
-        has_routers: bool,
+        pack: ExitPack | None,
     ) -> None:
         self.config, self.plan, self.pipeline, self.tokenizer = config, plan, pipeline, tokenizer
-        self.arch = arch
-        self.limits = plan.limits(has_routers)
+        self.arch, self.pack = arch, pack
+        self.limits = plan.limits(pack is not None and pack.has_routers())
+        # Requests' unset exit controls: the configuration's, else what the exit pack was tuned for.
+        tuned = pack.defaults if pack is not None and pack.has_routers() else {}
+        self.exit_defaults = ExitParams.model_validate({**tuned, **config.exit.model_dump(exclude_none=True)})
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting_requests)
         self._streams: dict[str, _Stream] = {}
         self._inflight: set[asyncio.Task] = set()  # one task per micro-batch in the pipeline
@@ -127,12 +130,11 @@ class Engine:
         """An engine whose layer groups `make_groups(model_path, plan, exit_pack)` creates."""
         path = resolve_model(config.model)
         arch = ModelArch.from_config(load_config(path))
-        plan = plan_pipeline(config, arch)
-        pack = ExitPack.load(config.exit_pack, fingerprint(path)) if config.exit_pack else None
+        pack = load_pack(config.exit_pack, config.model, path)
+        plan = plan_pipeline(config, arch, pack.exit_points if pack is not None else None)
         groups = make_groups(path, plan, pack)
         pipeline = Pipeline(groups, config.sync_backfill)
-        has_routers = pack is not None and pack.has_routers()
-        return cls(config, plan, pipeline, load_tokenizer(path), arch, has_routers)
+        return cls(config, plan, pipeline, load_tokenizer(path), arch, pack)
 
     @classmethod
     def local(cls, config: EngineConfig) -> Engine:
@@ -170,7 +172,7 @@ class Engine:
             exit_params = ExitParams.model_validate(exit or {})
         except ValidationError as e:
             raise request_error(e, "adept.") from None
-        resolved = resolve_exit(exit_params, self.config.exit, self.limits)
+        resolved = resolve_exit(exit_params, self.exit_defaults, self.limits)
         prompt_ids = self._prompt_ids(prompt)
         room = self.plan.max_model_len - len(prompt_ids)
         if sampling.max_tokens is not None and sampling.max_tokens > room:

@@ -1,49 +1,91 @@
-"""Quality of early exit against full depth: teacher-forced over a text (every token exits where its policy
-says, deeper K/V back-filled, and predicts the next one) and free-running (greedy generations compared)."""
+"""Quality of early exit against full depth, through the real engine (every token exits where its policy
+says, its deeper K/V back-filled as served): teacher-forced over held-out text (agreement of each
+prediction with the full model's, perplexity) and free-running (greedy generations compared), swept over
+policies, back-fill modes and thresholds, with the layer compute each configuration saves."""
 
 from __future__ import annotations
 
+import asyncio
+import math
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.params import ExitParams, SamplingParams, resolve_exit
 from serving.scheduler import Sequence, rows_for
+from workers.arch import ModelArch
+
+GREEDY = SamplingParams(temperature=0.0)
+# Free-running agreement: short chat prompts of the kind people send.
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Explain what a black hole is in one paragraph.",
+    "Write a short poem about the sea.",
+    "How do I reverse a list in Python?",
+]
 
 
 @dataclass
 class TeacherForced:
     predictions: torch.Tensor  # int64 [n]: greedy next-token prediction after each token, at its exit
     exit_depths: torch.Tensor  # int64 [n]
+    target_logprobs: torch.Tensor  # float32 [n - windows]: log-probability of each actual next token
 
 
 async def teacher_forced(
-    engine: Engine, token_ids: list[int], exit: ExitParams | dict | None = None, chunk: int = 128
+    engine: Engine, windows: list[list[int]], exit: ExitParams | dict | None = None, chunk: int = 128
 ) -> TeacherForced:
-    """Feed `token_ids` through the engine's pipeline in prompt chunks, every row sampling greedily at its
-    exit. Runs beside the engine's own requests: it holds a KV slot of its own while it runs."""
-    if len(token_ids) >= engine.plan.max_model_len:
-        raise ValueError(f"{len(token_ids)} tokens do not fit the context of {engine.plan.max_model_len}")
-    resolved = resolve_exit(ExitParams.model_validate(exit or {}), engine.config.exit, engine.limits)
-    slot = engine.scheduler.slots.allocate()
-    if slot is None:
-        raise RuntimeError("no free KV slot: run teacher-forced evaluation on an engine with spare capacity")
-    seq = Sequence("teacher-forced", list(token_ids), SamplingParams(temperature=0.0), resolved, 0, 1, slot=slot)
-    predictions, depths = [], []
+    """Feed each window through the engine's pipeline in prompt chunks (all windows in one batch), every
+    row sampling greedily at its exit and scoring the window's next token. Runs beside the engine's own
+    requests with KV slots of its own; results are concatenated in window order."""
+    for w in windows:
+        if len(w) >= engine.plan.max_model_len:
+            raise ValueError(f"{len(w)} tokens do not fit the context of {engine.plan.max_model_len}")
+    resolved = resolve_exit(ExitParams.model_validate(exit or {}), engine.exit_defaults, engine.limits)
+    slots = [engine.scheduler.slots.allocate() for _ in windows]
     try:
-        while not seq.prefill_done:
-            n = min(chunk, len(token_ids) - seq.num_computed)
-            rows = rows_for([(seq, n)])
+        if None in slots:
+            raise RuntimeError(f"{len(windows)} windows need as many free KV slots: raise max_num_seqs")
+        seqs = [
+            Sequence(f"teacher-forced-{i}", list(w), GREEDY, resolved, 0, 1, slot=s)
+            for i, (w, s) in enumerate(zip(windows, slots, strict=True))
+        ]
+        parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in seqs]  # per window, per chunk
+        while any(not s.prefill_done for s in seqs):
+            picked = [(i, s, min(chunk, len(s.tokens) - s.num_computed)) for i, s in enumerate(seqs)]
+            picked = [(i, s, n) for i, s, n in picked if n > 0]
+            rows = rows_for([(s, n) for _, s, n in picked])
             rows.sample[:] = True
+            rows.target = torch.tensor(
+                [s.tokens[p + 1] if p + 1 < len(s.tokens) else -1 for _, s, n in picked for p in _span(s, n)]
+            )
             result = await engine.pipeline.execute(rows)
-            predictions.append(result.tokens)
-            depths.append(result.exit_depth)
-            seq.num_computed += n
+            at = 0
+            for i, s, n in picked:
+                part = slice(at, at + n)
+                parts[i].append((result.tokens[part], result.exit_depth[part], result.target_logprobs[part]))
+                at += n
+                s.num_computed += n
     finally:
-        await engine.pipeline.confirm(engine.pipeline.free([slot]))
-        engine.scheduler.slots.free(slot)
-    return TeacherForced(torch.cat(predictions), torch.cat(depths))
+        taken = [s for s in slots if s is not None]
+        await engine.pipeline.confirm(engine.pipeline.free(taken))
+        for s in taken:
+            engine.scheduler.slots.free(s)
+    per_window = [[torch.cat(column) for column in zip(*chunks, strict=True)] for chunks in parts]
+    return TeacherForced(
+        torch.cat([w[0] for w in per_window]),
+        torch.cat([w[1] for w in per_window]),
+        torch.cat([w[2][:-1] for w in per_window]),  # the last token of a window has nothing to score
+    )
+
+
+def _span(seq: Sequence, n: int) -> range:
+    return range(seq.num_computed, seq.num_computed + n)
 
 
 def agreement(a: torch.Tensor | list[int], b: torch.Tensor | list[int]) -> float:
@@ -62,3 +104,253 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+async def generate_greedy(engine: Engine, prompts: list[list[int]], max_tokens: int, exit: dict) -> list[list[int]]:
+    """Greedy continuations of every prompt, run concurrently (batched by the engine's scheduler)."""
+
+    async def one(prompt: list[int]) -> list[int]:
+        out: list[int] = []
+        sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        async for item in engine.submit(prompt, sampling, exit):
+            out += item.token_ids
+        return out
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+# ---- compute accounting ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-token costs in units of one decoder layer's weight reads (what bounds decoding)."""
+
+    kv: float  # a skipped layer's decoupled back-fill: its K/V projection
+    map: float  # a skipped layer's mapped back-fill adds its map (low rank)
+    head: float  # one exit head: the final norm and the LM head
+    router: float  # one learned router
+
+    @classmethod
+    def of(cls, arch: ModelArch, map_rank: int, router_params: int) -> Costs:
+        h = arch.hidden_size
+        layer = h * arch.q_size * 2 + h * arch.kv_size * 2 + 3 * h * arch.intermediate_size
+        return cls(2 * h * arch.kv_size / layer, 2 * h * map_rank / layer, arch.vocab_size * h / layer,
+                   router_params / layer)  # fmt: skip
+
+
+def compute_used(
+    depths: torch.Tensor,
+    exit_points: list[int],
+    num_layers: int,
+    policy: str,
+    backfill: str,
+    min_depth: int,
+    costs: Costs,
+) -> tuple[float, float]:
+    """(layer compute, exit-decision overhead), both as fractions of full depth's layer compute.
+
+    Layer compute counts the layers each token ran plus the back-fill of the ones it skipped (exact: the
+    whole layer; decoupled: its K/V projection; mapped: also its map). The overhead is what deciding costs
+    beyond the one head every token needs to produce its token: confidence evaluates an exit head at
+    each exit point it passes, learned a router."""  # fmt: skip
+    d = depths.double()
+    skipped = num_layers - d
+    per_skipped = {"exact": 1.0, "decoupled": costs.kv, "mapped": costs.kv + costs.map}[backfill]
+    layers = float((d + skipped * per_skipped).mean()) / num_layers
+    points = torch.tensor([p for p in exit_points if p >= min_depth], dtype=torch.float64)
+    passed = (points[None, :] <= d[:, None]).sum(1).double()  # exit points evaluated, the exit included
+    per_point = {"confidence": costs.head, "learned": costs.router}.get(policy, 0.0)
+    extra = passed * per_point - (costs.head if policy == "confidence" else 0.0)
+    return layers, float(extra.clamp(min=0).mean()) / num_layers
+
+
+# ---- the sweep --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration of the sweep; `head` names the exit heads: 'untrained' or 'adapted'."""
+
+    policy: str
+    backfill: str
+    threshold: float | None = None
+    max_depth: int | None = None
+    head: str = "adapted"
+
+    @property
+    def curve(self) -> str:
+        """The Pareto curve it belongs to."""
+        name = f"confidence ({self.head})" if self.policy == "confidence" else self.policy
+        return f"{name}, {self.backfill}"
+
+    def exit(self) -> dict:
+        e = {"policy": self.policy, "backfill": self.backfill}
+        if self.threshold is not None:
+            e["threshold"] = self.threshold
+        if self.max_depth is not None:
+            e["max_depth"] = self.max_depth
+        return e
+
+
+def sweep(
+    exit_points: list[int],
+    num_layers: int,
+    policies: list[str],
+    backfills: list[str],
+    confidence_thresholds: list[float],
+    learned_thresholds: list[float],
+) -> list[Setting]:
+    settings = []
+    for b in backfills:
+        if "static" in policies:
+            settings += [Setting("static", b, max_depth=d) for d in exit_points if d < num_layers]
+        if "confidence-untrained" in policies:
+            settings += [Setting("confidence", b, t, head="untrained") for t in confidence_thresholds]
+        if "confidence" in policies:
+            settings += [Setting("confidence", b, t) for t in confidence_thresholds]
+        if "learned" in policies:
+            settings += [Setting("learned", b, t) for t in learned_thresholds]
+    return settings
+
+
+async def evaluate(
+    config: EngineConfig,
+    windows: list[list[int]],
+    chats: list[str],
+    chat_tokens: int,
+    settings: list[Setting],
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Every setting's row, and the full model's reference figures. Two engines: one with the exit pack
+    (adapted heads, routers, maps) and one without it (the untrained heads)."""
+    engines = {"adapted": Engine.local(config)}
+    if any(s.head == "untrained" for s in settings):
+        engines["untrained"] = Engine.local(config.model_copy(update={"exit_pack": "none"}))
+    try:
+        engine = engines["adapted"]
+        chat_ids = [engine.chat_prompt([{"role": "user", "content": c}]) for c in chats]
+        pack = engine.pack
+        plan = engine.plan
+        map_rank = 0
+        router_params = 0
+        if pack is not None:
+            map_rank = max((t.shape[0] for k, t in pack.tensors.items() if k.endswith(".down") and "map" in k),
+                           default=0)  # fmt: skip
+            router_params = max(
+                (sum(t.numel() for k, t in pack.prefixed(f"router.{d}.").items()) for d in plan.exit_points),
+                default=0,
+            )
+        costs = Costs.of(engine.arch, map_rank, router_params)
+        progress(f"full depth on {sum(map(len, windows))} held-out tokens")
+        full = await teacher_forced(engine, windows, {"policy": "none"})
+        full_chat = await generate_greedy(engine, chat_ids, chat_tokens, {"policy": "none"})
+        reference = {
+            "perplexity": round(math.exp(-float(full.target_logprobs.mean())), 3),
+            "tokens": int(full.predictions.numel()),
+        }
+        rows = []
+        for i, s in enumerate(settings):
+            e = engines[s.head]
+            tf = await teacher_forced(e, windows, s.exit())
+            layers, overhead = compute_used(
+                tf.exit_depths, list(plan.exit_points), plan.num_layers, s.policy, s.backfill,
+                plan.min_exit_depth, costs,
+            )  # fmt: skip
+            row = {
+                "policy": s.policy,
+                "head": s.head,
+                "backfill": s.backfill,
+                "threshold": s.threshold,
+                "max_depth": s.max_depth,
+                "curve": s.curve,
+                "mean_exit_depth": round(float(tf.exit_depths.double().mean()), 3),
+                "compute_saved": round(1.0 - layers, 4),
+                "decision_overhead": round(overhead, 4),
+                "agreement": round(agreement(tf.predictions, full.predictions), 4),
+                "perplexity": round(math.exp(-float(tf.target_logprobs.mean())), 3),
+            }
+            if chat_ids:
+                out = await generate_greedy(e, chat_ids, chat_tokens, s.exit())
+                row["free_running_agreement"] = round(
+                    statistics.fmean(agreement(a, b) for a, b in zip(out, full_chat, strict=True)), 4
+                )
+                row["free_running_common_prefix"] = round(
+                    statistics.fmean(common_prefix(a, b) for a, b in zip(out, full_chat, strict=True)), 2
+                )
+            rows.append(row)
+            progress(
+                f"[{i + 1}/{len(settings)}] {s.curve} {_knob(row)}: saved {row['compute_saved']:.1%}, "
+                f"agreement {row['agreement']:.1%}, perplexity {row['perplexity']:.2f}"
+            )
+    finally:
+        for e in engines.values():
+            await e.shutdown()
+    return {"full": reference, "rows": rows, "at_agreement": at_agreement(rows, (0.95, 0.99))}
+
+
+def _knob(row: dict) -> str:
+    return f"depth {row['max_depth']}" if row["max_depth"] is not None else f"threshold {row['threshold']}"
+
+
+def at_agreement(rows: list[dict], targets: tuple[float, ...]) -> dict:
+    """Per curve and target agreement: the most compute saved by a setting that reaches it, with its
+    perplexity (None where no setting reaches it)."""
+    out: dict = {}
+    for target in targets:
+        key = f"{target:.2f}"
+        out[key] = {}
+        for curve in dict.fromkeys(r["curve"] for r in rows):
+            ok = [r for r in rows if r["curve"] == curve and r["agreement"] >= target]
+            best = max(ok, key=lambda r: r["compute_saved"], default=None)
+            out[key][curve] = (
+                None
+                if best is None
+                else {k: best[k] for k in ("compute_saved", "agreement", "perplexity", "threshold", "max_depth")}
+            )
+    return out
+
+
+def table(report: dict) -> str:
+    """The sweep as a text table, then compute saved at 95% and 99% agreement per curve."""
+    lines = [f"full depth: perplexity {report['full']['perplexity']:.3f} on {report['full']['tokens']} tokens", ""]
+    header = f"{'curve':<36} {'setting':>14} {'depth':>6} {'saved':>7} {'overhead':>8} {'agree':>7} {'ppl':>8}"
+    lines += [header, "-" * len(header)]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['curve']:<36} {_knob(r):>14} {r['mean_exit_depth']:>6.2f} {r['compute_saved']:>7.1%} "
+            f"{r['decision_overhead']:>8.1%} {r['agreement']:>7.1%} {r['perplexity']:>8.3f}"
+        )
+    for target, curves in report["at_agreement"].items():
+        lines += ["", f"most compute saved at >= {float(target):.0%} agreement:"]
+        for curve, best in curves.items():
+            lines.append(f"  {curve:<36} " + ("-" if best is None else
+                         f"{best['compute_saved']:.1%} (perplexity {best['perplexity']:.3f})"))  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Pareto curves: compute saved against agreement, one curve per policy and back-fill mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'adept-serve[eval]'") from e
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {"exact": ":", "decoupled": "-", "mapped": "--"}
+    for curve in dict.fromkeys(r["curve"] for r in report["rows"]):
+        points = sorted((r["compute_saved"], r["agreement"]) for r in report["rows"] if r["curve"] == curve)
+        backfill = curve.rsplit(", ", 1)[1]
+        ax.plot(*zip(*points, strict=True), styles.get(backfill, "-"), marker="o", markersize=3, label=curve)
+    for target in (0.95, 0.99):
+        ax.axhline(target, color="grey", linewidth=0.6)
+    ax.set_xlabel("layer compute saved (back-fill counted)")
+    ax.set_ylabel("teacher-forced agreement with the full model")
+    ax.set_title(f"{report.get('model', '')}: early exit, quality against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -45,6 +45,7 @@ class BatchResult:
     logprobs: torch.Tensor
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
+    target_logprobs: torch.Tensor
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Pipeline:
         k = max(int(rows.logprobs.max()), 0) if n else 0
         top_ids = torch.full((n, k), -1, dtype=torch.int64)
         top_logprobs = torch.full((n, k), float("-inf"))
+        target_logprobs = torch.full((n,), float("nan"))
         ids = torch.arange(n)
         g = 0
         while g < len(self.groups) and (len(ids) or self.sync_backfill):
@@ -93,6 +95,7 @@ class Pipeline:
             logprobs[done] = result.logprobs
             top_ids[done] = result.top_ids
             top_logprobs[done] = result.top_logprobs
+            target_logprobs[done] = result.target_logprobs
             keep = torch.ones(len(ids), dtype=torch.bool)
             keep[result.exited] = False
             ids = ids[keep]
@@ -101,7 +104,7 @@ class Pipeline:
             task = asyncio.get_running_loop().create_task(self.groups[rest].fetch(results[rest]))
             self._backfilling.add(task)
             task.add_done_callback(self._backfill_done)
-        return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs)
+        return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs, target_logprobs)
 
     def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
         """Clear the slots on every group. Submitted at once, so it follows the back-fills already sent

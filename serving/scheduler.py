@@ -186,4 +186,5 @@ def rows_for(picked: list[tuple[Sequence, int]]) -> Rows:
         top_k=each(lambda s: s.sampling.top_k, torch.int64),
         seed=each(lambda s: s.seed, torch.int64),
         logprobs=each(lambda s: -1 if s.sampling.logprobs is None else s.sampling.logprobs, torch.int64),
+        target=torch.full((len(slots),), -1, dtype=torch.int64),
     )

@@ -73,6 +73,7 @@ def rows(
         top_k=full(0),
         seed=full(0),
         logprobs=full(logprobs),
+        target=full(-1),
     )
 
 

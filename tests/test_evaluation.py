@@ -16,7 +16,7 @@ from workers.model_store import load_tokenizer
 def evaluate(path, token_ids, exit, **config) -> tuple:
     async def main():
         engine = Engine.local(EngineConfig(model=str(path), **{"num_layer_groups": 3, "max_num_seqs": 2, **config}))
-        got = await teacher_forced(engine, token_ids, exit, chunk=16)
+        got = await teacher_forced(engine, [token_ids], exit, chunk=16)
         free = engine.scheduler.slots.num_free
         occupied = [g.group.cache.occupied() for g in engine.pipeline.groups]
         await engine.shutdown()
@@ -29,8 +29,11 @@ def test_full_depth_predictions_are_the_models_argmax(tiny_chat_dir):
     ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(3))
     got, free, occupied = evaluate(tiny_chat_dir, ids.tolist(), {"policy": "none"}, min_exit_depth=1)
     with torch.no_grad():
-        ref = hf_model(tiny_chat_dir)(ids[None]).logits[0].argmax(-1)
-    assert torch.equal(got.predictions, ref)
+        logits = hf_model(tiny_chat_dir)(ids[None]).logits[0]
+    assert torch.equal(got.predictions, logits.argmax(-1))
+    # each token scores the next one: the perplexity's log-probabilities are the model's
+    scored = torch.log_softmax(logits, -1)[torch.arange(39), ids[1:]]
+    assert torch.allclose(got.target_logprobs, scored, atol=1e-4)
     assert set(got.exit_depths.tolist()) == {6}
     assert free == 2 and occupied == [[], [], []]  # its slot is returned and cleared
 

@@ -108,18 +108,26 @@ def _exit_at_2_then_backfill(path, backfill: Backfill, pack=None):
     return (g0, g1), h_exit
 
 
-def test_mapped_backfill_without_maps_is_decoupled(tiny_llama_dir):
-    mapped, _ = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.MAPPED)
+@pytest.mark.parametrize("maps", ["none", "identity"])
+def test_mapped_backfill_with_identity_maps_is_decoupled(tiny_llama_dir, maps):
+    """No map, or maps that predict each layer's input as the exit hidden state itself."""
+    identity = {}
+    for layer in range(3, LAYERS):
+        identity |= {f"map.2.{layer}.down": torch.zeros(4, HIDDEN), f"map.2.{layer}.up": torch.zeros(HIDDEN, 4),
+                     f"map.2.{layer}.bias": torch.zeros(HIDDEN)}  # fmt: skip
+    pack = _pack(tiny_llama_dir, identity) if maps == "identity" else None
+    mapped, _ = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.MAPPED, pack)
     decoupled, _ = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.DECOUPLED)
     for a, b in zip(mapped, decoupled, strict=True):
-        assert torch.equal(a.cache.k, b.cache.k) and torch.equal(a.cache.v, b.cache.v)
+        assert torch.allclose(a.cache.k, b.cache.k, atol=1e-6) and torch.allclose(a.cache.v, b.cache.v, atol=1e-6)
 
 
 def test_mapped_backfill_uses_the_packs_maps(tiny_llama_dir):
     gen = torch.Generator().manual_seed(7)
     maps = {}
     for layer in range(2, LAYERS):
-        maps[f"map.2.{layer}.weight"] = torch.eye(HIDDEN) + 0.2 * torch.randn(HIDDEN, HIDDEN, generator=gen)
+        maps[f"map.2.{layer}.down"] = 0.3 * torch.randn(8, HIDDEN, generator=gen)
+        maps[f"map.2.{layer}.up"] = 0.3 * torch.randn(HIDDEN, 8, generator=gen)
         maps[f"map.2.{layer}.bias"] = 0.2 * torch.randn(HIDDEN, generator=gen)
     pack = _pack(tiny_llama_dir, maps)
     groups, h_exit = _exit_at_2_then_backfill(tiny_llama_dir, Backfill.MAPPED, pack)
@@ -127,7 +135,8 @@ def test_mapped_backfill_uses_the_packs_maps(tiny_llama_dir):
     with torch.no_grad():
         for layer in range(2, LAYERS):
             group = groups[0] if layer < 3 else groups[1]
-            predicted_input = h_exit @ maps[f"map.2.{layer}.weight"].T + maps[f"map.2.{layer}.bias"]
+            down, up, bias = (maps[f"map.2.{layer}.{part}"] for part in ("down", "up", "bias"))
+            predicted_input = h_exit + h_exit @ down.T @ up.T + bias
             k_ref, v_ref = _reference_kv(model, layer, predicted_input, torch.arange(8))
             k, v = group_kv(group, layer, slot=0, length=8)
             assert torch.allclose(k, k_ref, atol=1e-4) and torch.allclose(v, v_ref, atol=1e-4), f"layer {layer}"

@@ -13,9 +13,9 @@ import ray
 import torch
 
 from workers.device import resolve_device, resolve_dtype
-from workers.exit_pack import ExitPack
+from workers.exit_pack import load_pack
 from workers.layer_group import GroupSpec, LayerGroup
-from workers.model_store import fingerprint, resolve_model
+from workers.model_store import resolve_model
 from workers.protocol import Continuing, Rows, StepResult
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class LayerGroupWorker:
         if threads:  # otherwise Ray's choice: the worker's CPU share, at least one
             torch.set_num_threads(threads)
         path = resolve_model(model)
-        pack = ExitPack.load(exit_pack, fingerprint(path)) if exit_pack else None
+        pack = load_pack(exit_pack, model, path)
         self.group = LayerGroup.load(path, spec, pack, where, resolve_dtype(dtype, where))
         self.spec = spec
         log.info(

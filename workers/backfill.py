@@ -30,10 +30,11 @@ def decoupled_kv(
     return kv if kv_bias is None else kv + kv_bias[:, None, :]
 
 
-def mapped_inputs(h_exit: torch.Tensor, maps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Each skipped layer's predicted input, maps [Lk, H, H] and bias [Lk, H] -> [Lk, n, H], one bmm."""
-    n = h_exit.shape[0]
-    return torch.baddbmm(bias[:, None, :], h_exit.expand(maps.shape[0], n, -1), maps.transpose(1, 2))
+def mapped_inputs(h_exit: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Each skipped layer's predicted input h + up(down(h)) + bias, batched over layers: down [Lk, r, H],
+    up [Lk, H, r], bias [Lk, H] -> [Lk, n, H]. Low rank keeps it a small fraction of the K/V cost."""
+    h = h_exit.expand(down.shape[0], *h_exit.shape)
+    return torch.baddbmm(h + bias[:, None, :], torch.bmm(h, down.transpose(1, 2)), up.transpose(1, 2))
 
 
 def split_rope(

@@ -4,12 +4,14 @@ as a safetensors file plus a JSON manifest naming the model it belongs to.
 Layout of a pack directory:
   manifest.json       {"format": "adept-exit-pack", "version": 1, "model": {"name", "fingerprint"},
                        "exit_points": [...], "router": {"features": [...]}, "training": {...},
-                       "evaluation": {...}}
+                       "evaluation": {...}, "defaults": {"policy", "threshold", "backfill"}}
   tensors.safetensors adapter.{d}.weight [H, H] (+ adapter.{d}.bias [H])  residual linear: h + W h + b
                       adapter.{d}.down [r, H], adapter.{d}.up [H, r] (+ bias)  residual low rank
                       router.{d}.w1 [R, F], router.{d}.b1 [R], router.{d}.w2 [1, R], router.{d}.b2 [1]
-                      map.{e}.{l}.weight [H, H], map.{e}.{l}.bias [H]  exit depth e -> input of layer l
-Depths count decoder layers run (1..num_layers); layer indices count from 0.
+                      map.{e}.{l}.down [r, H], map.{e}.{l}.up [H, r], map.{e}.{l}.bias [H]
+                          exit depth e -> predicted input of layer l: h + up(down(h)) + bias
+Depths count decoder layers run (1..num_layers); layer indices count from 0. Tensors may be stored in
+float16 (the shipped pack is); loading casts them to the serving dtype.
 """
 
 from __future__ import annotations
@@ -21,14 +23,37 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from workers.model_store import fingerprint
+
 FORMAT = "adept-exit-pack"
 VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
 
+# Packs shipped with the package, one folder per model name (made by `make pack`).
+SHIPPED = Path(__file__).parent / "packs"
+
+
 class ExitPackError(ValueError):
     pass
+
+
+def resolve_pack(setting: str | None, model: str) -> Path | None:
+    """The exit pack a configuration means: 'auto' (default) the pack shipped for `model` if there is one,
+    'none' no pack, anything else a pack directory."""
+    if setting in (None, "auto"):
+        shipped = SHIPPED / model
+        return shipped if (shipped / MANIFEST).is_file() else None
+    if setting == "none":
+        return None
+    return Path(setting).expanduser()
+
+
+def load_pack(setting: str | None, model: str, model_path: Path) -> ExitPack | None:
+    """The configured pack for a model, checked against the model's weights."""
+    where = resolve_pack(setting, model)
+    return None if where is None else ExitPack.load(where, fingerprint(model_path))
 
 
 @dataclass
@@ -44,15 +69,21 @@ class ExitPack:
     def router_features(self) -> list[str]:
         return list(self.manifest.get("router", {}).get("features", ["hidden"]))
 
+    @property
+    def defaults(self) -> dict:
+        """The exit controls the pack was tuned for (policy, threshold, backfill): requests' defaults."""
+        return dict(self.manifest.get("defaults", {}))
+
     def has_routers(self) -> bool:
         return any(k.startswith("router.") for k in self.tensors)
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
-    def map_for(self, exit_depth: int, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        w = self.tensors.get(f"map.{exit_depth}.{layer}.weight")
-        return None if w is None else (w, self.tensors.get(f"map.{exit_depth}.{layer}.bias"))
+    def map_for(self, exit_depth: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(down, up, bias) of the map from exit depth to the input of `layer`, or None (identity)."""
+        t = self.prefixed(f"map.{exit_depth}.{layer}.")
+        return None if not t else (t["down"], t["up"], t["bias"])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

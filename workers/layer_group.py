@@ -46,6 +46,7 @@ class _Exits:
     logprobs: list[torch.Tensor]
     top_ids: list[torch.Tensor]
     top_logprobs: list[torch.Tensor]
+    target_logprobs: list[torch.Tensor]
     carry_ids: list[torch.Tensor]
     carry_hidden: list[torch.Tensor]
 
@@ -97,7 +98,7 @@ class LayerGroup:
             norm = weights["model.norm.weight"]
             self.head = ExitHead.build(norm, lm_head, arch.rms_norm_eps, list(spec.exit_points), pack, dtype, device)
         self.cos, self.sin = rope
-        self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         n_layers = spec.end - spec.start
         self.cache = KVCache(n_layers, spec.num_slots, spec.max_len, arch.num_kv_heads, arch.head_dim, dtype, device)
 
@@ -170,7 +171,7 @@ class LayerGroup:
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         can_exit_early = bool((rows.policy != Policy.NONE).any())
-        out = _Exits([], [], [], [], [], [], [], [])
+        out = _Exits([], [], [], [], [], [], [], [], [])
         top_k = max(int(rows.logprobs.max()), 0) if n else 0
 
         layout = None
@@ -200,9 +201,10 @@ class LayerGroup:
             exited=_cat_long(out.rows, self.device),
             exit_depth=_cat_long(out.depth, self.device),
             tokens=_cat_long(out.tokens, self.device),
-            logprobs=torch.cat(out.logprobs) if out.logprobs else torch.empty(0, device=self.device),
+            logprobs=_cat_float(out.logprobs, self.device),
             top_ids=torch.cat(out.top_ids) if out.top_ids else torch.empty(0, top_k, dtype=torch.int64),
             top_logprobs=torch.cat(out.top_logprobs) if out.top_logprobs else torch.empty(0, top_k),
+            target_logprobs=_cat_float(out.target_logprobs, self.device),
             carry=_cat_long(out.carry_ids, self.device),
         )
         carry = torch.cat(out.carry_hidden) if out.carry_hidden else h.new_empty(0, self.arch.hidden_size)
@@ -287,14 +289,24 @@ class LayerGroup:
         logprobs = torch.full((idx.numel(),), float("nan"), device=self.device)
         top_ids = torch.full((idx.numel(), top_k), -1, dtype=torch.int64, device=self.device)
         top_logprobs = torch.full((idx.numel(), top_k), float("-inf"), device=self.device)
-        sampling = sub.sample.nonzero().flatten()
-        if sampling.numel():
-            if logits is not None and bool(has_logits[exiting][sampling].all()):
+        target_logprobs = torch.full((idx.numel(),), float("nan"), device=self.device)
+        need = (sub.sample | (sub.target >= 0)).nonzero().flatten()  # rows whose logits are needed
+        if need.numel():
+            if logits is not None and bool(has_logits[exiting][need].all()):
                 # reuse what the confidence decision computed: logits rows follow has_logits' order
                 pos_in_logits = torch.cumsum(has_logits.long(), 0) - 1
-                row_logits = logits[pos_in_logits[exiting.nonzero().flatten()[sampling]]]
+                need_logits = logits[pos_in_logits[exiting.nonzero().flatten()[need]]]
             else:
-                row_logits = self.head.logits(h[idx[sampling]], depth)
+                need_logits = self.head.logits(h[idx[need]], depth)
+            scored = (sub.target[need] >= 0).nonzero().flatten()
+            if scored.numel():
+                logp = torch.log_softmax(need_logits[scored], dim=-1)
+                target_logprobs[need[scored]] = logp.gather(1, sub.target[need[scored], None]).squeeze(1)
+            in_need = sub.sample[need].nonzero().flatten()
+            sampling, row_logits = need[in_need], need_logits[in_need]
+        else:
+            sampling, row_logits = need, None
+        if sampling.numel():
             s = sub.select(sampling)
             chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions)
             tokens[sampling] = chosen
@@ -313,6 +325,7 @@ class LayerGroup:
         out.logprobs.append(logprobs)
         out.top_ids.append(top_ids)
         out.top_logprobs.append(top_logprobs)
+        out.target_logprobs.append(target_logprobs)
 
         from_exit = sub.backfill != Backfill.EXACT
         leaving = idx[from_exit]
@@ -358,24 +371,26 @@ class LayerGroup:
             k, v = split_rope(kv, a.num_kv_heads, a.head_dim, self.cos[m.positions], self.sin[m.positions])
             self.cache.write(layers, m.slots, m.positions, k, v)
 
-    def _maps(self, exit_depth: int, layers: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked maps [Lk, H, H] and biases [Lk, H] from exit depth to each layer's input; identity where
-        the pack has no map for a layer."""
+    def _maps(self, exit_depth: int, layers: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked maps from the exit depth to each layer's input: down [Lk, r, H], up [Lk, H, r], bias
+        [Lk, H]; zero (identity) where the pack has no map for a layer."""
         key = (exit_depth, layers.start)
         if key in self._map_cache:
             return self._map_cache[key]
+        found = [self.pack.map_for(exit_depth, self.spec.start + i) for i in range(layers.start, layers.stop)]
+        rank = max((m[0].shape[0] for m in found if m is not None), default=1)
         hsz = self.arch.hidden_size
-        eye = torch.eye(hsz, device=self.device, dtype=self.dtype)
-        zero = torch.zeros(hsz, device=self.device, dtype=self.dtype)
-        weights, biases = [], []
-        for local in range(layers.start, layers.stop):
-            found = self.pack.map_for(exit_depth, self.spec.start + local)
-            w, b = found if found is not None else (eye, zero)
-            weights.append(w.to(self.device, self.dtype))
-            biases.append(zero if b is None else b.to(self.device, self.dtype))
-        self._map_cache[key] = torch.stack(weights), torch.stack(biases)
-        return self._map_cache[key]
+        identity = (torch.zeros(rank, hsz), torch.zeros(hsz, rank), torch.zeros(hsz))
+        stacked = tuple(
+            torch.stack([(m or identity)[part] for m in found]).to(self.device, self.dtype) for part in range(3)
+        )
+        self._map_cache[key] = stacked
+        return stacked
 
 
 def _cat_long(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(items) if items else torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _cat_float(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat(items) if items else torch.empty(0, device=device)

@@ -85,6 +85,7 @@ class Rows(Tensors):
     top_k: torch.Tensor  # int64; 0 is off
     seed: torch.Tensor  # int64
     logprobs: torch.Tensor  # int64: -1 none, 0 the chosen token's, k also the top k alternatives
+    target: torch.Tensor  # int64: a token whose log-probability the row reports at its exit (scoring); -1 none
 
     def __len__(self) -> int:
         return self.slots.numel()
@@ -168,4 +169,5 @@ class StepResult(Tensors):
     logprobs: torch.Tensor  # float32, per exited row; NaN where not asked for
     top_ids: torch.Tensor  # int64 [exited, K], K the most alternatives any row asked for; -1 pads
     top_logprobs: torch.Tensor  # float32 [exited, K]
+    target_logprobs: torch.Tensor  # float32, per exited row: log-probability of its target; NaN where none
     carry: torch.Tensor  # int64

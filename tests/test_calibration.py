@@ -1,0 +1,158 @@
+"""Exit calibration and evaluation end to end on a tiny random Llama (with the real tokenizer), through the
+`adept calibrate` and `adept eval` commands; and the shipped pack on the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from serving.cli import main
+from serving.config import EngineConfig
+from serving.engine import Engine
+from serving.evaluation import teacher_forced
+from workers.exit_pack import SHIPPED, ExitPack, ExitPackError, load_pack
+from workers.model_store import DEFAULT_MODEL, fingerprint, load_tokenizer
+
+POINTS = "2,3,4,5"
+# Plain English, long enough for a few thousand tokens; calibration on a random model needs no meaning.
+TEXT = "\n".join(
+    f"Line {i}: the {w} river runs past {i % 7} old mills and {i % 5} bridges before it reaches the sea."
+    for i, w in enumerate(["quiet", "broad", "cold", "slow", "bright", "narrow"] * 60)
+)
+
+
+def adept(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pack_dir(tiny_chat_dir, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pack") / "tiny-pack"
+    code, _ = adept(
+        "calibrate", "--model", tiny_chat_dir, "--corpus", corpus, "--holdout", 0.3, "--exit-points", POINTS,
+        "--max-tokens", 3000, "--window", 64, "--steps", 40, "--batch-size", 128, "--lr", 3e-3,
+        "--adapter-rank", 16, "--map-rank", 8, "--router-steps", 150, "--output", out,
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_calibration_trains_every_part_and_lowers_the_distillation_loss(pack_dir, tiny_chat_dir, corpus):
+    pack = ExitPack.load(pack_dir, fingerprint(tiny_chat_dir))
+    assert pack.exit_points == [2, 3, 4, 5, 6] and pack.has_routers()
+    for d in (2, 3, 4, 5):
+        assert pack.prefixed(f"adapter.{d}.").keys() == {"down", "up", "bias"}
+        assert pack.prefixed(f"router.{d}.").keys() == {"w1", "b1", "w2", "b2"}
+        assert all(pack.map_for(d, layer) is not None for layer in range(d + 1, 6))
+        figures = pack.manifest["evaluation"]["validation"][str(d)]
+        # KL(full || exit head) on held-out tokens: the adapters lower it
+        assert figures["kl_adapted"] < figures["kl_untrained"] and figures["kl_least_squares"] < figures["kl_untrained"]
+        assert 0.0 <= figures["router_auc"] <= 1.0
+    training = pack.manifest["training"]
+    assert training["distillation_loss"]["after"] < training["distillation_loss"]["before"]
+    assert 1000 < training["tokens"] <= 3000
+    data = training["data"]["corpus"]
+    assert data["path"] == str(corpus) and data["lines"][0] == 0 and data["lines"][1] < data["total"]
+    assert training["settings"]["steps"] == 40
+
+
+def test_pack_round_trips_and_refuses_another_model(pack_dir, tiny_chat_dir, tiny_llama_dir, tmp_path):
+    pack = ExitPack.load(pack_dir, fingerprint(tiny_chat_dir))
+    again = ExitPack.load(pack.save(tmp_path / "copy"), fingerprint(tiny_chat_dir))
+    assert again.manifest == {**pack.manifest, "format": "adept-exit-pack", "version": 1}
+    assert again.tensors.keys() == pack.tensors.keys()
+    assert all(torch.equal(again.tensors[k], v) for k, v in pack.tensors.items())
+    with pytest.raises(ExitPackError, match="made for another model"):
+        load_pack(str(pack_dir), "tiny", tiny_llama_dir)
+    with pytest.raises(ExitPackError, match="made for another model"):  # and so does the engine
+        Engine.local(EngineConfig(model=str(tiny_llama_dir), exit_pack=str(pack_dir)))
+
+
+def _mean_depths(path, pack_dir, exits: list[dict]) -> list[float]:
+    ids = load_tokenizer(path).encode(TEXT[:2000], add_special_tokens=False)[:200]
+
+    async def run():
+        engine = Engine.local(EngineConfig(model=str(path), exit_pack=str(pack_dir), min_exit_depth=2))
+        try:
+            return [float((await teacher_forced(engine, [ids], e)).exit_depths.float().mean()) for e in exits]
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())
+
+
+def test_learned_router_respects_the_request_threshold(tiny_chat_dir, pack_dir):
+    thresholds = [0.0, 0.2, 0.5, 0.8, 1.0]
+    depths = _mean_depths(tiny_chat_dir, pack_dir, [{"policy": "learned", "threshold": t} for t in thresholds])
+    assert depths == sorted(depths)  # a higher threshold never exits earlier
+    assert depths[0] == 2.0  # threshold 0: every token exits at the first exit point
+    assert depths[1] < depths[3] and depths[-1] > 4.0
+
+
+def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path):
+    plot = tmp_path / "pareto.png"
+    code, out = adept(
+        "eval", "--model", tiny_chat_dir, "--exit-pack", pack_dir, "--corpus", corpus, "--max-tokens", 128,
+        "--window", 64, "--chat-tokens", 4, "--policies", "static,confidence-untrained,confidence,learned",
+        "--backfills", "exact,decoupled,mapped", "--thresholds", "0.5", "--learned-thresholds", "0.2,0.8",
+        "--json", "--plot", plot,
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out)
+    # held out: the eval reads only the lines the pack did not train on
+    trained = ExitPack.load(pack_dir).manifest["training"]["data"]["corpus"]["lines"]
+    assert report["corpus"]["lines"] == [trained[1], report["corpus"]["total"]]
+    rows = report["rows"]
+    assert len(rows) == 3 * (4 + 1 + 1 + 2)
+    for row in rows:
+        for key in ("policy", "backfill", "threshold", "mean_exit_depth", "compute_saved", "agreement", "perplexity"):
+            assert key in row, key
+        assert 2.0 <= row["mean_exit_depth"] <= 6.0 and 0.0 <= row["agreement"] <= 1.0 and row["perplexity"] > 0
+        assert 0.0 <= row["free_running_agreement"] <= 1.0
+        if row["backfill"] == "exact":
+            assert row["compute_saved"] <= 0.0 + 1e-9  # exact back-fill runs every skipped layer
+        else:
+            assert row["compute_saved"] > 0.0
+    static = {(r["backfill"], r["max_depth"]): r for r in rows if r["policy"] == "static"}
+    assert static[("decoupled", 2)]["mean_exit_depth"] == 2.0
+    assert static[("decoupled", 2)]["compute_saved"] > static[("decoupled", 5)]["compute_saved"]
+    assert report["full"]["perplexity"] > 0 and set(report["at_agreement"]) == {"0.95", "0.99"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration
+def test_shipped_pack_beats_the_untrained_heads(default_model_dir):
+    """The pack shipped for the default model loads by default and, exiting every token at the same depth
+    (the same exit rate), its adapted heads agree with the full model far more often than the raw heads."""
+    pack = load_pack("auto", DEFAULT_MODEL, default_model_dir)
+    assert pack is not None and (SHIPPED / DEFAULT_MODEL).is_dir() and pack.has_routers()
+    text = "The history of the city begins in the Roman period, when a small fort was built by the river. " * 3
+    ids = load_tokenizer(default_model_dir).encode(text, add_special_tokens=False)
+
+    async def agreement(exit_pack: str, depth: int) -> float:
+        engine = Engine.local(EngineConfig(exit_pack=exit_pack, num_layer_groups=1, max_num_seqs=2))
+        try:
+            full = await teacher_forced(engine, [ids], {"policy": "none"})
+            tf = await teacher_forced(engine, [ids], {"policy": "static", "max_depth": depth})
+            return float((tf.predictions == full.predictions).float().mean())
+        finally:
+            await engine.shutdown()
+
+    for depth in (12, 20):
+        adapted, raw = asyncio.run(agreement("auto", depth)), asyncio.run(agreement("none", depth))
+        assert adapted > raw + 0.1, (depth, adapted, raw)
