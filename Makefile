@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
 PROMPT ?= The capital of France is
 
-.PHONY: install install-test run generate test lint bench protos clean
+.PHONY: install install-test run generate test lint bench pack eval protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,18 @@ test: install-test  ## the whole test suite, as CI runs it
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: install  ## engine speed and early-exit quality, then serving speed through Ray Serve
+SHARED ?= ../shared
+CORPUS ?= $(SHARED)/data/wikitext-2/valid.txt
+
+pack: install  ## re-make the exit pack shipped for the default model (about 15 min on 2 cores)
+	$(VENV)/bin/adept calibrate --corpus $(CORPUS) --holdout 0.5 --output workers/packs/smollm2-135m
+
+eval: install-test  ## quality against compute of early exit on held-out text: table, JSON and Pareto plot in docs/
+	mkdir -p docs
+	$(VENV)/bin/adept eval --json --plot docs/pareto-smollm2-135m.png > docs/eval-smollm2-135m.json
+	$(VENV)/bin/python -c "import json, serving.evaluation as e; print(e.table(json.load(open('docs/eval-smollm2-135m.json'))))"
+
+bench: install  ## engine speed (full depth against HF, early exit against full depth), then serving speed
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/engine_speed.py --json benchmarks/results/engine_speed.json
 	$(PY) benchmarks/serve_speed.py --json benchmarks/results/serve_speed.json

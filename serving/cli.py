@@ -14,7 +14,7 @@ import time
 from typing import get_args
 
 from serving.app import GRPC_SERVICE, AppConfig
-from serving.params import BackfillName, PolicyName, RequestError
+from serving.params import BackfillName, ExitParams, PolicyName, RequestError
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
 from workers.corpus import CorpusPart, chat_prompts, text_windows
@@ -187,13 +187,15 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.start(config)
         info = serve.get_deployment_handle("Router", APP_NAME).info.remote().result()
+        default_exit = ", ".join(f"{k} {v}" for k, v in info.default_exit.items()) or "policy none (full depth)"
         log.warning(
             "ADEPT Serve is up: model %r, %d layers in %d layer groups, exit points %s, %d pipeline(s)\n"
+            "  default early exit: %s\n"
             "  HTTP  http://%s:%d  (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health)\n"
             "  gRPC  %s:%d  (%s, server reflection on)\n"
             "Ctrl-C stops it.",
             info.name, info.num_layers, info.num_layer_groups, info.exit_points, config.num_pipelines,
-            config.http.host, config.http.port, config.grpc.host, config.grpc.port, GRPC_SERVICE,
+            default_exit, config.http.host, config.http.port, config.grpc.host, config.grpc.port, GRPC_SERVICE,
         )  # fmt: skip
         # Stop on Ctrl-C and on SIGTERM, even where the shell started us with SIGINT ignored (background).
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -223,18 +225,7 @@ def _add_calibrate(commands) -> None:
     p.add_argument("--exit-points", help="comma-separated depths (default: the engine's default exit points)")
     p.add_argument("--window", type=int, default=256, help="tokens per training window")
     defaults = CalibrationSettings(exit_points=[])
-    tuning = (
-        "max_tokens",
-        "adapter_rank",
-        "map_rank",
-        "steps",
-        "batch_size",
-        "lr",
-        "router_steps",
-        "cost_weight",
-        "seed",
-    )
-    for name in tuning:
+    for name in CALIBRATION_FLAGS:
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
     p.add_argument("--router-features", default="hidden", help="'hidden' (default) or 'hidden,confidence'")
@@ -243,7 +234,7 @@ def _add_calibrate(commands) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from serving.config import default_exit_points
+    from serving.config import EngineConfig, default_exit_points
     from workers.calibration import calibrate, self_generated
 
     logging.getLogger("workers").setLevel(logging.INFO)
@@ -261,6 +252,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     part = CorpusPart.of(args.corpus, (0.0, 1.0 - args.holdout))
     data = {"corpus": part.describe(), "window": args.window}
     windows = text_windows(part, load_tokenizer(path), args.window)
+    ExitParams(backfill=args.default_backfill, threshold=args.default_threshold)  # refuse bad defaults early
     if args.prompts:
         prompts = CorpusPart.of(args.prompts)
         data["prompts"] = prompts.describe() | {"generated_tokens": args.generate_tokens}
@@ -268,15 +260,38 @@ def _calibrate(args: argparse.Namespace) -> int:
         windows = itertools.chain(generated, windows)
     pack = calibrate(path, windows, settings, data, model_name=args.model)
     out = pack.save(args.output)
+    # The cost model's last part needs the pack in a real engine: how much each back-fill mode's
+    # approximate K/V changes later tokens, per exit depth, measured on corpus text training did not read.
+    tokenizer = load_tokenizer(path)
+    unread = itertools.islice(text_windows(part, tokenizer, 256), args.max_tokens // 256 + 1, None)
+    probe = list(itertools.islice(unread, 8)) or list(itertools.islice(text_windows(part, tokenizer, 256), 8))
+    engine = EngineConfig(model=args.model, exit_pack=str(out), num_layer_groups=1, max_num_seqs=len(probe),
+                          max_model_len=257, min_exit_depth=min(settings.exit_points))  # fmt: skip
+    print(f"measuring back-fill harm per exit depth on {sum(map(len, probe))} tokens", file=sys.stderr)
+    harm = asyncio.run(_harm(engine, probe, settings.exit_points))
+    pack.manifest["router"]["cost"]["harm"] = harm
+    out = pack.save(args.output)
     for d, figures in pack.manifest["evaluation"]["validation"].items():
         print(
             f"exit {d:>3}: agreement {figures['agreement_untrained']:.1%} untrained -> "
             f"{figures['agreement_adapted']:.1%} adapted, KL {figures['kl_untrained']:.2f} -> "
-            f"{figures['kl_adapted']:.2f}, router AUC {figures['router_auc']:.2f}",
+            f"{figures['kl_adapted']:.2f}, router AUC {figures['router_auc']:.2f}, back-fill harm "
+            f"{harm['decoupled'][d]:.2f} decoupled / {harm['mapped'][d]:.2f} mapped",
             file=sys.stderr,
         )
     print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)", file=sys.stderr)
     return 0
+
+
+async def _harm(config, windows: list[list[int]], depths: list[int]) -> dict:
+    from serving.engine import Engine
+    from serving.evaluation import backfill_harm
+
+    engine = Engine.local(config)
+    try:
+        return await backfill_harm(engine, windows, depths)
+    finally:
+        await engine.shutdown()
 
 
 def _add_eval(commands) -> None:

@@ -18,6 +18,7 @@ from serving.engine import Engine
 from serving.params import ExitParams, SamplingParams, resolve_exit
 from serving.scheduler import Sequence, rows_for
 from workers.arch import ModelArch
+from workers.protocol import Policy
 
 GREEDY = SamplingParams(temperature=0.0)
 # Free-running agreement: short chat prompts of the kind people send.
@@ -38,11 +39,16 @@ class TeacherForced:
 
 
 async def teacher_forced(
-    engine: Engine, windows: list[list[int]], exit: ExitParams | dict | None = None, chunk: int = 128
+    engine: Engine,
+    windows: list[list[int]],
+    exit: ExitParams | dict | None = None,
+    chunk: int = 128,
+    exit_every: int = 1,
 ) -> TeacherForced:
     """Feed each window through the engine's pipeline in prompt chunks (all windows in one batch), every
     row sampling greedily at its exit and scoring the window's next token. Runs beside the engine's own
-    requests with KV slots of its own; results are concatenated in window order."""
+    requests with KV slots of its own; results are concatenated in window order. With `exit_every` k, only
+    every k-th position takes `exit`; the others run at full depth."""
     for w in windows:
         if len(w) >= engine.plan.max_model_len:
             raise ValueError(f"{len(w)} tokens do not fit the context of {engine.plan.max_model_len}")
@@ -61,6 +67,7 @@ async def teacher_forced(
             picked = [(i, s, n) for i, s, n in picked if n > 0]
             rows = rows_for([(s, n) for _, s, n in picked])
             rows.sample[:] = True
+            rows.policy[rows.positions % exit_every != 0] = int(Policy.NONE)
             rows.target = torch.tensor(
                 [s.tokens[p + 1] if p + 1 < len(s.tokens) else -1 for _, s, n in picked for p in _span(s, n)]
             )
@@ -82,6 +89,30 @@ async def teacher_forced(
         torch.cat([w[1] for w in per_window]),
         torch.cat([w[2][:-1] for w in per_window]),  # the last token of a window has nothing to score
     )
+
+
+async def backfill_harm(
+    engine: Engine,
+    windows: list[list[int]],
+    depths: list[int],
+    modes: tuple[str, ...] = ("decoupled", "mapped"),
+    every: int = 8,
+) -> dict[str, dict[str, float]]:
+    """Per back-fill mode and exit depth: how many later tokens' full-depth predictions a token that exits
+    there changes, through the K/V its back-fill approximates. Every `every`-th token exits at the depth,
+    the rest run at full depth, against a run where none exits."""  # fmt: skip
+    full = await teacher_forced(engine, windows, {"policy": "none"})
+    exits = torch.cat([torch.arange(len(w)) % every == 0 for w in windows])
+    harm: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        harm[mode] = {}
+        for d in depths:
+            tf = await teacher_forced(
+                engine, windows, {"policy": "static", "max_depth": d, "backfill": mode}, 128, every
+            )
+            changed = (tf.predictions != full.predictions)[~exits].sum()
+            harm[mode][str(d)] = round(float(changed) / float(exits.sum()), 4)
+    return harm
 
 
 def _span(seq: Sequence, n: int) -> range:
@@ -225,8 +256,9 @@ async def evaluate(
     """Every setting's row, and the full model's reference figures. Two engines: one with the exit pack
     (adapted heads, routers, maps) and one without it (the untrained heads)."""
     engines = {"adapted": Engine.local(config)}
-    if any(s.head == "untrained" for s in settings):
-        engines["untrained"] = Engine.local(config.model_copy(update={"exit_pack": "none"}))
+    if any(s.head == "untrained" for s in settings):  # the same exit points, without the pack
+        points = list(engines["adapted"].plan.exit_points)
+        engines["untrained"] = Engine.local(config.model_copy(update={"exit_pack": "none", "exit_points": points}))
     try:
         engine = engines["adapted"]
         chat_ids = [engine.chat_prompt([{"role": "user", "content": c}]) for c in chats]
@@ -280,8 +312,8 @@ async def evaluate(
                 )
             rows.append(row)
             progress(
-                f"[{i + 1}/{len(settings)}] {s.curve} {_knob(row)}: saved {row['compute_saved']:.1%}, "
-                f"agreement {row['agreement']:.1%}, perplexity {row['perplexity']:.2f}"
+                f"[{i + 1}/{len(settings)}] {s.curve} {_knob(row)}: depth {row['mean_exit_depth']:.1f}, saved "
+                f"{row['compute_saved']:.1%}, agreement {row['agreement']:.1%}, perplexity {row['perplexity']:.2f}"
             )
     finally:
         for e in engines.values():
@@ -346,6 +378,7 @@ def plot(report: dict, path: str) -> None:
         ax.plot(*zip(*points, strict=True), styles.get(backfill, "-"), marker="o", markersize=3, label=curve)
     for target in (0.95, 0.99):
         ax.axhline(target, color="grey", linewidth=0.6)
+    ax.set_ylim(top=1.0)
     ax.set_xlabel("layer compute saved (back-fill counted)")
     ax.set_ylabel("teacher-forced agreement with the full model")
     ax.set_title(f"{report.get('model', '')}: early exit, quality against compute")

@@ -56,6 +56,7 @@ class ModelInfo:
     exit_points: list[int]
     num_layer_groups: int
     max_model_len: int
+    default_exit: dict  # requests' default exit controls (the exit pack's tuned ones unless configured)
 
 
 Event = Admitted | Rejected | RequestOutput
@@ -101,7 +102,10 @@ class Router:
 
     async def info(self) -> ModelInfo:
         plan = self.engine.plan
-        return ModelInfo(self.name, plan.num_layers, list(plan.exit_points), len(plan.groups), plan.max_model_len)
+        return ModelInfo(
+            self.name, plan.num_layers, list(plan.exit_points), len(plan.groups), plan.max_model_len,
+            self.engine.exit_defaults.model_dump(exclude_none=True),
+        )  # fmt: skip
 
     async def kv_slots(self) -> dict:
         """Slots in use, by the scheduler and on every worker (after all requests ended: none)."""

@@ -27,15 +27,21 @@ def adept(*args: str) -> subprocess.CompletedProcess:
 
 def test_json_output_is_deterministic_and_complete():
     args = ("generate", "The capital of France is", "--max-tokens", "8", "--json", "--layer-groups", "2")
-    first, second = adept(*args), adept(*args)
+    first, second = adept(*args, "--exit-policy", "none"), adept(*args, "--exit-policy", "none")
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
     assert "Paris" in out["text"]
     assert len(out["token_ids"]) == len(out["exit_layers"]) == out["completion_tokens"] == 8
-    assert out["num_layers"] == 30 and set(out["exit_layers"]) == {30}  # default policy: full depth
+    assert out["num_layers"] == 30 and set(out["exit_layers"]) == {30}
     assert out["mean_exit_depth"] == 30.0 and out["tokens_per_second"] > 0
     assert out["layers_computed"] == out["layers_total"]
     assert json.loads(second.stdout)["token_ids"] == out["token_ids"]
+    # by default the shipped exit pack's learned policy decides, deterministically too
+    default, again = adept(*args), adept(*args)
+    assert default.returncode == 0, default.stderr
+    out = json.loads(default.stdout)
+    assert set(out["exit_layers"]) <= {8, 12, 16, 20, 24, 28, 30} and out["layers_computed"] <= out["layers_total"]
+    assert json.loads(again.stdout)["exit_layers"] == out["exit_layers"]
 
 
 def test_early_exit_flags_reach_the_engine():
@@ -50,7 +56,7 @@ def test_early_exit_flags_reach_the_engine():
 
 
 def test_show_exits_and_chat():
-    r = adept("generate", "What is 2+2?", "--chat", "--max-tokens", "4", "--show-exits")
+    r = adept("generate", "What is 2+2?", "--chat", "--max-tokens", "4", "--show-exits", "--exit-policy", "none")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[30]") == 4
     assert "4 tokens" in r.stderr and "tokens/s" in r.stderr
@@ -90,8 +96,9 @@ def test_adept_serve_starts_answers_and_stops_on_ctrl_c():
             time.sleep(0.5)
         banner = "".join(log)
         assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
-        assert "30 layers in 3 layer groups" in banner
-        body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+        assert "30 layers in 3 layer groups" in banner and "default early exit: policy learned" in banner
+        body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+                "adept": {"policy": "none"}}  # fmt: skip
         r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"]
         proc.send_signal(signal.SIGINT)

@@ -8,6 +8,7 @@ import torch
 from tests.helpers import full_logprobs, group_kv, hf_model, load_groups, pipeline_of, rows, run
 from tests.test_layer_group import _reference_kv
 from workers.exit_pack import ExitPack, ExitPackError
+from workers.exits import ExitCost
 from workers.layers import rms_norm
 from workers.model_store import fingerprint
 from workers.protocol import Backfill, Policy
@@ -151,3 +152,17 @@ def test_pack_round_trip_and_identity_check(tiny_llama_dir, tiny_qwen2_dir, tmp_
         ExitPack.load(tmp_path / "pack", fingerprint(tiny_qwen2_dir))
     with pytest.raises(ExitPackError, match="not an exit pack"):
         ExitPack.load(tmp_path)
+
+
+def test_exit_cost_weighs_the_saving_against_the_token_and_the_harm():
+    cost = ExitCost(30, weight=1.0, harm={"decoupled": {8: 0.5}})
+    p = torch.tensor([0.9, 0.9, 0.9])
+    modes = torch.tensor([Backfill.EXACT, Backfill.MAPPED, Backfill.DECOUPLED])
+    at_8 = cost.score(p, 8, modes)
+    w = 22 / 30
+    assert torch.allclose(at_8[:2], torch.tensor(0.9 * w / (0.9 * w + 0.1)))  # no harm measured: none counted
+    assert torch.allclose(at_8[2], torch.tensor(0.9 * w / (0.9 * w + 0.1 + 0.5)))  # harmful back-fill: lower
+    assert bool((cost.score(p, 28, modes) < at_8[0]).all())  # less left to save deeper: a higher bar
+    assert torch.allclose(ExitCost(30, weight=0.0).score(p, 8, modes), p)  # weight 0: the router's p itself
+    scores = cost.score(torch.linspace(0, 1, 11), 8, torch.full((11,), int(Backfill.MAPPED)))
+    assert bool((scores.diff() > 0).all())  # a more confident router never scores lower

@@ -31,7 +31,8 @@ def generate(stub, **fields) -> tuple[list[pb.GenerateResponse], pb.GenerateResp
 
 
 def test_generate_streams_tokens_with_exit_layers_then_usage(stub, served):
-    tokens, final = generate(stub, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    full = pb.ExitControls(policy="none")
+    tokens, final = generate(stub, prompt=PROMPTS[0], max_tokens=8, temperature=0, adept=full)
     assert "Paris" in "".join(t.text for t in tokens)
     assert len(tokens) == 8 and all(t.exit_layer == 30 for t in tokens)
     assert final.finish_reason == "length"

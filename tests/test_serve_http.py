@@ -46,7 +46,8 @@ def wait_for_clean_slots(served, timeout: float = 30.0) -> dict:
 
 def test_completions_with_and_without_streaming(served):
     c = client(served)
-    full = c.completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    deep = {"adept": {"policy": "none"}}
+    full = c.completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body=deep)
     assert "Paris" in full.choices[0].text and full.choices[0].finish_reason == "length"
     assert full.usage.completion_tokens == 8 and full.usage.prompt_tokens == 5
     assert full.usage.model_extra["layers_computed"] == full.usage.model_extra["layers_total"] == (5 + 8 - 1) * 30
@@ -55,7 +56,7 @@ def test_completions_with_and_without_streaming(served):
     chunks = list(
         c.completions.create(
             model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True,
-            stream_options={"include_usage": True},
+            stream_options={"include_usage": True}, extra_body=deep,
         )
     )  # fmt: skip
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.choices[0].text
@@ -99,6 +100,17 @@ def test_exit_layers_follow_the_requests_controls(served):
     exits = exits_of(chunks)
     assert len(exits) == 16 and all(d in (8, 12, 16, 20, 24, 28, 30) for d in exits)
     assert min(exits) < 30, "a low threshold should let some tokens exit early"
+
+    # unset controls take the shipped exit pack's defaults (policy learned); a lower threshold exits earlier
+    def depths(adept: dict) -> list[int]:
+        out = c.completions.create(
+            model=served.model, prompt=PROMPTS[1], max_tokens=16, temperature=0, extra_body={"adept": adept}
+        )
+        return out.model_extra["adept"]["exit_layers"]
+
+    default, eager = depths({}), depths({"policy": "learned", "threshold": 0.05})
+    assert len(default) == 16 and set(default) <= {8, 12, 16, 20, 24, 28, 30}
+    assert sum(eager) < sum(default)
 
 
 def test_logprobs(served):

@@ -3,8 +3,9 @@
 Per early exit point d (depth: layers run), everything fitted to the full model:
 - adapter: a residual low-rank map on h_d, started from least squares towards the last layer's hidden
   state, then distilled: KL from the full model's next-token distribution to the exit head's;
-- router: a small MLP on h_d (and optionally the head's confidence features) whose score says whether
-  exiting at d keeps the full model's token, weighed against the compute exiting saves (`_fold_cost`);
+- router: a small MLP on h_d (and optionally the head's confidence features) estimating the probability
+  that exiting at d keeps the full model's token; the exit decision weighs it against the compute exiting
+  saves and the harm its back-filled K/V does to later tokens (`workers.exits.ExitCost`);
 - maps (for `mapped` back-fill): per skipped layer l > d, a least-squares low-rank residual map from h_d
   to layer l's real input.
 
@@ -15,7 +16,6 @@ tokens (float16), never on every layer's."""
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -47,7 +47,7 @@ class CalibrationSettings:
     router_hidden: int = 32
     router_steps: int = 600
     router_features: list[str] = field(default_factory=lambda: ["hidden"])  # + "confidence" (an LM head)
-    cost_weight: float = 1.0  # 0: the router scores agreement only; 1: weighed by the compute saved
+    cost_weight: float = 1.0  # exponent of the compute saving in the exit decision; 0: agreement only
     default_threshold: float = 0.5  # requests' default threshold when this pack serves them (policy learned)
     default_backfill: str = "mapped"
     ridge: float = 1e-4  # relative to the mean variance of h_d
@@ -156,7 +156,7 @@ def calibrate(
     for d, (down, up, bias) in adapters.items():
         tensors |= {f"adapter.{d}.down": down, f"adapter.{d}.up": up, f"adapter.{d}.bias": bias}
 
-    routers, router_figures = _train_routers(head, hidden, final, train, val, adapters, num_layers, settings)
+    routers, router_figures = _train_routers(head, hidden, final, train, val, adapters, settings)
     for d, r in routers.items():
         tensors |= {f"router.{d}.{k}": v for k, v in r.items()}
 
@@ -176,7 +176,7 @@ def calibrate(
         "model": {"name": model_name or model_path.name, "fingerprint": fingerprint(model_path)},
         "num_layers": num_layers,
         "exit_points": [*points, num_layers],
-        "router": {"features": settings.router_features, "cost_weight": settings.cost_weight},
+        "router": {"features": settings.router_features, "cost": {"weight": settings.cost_weight, "harm": {}}},
         "training": {
             "data": describe_data,
             "tokens": kept.count,
@@ -323,7 +323,6 @@ def _train_routers(
     train: slice,
     val: slice,
     adapters: dict[int, tuple],
-    num_layers: int,
     s: CalibrationSettings,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict]]:
     """Per exit point, an MLP predicting whether the adapted head's greedy token is the full model's."""
@@ -363,19 +362,9 @@ def _train_routers(
                 "w1": net[0].weight.detach().clone(),
                 "b1": net[0].bias.detach().clone(),
                 "w2": net[2].weight.detach().clone(),
-                "b2": net[2].bias.detach() + _fold_cost(d, num_layers, s.cost_weight),
+                "b2": net[2].bias.detach().clone(),
             }
     return routers, figures
-
-
-def _fold_cost(depth: int, num_layers: int, weight: float) -> float:
-    """The cost-aware objective weighs a missed exit (the token was right here, the remaining layers ran
-    for nothing) by the compute exiting saves, w = (L - d) / L, against a wrong exit (the full model's
-    token lost) weighed 1. The minimiser of that weighted cross-entropy is p w / (p w + 1 - p) for p the
-    probability of agreement: the plain classifier's logit plus log w. Folding log w into the output bias
-    gives the same router and trains better than a loss whose positives weigh as little as 1/L. A request's
-    threshold t then exits when agreement odds times the saving reach t / (1 - t)."""
-    return weight * math.log((num_layers - depth) / num_layers)
 
 
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

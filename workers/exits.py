@@ -5,7 +5,7 @@ the shared LM head. A policy decides, per row, whether the row stops at d."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from workers.exit_pack import ExitPack, ExitPackError
 from workers.layers import rms_norm
-from workers.protocol import Policy, Rows
+from workers.protocol import Backfill, Policy, Rows
 
 
 @dataclass
@@ -31,9 +31,9 @@ class Adapter:
 
 
 class ExitRouter(Protocol):
-    """A trained exit decision at one exit point: a score in [0, 1] per row; the row exits when its score
-    reaches the request's threshold. `confidence` is [rows, 3] (top probability, top-2 margin, entropy) of
-    the exit head, computed only when the router asks for it (it costs an LM head)."""
+    """A trained router at one exit point: per row, the probability that exiting there keeps the full
+    model's token. `confidence` is [rows, 3] (top probability, top-2 margin, entropy) of the exit head,
+    computed only when the router asks for it (it costs an LM head)."""
 
     uses_confidence: bool
 
@@ -58,6 +58,37 @@ class MLPRouter:
         return torch.sigmoid(F.linear(F.gelu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)).squeeze(-1)
 
 
+@dataclass
+class ExitCost:
+    """The cost-aware exit decision of policy `learned`. At depth d a router gives p, the probability that
+    the exit keeps the full model's token. Exiting risks that token, 1 - p, plus the harm its back-filled
+    K/V do to later tokens, h (expected later tokens changed; per back-fill mode and depth, measured at
+    calibration; none for exact). Staying, when the token was already right, wastes the layers left:
+    p * w with w = ((L - d) / L) ** weight. The score p w / (p w + 1 - p + h) is 1/2 where the two balance;
+    a request's threshold t exits when staying wastes t / (1 - t) times what exiting risks, so one trained
+    router serves every trade-off."""
+
+    num_layers: int
+    weight: float = 1.0
+    harm: dict[str, dict[int, float]] = field(default_factory=dict)  # back-fill mode -> depth -> harm
+
+    @classmethod
+    def from_manifest(cls, num_layers: int, cost: dict) -> ExitCost:
+        harm = {
+            mode: {int(d): float(v) for d, v in by_depth.items()} for mode, by_depth in cost.get("harm", {}).items()
+        }
+        return cls(num_layers, float(cost.get("weight", 1.0)), harm)
+
+    def score(self, p: torch.Tensor, depth: int, backfill: torch.Tensor) -> torch.Tensor:
+        w = ((self.num_layers - depth) / self.num_layers) ** self.weight
+        harm = torch.zeros_like(p)
+        for mode in Backfill:
+            h = self.harm.get(mode.name.lower(), {}).get(depth, 0.0)
+            if h:
+                harm[backfill == mode] = h
+        return p * w / (p * w + 1 - p + harm)
+
+
 def confidence_features(logits: torch.Tensor) -> torch.Tensor:
     """[rows, 3]: top probability, margin between the top two, entropy (nats)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -76,9 +107,10 @@ class ExitHead:
         eps: float,
         adapters: dict[int, Adapter],
         routers: dict[int, ExitRouter],
+        cost: ExitCost,
     ) -> None:
         self.norm, self.lm_head, self.eps = norm, lm_head, eps
-        self.adapters, self.routers = adapters, routers
+        self.adapters, self.routers, self.cost = adapters, routers, cost
 
     @classmethod
     def build(
@@ -86,6 +118,7 @@ class ExitHead:
         norm: torch.Tensor,
         lm_head: torch.Tensor,
         eps: float,
+        num_layers: int,
         points: list[int],
         pack: ExitPack | None,
         dtype: torch.dtype,
@@ -100,7 +133,8 @@ class ExitHead:
             r = {k: v.to(device, torch.float32) for k, v in pack.prefixed(f"router.{d}.").items()}
             if r:
                 routers[d] = MLPRouter(**r, eps=eps, uses_confidence="confidence" in pack.router_features)
-        return cls(norm, lm_head, eps, adapters, routers)
+        cost = pack.manifest.get("router", {}).get("cost", {}) if pack is not None else {}
+        return cls(norm, lm_head, eps, adapters, routers, ExitCost.from_manifest(num_layers, cost))
 
     def logits(self, h: torch.Tensor, depth: int) -> torch.Tensor:
         adapter = self.adapters.get(depth)
@@ -141,7 +175,7 @@ class ExitHead:
                 features = torch.zeros(n, 3, device=h.device)
                 features[conf] = confidence_features(logits)
                 features = features[learned]
-            scores = router(h[learned], features)
+            scores = self.cost.score(router(h[learned], features), depth, rows.backfill[learned])
             hit = torch.zeros(n, dtype=torch.bool, device=h.device)
             hit[learned] = scores >= rows.threshold[learned]
             exit_ |= hit

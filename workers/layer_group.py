@@ -96,7 +96,9 @@ class LayerGroup:
         if spec.exit_points:
             lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
             norm = weights["model.norm.weight"]
-            self.head = ExitHead.build(norm, lm_head, arch.rms_norm_eps, list(spec.exit_points), pack, dtype, device)
+            self.head = ExitHead.build(
+                norm, lm_head, arch.rms_norm_eps, arch.num_layers, list(spec.exit_points), pack, dtype, device
+            )
         self.cos, self.sin = rope
         self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         n_layers = spec.end - spec.start
