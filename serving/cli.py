@@ -14,6 +14,7 @@ import time
 from typing import get_args
 
 from serving.app import GRPC_SERVICE, AppConfig
+from serving.evaluation import LEARNED_THRESHOLDS
 from serving.params import BackfillName, ExitParams, PolicyName, RequestError
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
@@ -25,7 +26,7 @@ log = logging.getLogger("adept")
 
 CALIBRATION_FLAGS = (
     "max_tokens", "adapter_rank", "map_rank", "steps", "batch_size", "lr", "router_steps", "cost_weight", "seed",
-    "default_threshold", "default_backfill",
+    "default_backfill",
 )  # fmt: skip
 ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 
@@ -229,12 +230,17 @@ def _add_calibrate(commands) -> None:
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
     p.add_argument("--router-features", default="hidden", help="'hidden' (default) or 'hidden,confidence'")
+    p.add_argument(
+        "--target-agreement", type=float, default=0.95,
+        help="the default threshold is the lowest reaching this agreement with the full model (default 0.95)",
+    )  # fmt: skip
     p.add_argument("--output", "-o", required=True, help="pack directory to write")
     p.set_defaults(run=_calibrate)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
     from serving.config import EngineConfig, default_exit_points
+    from serving.evaluation import tune_pack
     from workers.calibration import calibrate, self_generated
 
     logging.getLogger("workers").setLevel(logging.INFO)
@@ -252,7 +258,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     part = CorpusPart.of(args.corpus, (0.0, 1.0 - args.holdout))
     data = {"corpus": part.describe(), "window": args.window}
     windows = text_windows(part, load_tokenizer(path), args.window)
-    ExitParams(backfill=args.default_backfill, threshold=args.default_threshold)  # refuse bad defaults early
+    ExitParams(backfill=args.default_backfill)  # refuse a bad default early
     if args.prompts:
         prompts = CorpusPart.of(args.prompts)
         data["prompts"] = prompts.describe() | {"generated_tokens": args.generate_tokens}
@@ -260,18 +266,17 @@ def _calibrate(args: argparse.Namespace) -> int:
         windows = itertools.chain(generated, windows)
     pack = calibrate(path, windows, settings, data, model_name=args.model)
     out = pack.save(args.output)
-    # The cost model's last part needs the pack in a real engine: how much each back-fill mode's
-    # approximate K/V changes later tokens, per exit depth, measured on corpus text training did not read.
+    # The cost model's last parts need the pack in a real engine, on corpus text training did not read.
     tokenizer = load_tokenizer(path)
     unread = itertools.islice(text_windows(part, tokenizer, 256), args.max_tokens // 256 + 1, None)
     probe = list(itertools.islice(unread, 8)) or list(itertools.islice(text_windows(part, tokenizer, 256), 8))
     engine = EngineConfig(model=args.model, exit_pack=str(out), num_layer_groups=1, max_num_seqs=len(probe),
                           max_model_len=257, min_exit_depth=min(settings.exit_points))  # fmt: skip
-    print(f"measuring back-fill harm per exit depth on {sum(map(len, probe))} tokens", file=sys.stderr)
-    harm = asyncio.run(_harm(engine, probe, settings.exit_points))
-    pack.manifest["router"]["cost"]["harm"] = harm
-    out = pack.save(args.output)
-    for d, figures in pack.manifest["evaluation"]["validation"].items():
+    print(f"measuring back-fill harm and tuning the default threshold on {sum(map(len, probe))} tokens",
+          file=sys.stderr)  # fmt: skip
+    pack = asyncio.run(tune_pack(engine, probe, settings.exit_points, args.target_agreement))
+    harm = pack.manifest["router"]["cost"]["harm"]
+    for d, figures in sorted(pack.manifest["evaluation"]["validation"].items(), key=lambda item: int(item[0])):
         print(
             f"exit {d:>3}: agreement {figures['agreement_untrained']:.1%} untrained -> "
             f"{figures['agreement_adapted']:.1%} adapted, KL {figures['kl_untrained']:.2f} -> "
@@ -279,19 +284,14 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{harm['decoupled'][d]:.2f} decoupled / {harm['mapped'][d]:.2f} mapped",
             file=sys.stderr,
         )
+    tuned = pack.manifest["evaluation"]["defaults"]
+    print(
+        f"default: policy learned, threshold {pack.defaults['threshold']}, {pack.defaults['backfill']} back-fill "
+        f"({tuned['agreement']:.1%} agreement, {tuned['compute_saved']:.1%} layer compute saved on the probe text)",
+        file=sys.stderr,
+    )
     print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)", file=sys.stderr)
     return 0
-
-
-async def _harm(config, windows: list[list[int]], depths: list[int]) -> dict:
-    from serving.engine import Engine
-    from serving.evaluation import backfill_harm
-
-    engine = Engine.local(config)
-    try:
-        return await backfill_harm(engine, windows, depths)
-    finally:
-        await engine.shutdown()
 
 
 def _add_eval(commands) -> None:
@@ -319,9 +319,7 @@ def _add_eval(commands) -> None:
     )
     p.add_argument("--backfills", default="exact,decoupled,mapped")
     p.add_argument("--thresholds", default="0.3,0.5,0.7,0.8,0.9,0.95,0.99", help="confidence thresholds")
-    p.add_argument(
-        "--learned-thresholds", default="0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", help="router thresholds"
-    )
+    p.add_argument("--learned-thresholds", default=",".join(map(str, LEARNED_THRESHOLDS)), help="router thresholds")
     p.add_argument("--json", action="store_true", help="print one JSON object (rows, reference, summary)")
     p.add_argument("--plot", help="write a PNG of the Pareto curves here")
     p.set_defaults(run=_eval)

@@ -18,6 +18,7 @@ from serving.engine import Engine
 from serving.params import ExitParams, SamplingParams, resolve_exit
 from serving.scheduler import Sequence, rows_for
 from workers.arch import ModelArch
+from workers.exit_pack import ExitPack
 from workers.protocol import Policy
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -115,6 +116,42 @@ async def backfill_harm(
     return harm
 
 
+LEARNED_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]
+
+
+async def tune_pack(config: EngineConfig, windows: list[list[int]], depths: list[int], target: float) -> ExitPack:
+    """Calibration's last step, in a real engine on text it did not train on: measure the back-fill harm
+    (written into the pack's cost model), then tune the pack's default threshold: the lowest (most
+    compute saved) at which policy learned, with the pack's default back-fill, keeps `target` agreement."""
+    pack = ExitPack.load(config.exit_pack)
+    engine = Engine.local(config)
+    try:
+        harm = await backfill_harm(engine, windows, depths)
+    finally:
+        await engine.shutdown()
+    pack.manifest["router"]["cost"]["harm"] = harm
+    pack.save(config.exit_pack)
+    engine = Engine.local(config)
+    try:
+        full = await teacher_forced(engine, windows, {"policy": "none"})
+        backfill = pack.defaults["backfill"]
+        chosen = {"threshold": 1.0, "agreement": 1.0, "compute_saved": 0.0}
+        for t in LEARNED_THRESHOLDS:  # ascending: earliest exits first
+            tf = await teacher_forced(engine, windows, {"policy": "learned", "threshold": t, "backfill": backfill})
+            a = agreement(tf.predictions, full.predictions)
+            if a >= target:
+                layers, _ = compute_used(tf.exit_depths, list(engine.plan.exit_points), engine.plan.num_layers,
+                                         "learned", backfill, engine.plan.min_exit_depth, _costs(engine))  # fmt: skip
+                chosen = {"threshold": t, "agreement": round(a, 4), "compute_saved": round(1 - layers, 4)}
+                break
+    finally:
+        await engine.shutdown()
+    pack.manifest["defaults"]["threshold"] = chosen["threshold"]
+    pack.manifest["evaluation"]["defaults"] = {"target_agreement": target, "tokens": sum(map(len, windows)), **chosen}
+    pack.save(config.exit_pack)
+    return pack
+
+
 def _span(seq: Sequence, n: int) -> range:
     return range(seq.num_computed, seq.num_computed + n)
 
@@ -168,6 +205,20 @@ class Costs:
         layer = h * arch.q_size * 2 + h * arch.kv_size * 2 + 3 * h * arch.intermediate_size
         return cls(2 * h * arch.kv_size / layer, 2 * h * map_rank / layer, arch.vocab_size * h / layer,
                    router_params / layer)  # fmt: skip
+
+
+def _costs(engine: Engine) -> Costs:
+    """The cost units of an engine's model and exit pack (its maps' rank, its routers' size)."""
+    pack = engine.pack
+    map_rank = router_params = 0
+    if pack is not None:
+        map_rank = max((t.shape[0] for k, t in pack.tensors.items() if k.startswith("map.") and k.endswith(".down")),
+                       default=0)  # fmt: skip
+        router_params = max(
+            (sum(t.numel() for t in pack.prefixed(f"router.{d}.").values()) for d in engine.plan.exit_points),
+            default=0,
+        )
+    return Costs.of(engine.arch, map_rank, router_params)
 
 
 def compute_used(
@@ -262,18 +313,8 @@ async def evaluate(
     try:
         engine = engines["adapted"]
         chat_ids = [engine.chat_prompt([{"role": "user", "content": c}]) for c in chats]
-        pack = engine.pack
         plan = engine.plan
-        map_rank = 0
-        router_params = 0
-        if pack is not None:
-            map_rank = max((t.shape[0] for k, t in pack.tensors.items() if k.endswith(".down") and "map" in k),
-                           default=0)  # fmt: skip
-            router_params = max(
-                (sum(t.numel() for k, t in pack.prefixed(f"router.{d}.").items()) for d in plan.exit_points),
-                default=0,
-            )
-        costs = Costs.of(engine.arch, map_rank, router_params)
+        costs = _costs(engine)
         progress(f"full depth on {sum(map(len, windows))} held-out tokens")
         full = await teacher_forced(engine, windows, {"policy": "none"})
         full_chat = await generate_greedy(engine, chat_ids, chat_tokens, {"policy": "none"})

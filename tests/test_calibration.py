@@ -69,6 +69,10 @@ def test_calibration_trains_every_part_and_lowers_the_distillation_loss(pack_dir
         assert 0.0 <= figures["router_auc"] <= 1.0
     training = pack.manifest["training"]
     assert training["distillation_loss"]["after"] < training["distillation_loss"]["before"]
+    assert pack.defaults["policy"] == "learned" and pack.defaults["backfill"] == "mapped"
+    tuned = pack.manifest["evaluation"]["defaults"]  # the lowest threshold that keeps 95% agreement
+    assert tuned["threshold"] == pack.defaults["threshold"] and tuned["target_agreement"] == 0.95
+    assert tuned["agreement"] >= 0.95 or tuned["threshold"] == 1.0
     harm = pack.manifest["router"]["cost"]["harm"]
     assert set(harm) == {"decoupled", "mapped"} and all(h >= 0 for h in harm["decoupled"].values())
     assert 1000 < training["tokens"] <= 3000

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class CalibrationSettings:
     exit_points: list[int]  # early exit points (depths below the model's layer count)
     max_tokens: int = 32768  # corpus tokens read; adapters and routers keep all of them
-    adapter_rank: int = 64
+    adapter_rank: int = 128
     map_rank: int = 12
     steps: int = 300  # distillation steps (all exit points train together on one batch per step)
     batch_size: int = 256
@@ -48,8 +48,7 @@ class CalibrationSettings:
     router_steps: int = 600
     router_features: list[str] = field(default_factory=lambda: ["hidden"])  # + "confidence" (an LM head)
     cost_weight: float = 1.0  # exponent of the compute saving in the exit decision; 0: agreement only
-    default_threshold: float = 0.5  # requests' default threshold when this pack serves them (policy learned)
-    default_backfill: str = "mapped"
+    default_backfill: str = "mapped"  # requests' default with this pack (policy learned; the threshold is tuned)
     ridge: float = 1e-4  # relative to the mean variance of h_d
     validation_fraction: float = 0.1  # of the kept tokens, for the pack's own figures
     seed: int = 0
@@ -186,11 +185,7 @@ def calibrate(
             "seconds": round(time.perf_counter() - started, 1),
         },
         "evaluation": {"validation": per_point},
-        "defaults": {
-            "policy": "learned",
-            "threshold": settings.default_threshold,
-            "backfill": settings.default_backfill,
-        },
+        "defaults": {"policy": "learned", "backfill": settings.default_backfill},
     }
     # float16 halves the pack; the routers are small and stay float32
     stored = {k: v.half() if not k.startswith("router.") else v.float() for k, v in tensors.items()}
