@@ -42,9 +42,9 @@ class ExitPackError(ValueError):
 def resolve_pack(setting: str | None, model: str) -> Path | None:
     """The exit pack a configuration means: 'auto' (default) the pack shipped for `model` if there is one,
     'none' no pack, anything else a pack directory."""
-    if setting in (None, "auto"):
+    if setting in (None, "auto"):  # shipped packs are named after models, never after folders
         shipped = SHIPPED / model
-        return shipped if (shipped / MANIFEST).is_file() else None
+        return shipped if "/" not in model and (shipped / MANIFEST).is_file() else None
     if setting == "none":
         return None
     return Path(setting).expanduser()
