@@ -412,15 +412,18 @@ def plot(report: dict, path: str) -> None:
     except ImportError as e:
         raise RuntimeError("--plot needs matplotlib: pip install 'adept-serve[eval]'") from e
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"exact": ":", "decoupled": "-", "mapped": "--"}
+    styles = {"exact": ":", "decoupled": "-", "mapped": "--"}  # line style: back-fill; colour: policy
+    policies = dict.fromkeys(r["curve"].rsplit(", ", 1)[0] for r in report["rows"])
+    colours = dict(zip(policies, plt.cm.tab10.colors, strict=False))
     for curve in dict.fromkeys(r["curve"] for r in report["rows"]):
         points = sorted((r["compute_saved"], r["agreement"]) for r in report["rows"] if r["curve"] == curve)
-        backfill = curve.rsplit(", ", 1)[1]
-        ax.plot(*zip(*points, strict=True), styles.get(backfill, "-"), marker="o", markersize=3, label=curve)
+        policy, backfill = curve.rsplit(", ", 1)
+        ax.plot(*zip(*points, strict=True), styles.get(backfill, "-"), color=colours[policy], marker="o",
+                markersize=3, label=curve)  # fmt: skip
     for target in (0.95, 0.99):
         ax.axhline(target, color="grey", linewidth=0.6)
     ax.set_ylim(top=1.0)
-    ax.set_xlabel("layer compute saved (back-fill counted)")
+    ax.set_xlabel("layer compute saved (back-fill counted; exact back-fill saves none)")
     ax.set_ylabel("teacher-forced agreement with the full model")
     ax.set_title(f"{report.get('model', '')}: early exit, quality against compute")
     ax.grid(alpha=0.3)
