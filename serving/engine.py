@@ -112,9 +112,12 @@ class Engine:
     ) -> None:
         self.config, self.plan, self.pipeline, self.tokenizer = config, plan, pipeline, tokenizer
         self.arch, self.pack = arch, pack
-        self.limits = plan.limits(pack is not None and pack.has_routers())
+        # Policy learned needs a trained router at every early exit point (configured points may differ).
+        early = [d for d in plan.exit_points if d < plan.num_layers]
+        routed = pack is not None and all(pack.prefixed(f"router.{d}.") for d in early)
+        self.limits = plan.limits(routed)
         # Requests' unset exit controls: the configuration's, else what the exit pack was tuned for.
-        tuned = pack.defaults if pack is not None and pack.has_routers() else {}
+        tuned = pack.defaults if routed else {}
         self.exit_defaults = ExitParams.model_validate({**tuned, **config.exit.model_dump(exclude_none=True)})
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting_requests)
         self._streams: dict[str, _Stream] = {}

@@ -15,6 +15,7 @@ from serving.cli import main
 from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.evaluation import teacher_forced
+from serving.params import RequestError
 from workers.exit_pack import SHIPPED, ExitPack, ExitPackError, load_pack
 from workers.model_store import DEFAULT_MODEL, fingerprint, load_tokenizer
 
@@ -99,6 +100,24 @@ def test_pack_round_trips_and_refuses_another_model(pack_dir, tiny_chat_dir, tin
         load_pack(str(pack_dir), "tiny", tiny_llama_dir)
     with pytest.raises(ExitPackError, match="made for another model"):  # and so does the engine
         Engine.local(EngineConfig(model=str(tiny_llama_dir), exit_pack=str(pack_dir)))
+
+
+def test_exit_points_without_routers_refuse_learned_clearly(tiny_chat_dir, pack_dir):
+    """Configured exit points the pack has no router for: policy learned is refused by name, and the
+    defaults fall back to full depth, instead of a worker failing mid-batch."""
+
+    async def run():
+        engine = Engine.local(EngineConfig(model=str(tiny_chat_dir), exit_pack=str(pack_dir), exit_points=[1, 3]))
+        try:
+            with pytest.raises(RequestError, match=r"adept\.policy"):
+                engine.submit("hello", {"max_tokens": 2}, {"policy": "learned"})
+            assert engine.exit_defaults.policy is None
+            outs = [o async for o in engine.submit("hello", {"max_tokens": 2, "temperature": 0})]
+            assert [d for o in outs for d in o.exit_layers] == [6, 6]
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
 
 
 def _mean_depths(path, pack_dir, exits: list[dict]) -> list[float]:
