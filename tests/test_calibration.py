@@ -194,3 +194,24 @@ def test_shipped_pack_beats_the_untrained_heads(default_model_dir):
     for depth in (12, 20):
         adapted, raw = asyncio.run(agreement("auto", depth)), asyncio.run(agreement("none", depth))
         assert adapted > raw + 0.1, (depth, adapted, raw)
+
+
+def test_calibration_from_jsonl_and_self_generated_continuations(tiny_chat_dir, tmp_path):
+    """A JSONL corpus of texts, plus chat prompts the model continues itself (data like served traffic)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": line}) for line in TEXT.splitlines()[:200]) + "\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "Tell me about rivers."}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Name a bridge."}]}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "pack"
+    code, _ = adept(
+        "calibrate", "--model", tiny_chat_dir, "--corpus", corpus, "--prompts", prompts, "--generate-tokens", 16,
+        "--exit-points", POINTS, "--max-tokens", 1200, "--window", 64, "--steps", 5, "--router-steps", 20,
+        "--adapter-rank", 8, "--map-rank", 4, "--output", out,
+    )  # fmt: skip
+    assert code == 0
+    data = ExitPack.load(out, fingerprint(tiny_chat_dir)).manifest["training"]["data"]
+    assert data["prompts"]["path"] == str(prompts) and data["prompts"]["generated_tokens"] == 16
+    assert data["corpus"]["path"] == str(corpus) and data["corpus"]["lines"] == [0, 100]
