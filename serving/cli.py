@@ -332,7 +332,8 @@ def _eval(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     where = resolve_pack(args.exit_pack, args.model)
-    trained_on = ExitPack.load(where).manifest.get("training", {}).get("data", {}).get("corpus") if where else None
+    pack = ExitPack.load(where) if where else None
+    trained_on = pack.manifest.get("training", {}).get("data", {}).get("corpus") if pack else None
     part = _held_out(args.corpus, trained_on)
     windows = list(itertools.islice(text_windows(part, tokenizer, args.window), -(-args.max_tokens // args.window)))
     config = EngineConfig(
@@ -345,7 +346,7 @@ def _eval(args: argparse.Namespace) -> int:
     chats = evaluation.CHAT_PROMPTS if args.chat_tokens else []
     policies = args.policies.split(",")
     arch = ModelArch.from_config(load_config(path))
-    points = ExitPack.load(where).exit_points if where else config.exit_points or []
+    points = pack.exit_points if pack else config.exit_points or []
     settings = evaluation.sweep(
         points, arch.num_layers, policies, args.backfills.split(","),
         [float(t) for t in args.thresholds.split(",")], [float(t) for t in args.learned_thresholds.split(",")],
