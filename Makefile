@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
 PROMPT ?= The capital of France is
 
-.PHONY: install install-test run generate test lint bench pack eval protos clean
+.PHONY: install install-test run generate test lint k8s-check bench pack eval protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: install-test  ## the whole test suite, as CI runs it
 
 lint: install-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+k8s-check: install-test  ## build every k8s/ overlay and validate it (KubeRay CRDs from ../shared, Kubernetes schemas, agreements)
+	$(PY) -m pytest -q tests/test_k8s.py -k "not serves"
 
 SHARED ?= ../shared
 CORPUS ?= $(SHARED)/data/wikitext-2/valid.txt
