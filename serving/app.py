@@ -3,20 +3,26 @@ KubeRay's serveConfigV2) and the builder function Serve's `import_path` names: `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import ray
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from ray.serve import Application
 
 from serving.config import EngineConfig
 from workers.model_store import DEFAULT_MODEL
 
 APP_NAME = "adept"
-GRPC_SERVICER = "protos.adept.v1.adept_pb2_grpc.add_AdeptServiceServicer_to_server"
 GRPC_SERVICE = "adept.v1.AdeptService"
+# What Serve's gRPC proxy serves: the project's service and the standard health service (grpc.health.v1).
+GRPC_SERVICERS = [
+    "protos.adept.v1.adept_pb2_grpc.add_AdeptServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+API_KEYS_ENV = "ADEPT_API_KEYS"
 
 
 class Listener(BaseModel):
@@ -50,6 +56,11 @@ class AppConfig(BaseModel):
     )
     router_cpus: float = Field(0.1, ge=0)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=f"keys clients must send (Authorization: Bearer KEY); also {API_KEYS_ENV}, comma-separated, "
+        "in the replicas' environment; none: no authentication",
+    )
     http: Listener = Field(default_factory=lambda: Listener(host="127.0.0.1", port=8000))
     grpc: Listener = Field(default_factory=lambda: Listener(host="127.0.0.1", port=9000))
 
@@ -61,6 +72,11 @@ class AppConfig(BaseModel):
         if self.model_name:
             return self.model_name
         return self.engine.model if self.engine.model == DEFAULT_MODEL else Path(self.engine.model).name
+
+    def accepted_keys(self) -> list[str]:
+        """The configured API keys and those in the environment (a Kubernetes Secret, say) of this process."""
+        from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")]
+        return [k.get_secret_value() for k in self.api_keys] + [k for k in from_env if k]
 
     def uses_gpus(self) -> bool:
         if self.accelerator == "auto":

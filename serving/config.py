@@ -51,6 +51,12 @@ class EngineConfig(BaseSettings):
         ge=2,
         description=f"prompt and generated tokens per sequence; default: the model's, at most {DEFAULT_MAX_MODEL_LEN}",
     )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt accepted (a server limit); default: the context less one token"
+    )
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="most new tokens a request may ask for, and its default; default: the context's room"
+    )
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step (prefill chunks)")
     max_waiting_requests: int = Field(256, ge=0, description="admission queue; beyond it requests are refused")
     max_inflight_batches: int = Field(1, ge=1, description="micro-batches in the pipeline at once")

@@ -178,6 +178,11 @@ class Engine:
         resolved = resolve_exit(exit_params, self.exit_defaults, self.limits)
         prompt_ids = self._prompt_ids(prompt)
         room = self.plan.max_model_len - len(prompt_ids)
+        cap = self.config.max_tokens_limit
+        if cap is not None and sampling.max_tokens is not None and sampling.max_tokens > cap:
+            raise RequestError(
+                "max_tokens", f"{sampling.max_tokens} is over this server's limit (max_tokens_limit {cap})"
+            )
         if sampling.max_tokens is not None and sampling.max_tokens > room:
             raise RequestError(
                 "max_tokens",
@@ -190,7 +195,7 @@ class Engine:
             sampling=sampling,
             exit=resolved,
             seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
-            max_tokens=sampling.max_tokens or room,
+            max_tokens=sampling.max_tokens or min(room, cap or room),
         )
         self.scheduler.add(seq)
         stream = _Stream(seq, Detokenizer(self.tokenizer, sampling.stop, prompt_ids))
@@ -233,6 +238,9 @@ class Engine:
                 )
         if not ids:
             raise RequestError("prompt", "must not be empty")
+        cap = self.config.max_prompt_tokens
+        if cap is not None and len(ids) > cap:
+            raise RequestError("prompt", f"{len(ids)} tokens is over this server's limit (max_prompt_tokens {cap})")
         if len(ids) >= self.plan.max_model_len:
             raise RequestError(
                 "prompt",

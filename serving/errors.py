@@ -12,11 +12,15 @@ from serving.scheduler import QueueFullError
 # kind -> (HTTP status, OpenAI error type, gRPC status)
 KINDS: dict[str, tuple[int, str, grpc.StatusCode]] = {
     "invalid": (400, "invalid_request_error", grpc.StatusCode.INVALID_ARGUMENT),
+    "unauthenticated": (401, "authentication_error", grpc.StatusCode.UNAUTHENTICATED),
     "not_found": (404, "not_found_error", grpc.StatusCode.NOT_FOUND),
     "too_large": (413, "invalid_request_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     "overloaded": (429, "rate_limit_error", grpc.StatusCode.RESOURCE_EXHAUSTED),
     "internal": (500, "server_error", grpc.StatusCode.INTERNAL),
+    "unavailable": (503, "service_unavailable_error", grpc.StatusCode.UNAVAILABLE),
 }
+# Seconds a refused client should wait before retrying (HTTP Retry-After), by kind.
+RETRY_AFTER = {"overloaded": 1, "unavailable": 5}
 
 
 @dataclass
@@ -35,6 +39,11 @@ class ApiError(Exception):
     @property
     def grpc_code(self) -> grpc.StatusCode:
         return KINDS[self.kind][2]
+
+    def headers(self) -> dict[str, str]:
+        if self.kind == "unauthenticated":
+            return {"WWW-Authenticate": "Bearer"}
+        return {"Retry-After": str(RETRY_AFTER[self.kind])} if self.kind in RETRY_AFTER else {}
 
     def body(self) -> dict:
         """The OpenAI error object."""

@@ -2,6 +2,8 @@
 requests (pydantic) before handing them to a router, and both turning the router's events into responses."""
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of the routes.
+import asyncio
+import hmac
 import json
 import logging
 import uuid
@@ -10,13 +12,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from protos.adept.v1 import adept_pb2 as pb
-from serving.app import AppConfig
+from serving.app import GRPC_SERVICE, AppConfig
 from serving.engine import RequestOutput
 from serving.errors import ApiError
 from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
@@ -43,11 +46,28 @@ def _request_id(request: Request) -> str:
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.http_status)
+    return JSONResponse(error.body(), status_code=error.http_status, headers=error.headers())
 
 
 def _invalid(error: RequestError) -> ApiError:
     return ApiError("invalid", str(error), error.param)
+
+
+def _check_key(keys: list[bytes], authorization: str | None) -> None:
+    """No keys configured: everyone may call. Otherwise `Bearer KEY` with one of the keys (compared in
+    constant time; neither keys nor what clients send are ever logged)."""
+    if not keys:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(given.strip().encode(), k) for k in keys):
+        raise ApiError("unauthenticated", "a valid API key is required: send Authorization: Bearer <key>")
+
+
+def _grpc_authorization(context: RayServegRPCContext) -> str | None:
+    return next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+
+
+HEALTH_SERVICES = ("", GRPC_SERVICE)
 
 
 def _grpc_error(context: RayServegRPCContext, error: ApiError) -> None:
@@ -70,13 +90,16 @@ class Ingress:
         self.router = router
         self.model = config.served_name()
         self.max_body = config.max_request_bytes
+        self._keys = [k.encode() for k in config.accepted_keys()]
         self._info: ModelInfo | None = None
+        log.info("ingress: %s, API keys %s", self.model, f"required ({len(self._keys)})" if self._keys else "off")
 
     # ---- HTTP ----------------------------------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         try:
+            _check_key(self._keys, request.headers.get("authorization"))
             body = await self._body(request, CompletionRequest)
             responder = Responder(chat=False, model=self.model, logprobs=body.logprobs is not None)
             generate = GenerateRequest(
@@ -93,6 +116,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         try:
+            _check_key(self._keys, request.headers.get("authorization"))
             body = await self._body(request, ChatCompletionRequest)
             logprobs = body.top_logprobs or 0 if body.logprobs else None
             generate = GenerateRequest(
@@ -108,33 +132,46 @@ class Ingress:
             return _error_response(ApiError.of(e))
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> Response:
+        try:
+            _check_key(self._keys, request.headers.get("authorization"))
+        except ApiError as e:
+            return _error_response(e)
         info = await self._model_info()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": info.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "adept-serve",
-                    "max_model_len": info.max_model_len,
-                    "adept": {
-                        "num_layers": info.num_layers,
-                        "exit_points": info.exit_points,
-                        "num_layer_groups": info.num_layer_groups,
-                    },
-                }
-            ],
-        }
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": info.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "adept-serve",
+                        "max_model_len": info.max_model_len,
+                        "adept": {
+                            "num_layers": info.num_layers,
+                            "exit_points": info.exit_points,
+                            "num_layer_groups": info.num_layer_groups,
+                        },
+                    }
+                ],
+            }
+        )
 
     @app.get("/health")
     async def health(self) -> Response:
-        try:
-            await self.router.check_health.remote()
-        except Exception as e:
-            return JSONResponse({"status": "unavailable", "detail": str(e).splitlines()[0]}, status_code=503)
+        """200 when every worker of a pipeline answers, else 503 (open to all: load balancers and probes)."""
+        problem = await self._unhealthy()
+        if problem:
+            return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def _unhealthy(self) -> str | None:
+        try:
+            await asyncio.wait_for(self.router.check_health.remote(), timeout=10)
+        except Exception as e:
+            return (str(e).splitlines() or [type(e).__name__])[0]
+        return None
 
     async def _body(self, request: Request, schema: type[BaseModel]) -> Any:
         declared = request.headers.get("content-length")
@@ -193,6 +230,7 @@ class Ingress:
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
+            _check_key(self._keys, _grpc_authorization(grpc_context))
             events = await self._start(self._grpc_request(request))
         except ApiError as e:
             _grpc_error(grpc_context, e)
@@ -223,6 +261,11 @@ class Ingress:
     async def ListModels(
         self, request: pb.ListModelsRequest, grpc_context: RayServegRPCContext
     ) -> pb.ListModelsResponse:
+        try:
+            _check_key(self._keys, _grpc_authorization(grpc_context))
+        except ApiError as e:
+            _grpc_error(grpc_context, e)
+            raise
         info = await self._model_info()
         model = pb.Model(
             id=info.name,
@@ -232,6 +275,33 @@ class Ingress:
             max_model_len=info.max_model_len,
         )
         return pb.ListModelsResponse(models=[model])
+
+    # ---- gRPC (grpc.health.v1.Health): what /health says, for probes and load balancers -------------------
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=await self._health_status(request.service, grpc_context))
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now, then each time it changes (checked every few seconds) until the client leaves."""
+        last = None
+        while True:
+            status = await self._health_status(request.service, grpc_context)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(2)
+
+    async def _health_status(self, service: str, grpc_context: RayServegRPCContext) -> int:
+        if service not in HEALTH_SERVICES:
+            error = ApiError("not_found", f"no service {service!r} here; ask for '' or {GRPC_SERVICE!r}")
+            _grpc_error(grpc_context, error)
+            raise error
+        serving = await self._unhealthy() is None
+        return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
     def _grpc_request(self, request: pb.GenerateRequest) -> GenerateRequest:
         if request.model and request.model != self.model:

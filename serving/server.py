@@ -8,7 +8,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.app import APP_NAME, GRPC_SERVICER, AppConfig, build_app
+from serving.app import APP_NAME, GRPC_SERVICERS, AppConfig, build_app
 from serving.grpc_bind import HOST_ENV
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def start(config: AppConfig) -> DeploymentHandle:
     """Start Serve with the configured listeners and run the application; returns the ingress handle."""
     serve.start(
         http_options={"host": config.http.host, "port": config.http.port},
-        grpc_options={"port": config.grpc.port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        grpc_options={"port": config.grpc.port, "grpc_servicer_functions": GRPC_SERVICERS},
     )
     return serve.run(build_app(config), name=APP_NAME, route_prefix="/")
 

@@ -13,15 +13,16 @@ from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
-from serving.app import GRPC_SERVICER, AppConfig, build_app
+from serving.app import GRPC_SERVICERS, AppConfig, build_app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_serve_config_file_builds_the_application_the_way_serve_does():
     schema = ServeDeploySchema.model_validate(yaml.safe_load((EXAMPLES / "serve_config.yaml").read_text()))
-    assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
-    import_attr(GRPC_SERVICER)  # the servicer function Serve's gRPC proxy imports
+    assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
+    for servicer in GRPC_SERVICERS:
+        import_attr(servicer)  # the servicer functions Serve's gRPC proxy imports
     (app_schema,) = schema.applications
     builder = import_attr(app_schema.import_path)
     assert builder is build_app

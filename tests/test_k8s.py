@@ -23,7 +23,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from protos.adept.v1 import adept_pb2 as pb
 from protos.adept.v1 import adept_pb2_grpc as pb_grpc
-from serving.app import GRPC_SERVICER, build_app
+from serving.app import GRPC_SERVICERS, build_app
 from tests.kube import ROOT, Deployment, agreement_problems, kustomize, overlays, schema_errors
 from workers.model_store import DEFAULT_MODEL
 
@@ -66,8 +66,9 @@ def test_the_raycluster_kuberay_makes_validates(built, overlay, shared_dir):
 def test_serve_config_is_the_project_application(built, overlay):
     d = Deployment.of(built[overlay])
     schema = ServeDeploySchema.model_validate(d.serve)  # Ray's own model of a Serve config, as KubeRay sends it
-    assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
-    import_attr(GRPC_SERVICER)  # what each pod's gRPC proxy imports
+    assert schema.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
+    for servicer in GRPC_SERVICERS:
+        import_attr(servicer)  # what each pod's gRPC proxy imports
     (app,) = schema.applications
     assert import_attr(app.import_path) is build_app
     config = d.app  # the args are AppConfig, exactly as `adept serve --config` reads them
@@ -154,6 +155,7 @@ def test_a_broken_overlay_does_not_build(tmp_path):
         ((*WORKERS, "rayStartParams", "num-cpus"), "4", "CPUs"),
         ((*CONTAINER, "ports", 1, "containerPort"), 9001, "grpc"),
         ((*HEAD, "rayStartParams", "num-cpus"), "4", "head"),
+        ((*CONTAINER, "readinessProbe", "httpGet", "port"), 8080, "readiness"),
         (("spec", "serveService", "spec", "ports", 0, "targetPort"), 8080, "serve"),
     ],
 )
