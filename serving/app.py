@@ -19,8 +19,8 @@ APP_NAME = "adept"
 GRPC_SERVICE = "adept.v1.AdeptService"
 # What Serve's gRPC proxy serves: the project's service and the standard health service (grpc.health.v1).
 GRPC_SERVICERS = [
-    "protos.adept.v1.adept_pb2_grpc.add_AdeptServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "serving.grpc_service.add_AdeptServiceServicer_to_server",
+    "serving.grpc_service.add_HealthServicer_to_server",
 ]
 API_KEYS_ENV = "ADEPT_API_KEYS"
 

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException
 
 from protos.adept.v1 import adept_pb2 as pb
 from serving.app import GRPC_SERVICE, AppConfig
 from serving.engine import RequestOutput
 from serving.errors import ApiError
+from serving.grpc_service import MalformedRequest
 from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
 from serving.params import ExitParams, RequestError, SamplingParams, request_error
 from serving.router import Admitted, GenerateRequest, ModelInfo, Rejected
@@ -31,6 +33,14 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="ADEPT Serve", description="Token-level early-exit LLM serving (OpenAI-compatible API)")
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+@app.exception_handler(HTTPException)
+async def _http_exception(request: Request, error: HTTPException) -> JSONResponse:
+    """Unknown paths and methods answer with an OpenAI error object too, like every other refusal."""
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(error.status_code, "invalid_request_error")
+    body = {"error": {"message": f"{request.method} {request.url.path}: {error.detail}", "type": kind}}
+    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
 # Helpers live above the class: serve.ingress serializes the routes when the class is decorated, and
@@ -61,6 +71,11 @@ def _check_key(keys: list[bytes], authorization: str | None) -> None:
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(given.strip().encode(), k) for k in keys):
         raise ApiError("unauthenticated", "a valid API key is required: send Authorization: Bearer <key>")
+
+
+def _well_formed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise ApiError("invalid", request.error)
 
 
 def _grpc_authorization(context: RayServegRPCContext) -> str | None:
@@ -231,6 +246,7 @@ class Ingress:
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             _check_key(self._keys, _grpc_authorization(grpc_context))
+            _well_formed(request)
             events = await self._start(self._grpc_request(request))
         except ApiError as e:
             _grpc_error(grpc_context, e)
@@ -263,6 +279,7 @@ class Ingress:
     ) -> pb.ListModelsResponse:
         try:
             _check_key(self._keys, _grpc_authorization(grpc_context))
+            _well_formed(request)
         except ApiError as e:
             _grpc_error(grpc_context, e)
             raise
@@ -281,7 +298,7 @@ class Ingress:
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=await self._health_status(request.service, grpc_context))
+        return health_pb2.HealthCheckResponse(status=await self._health_status(request, grpc_context))
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
@@ -289,17 +306,20 @@ class Ingress:
         """The status now, then each time it changes (checked every few seconds) until the client leaves."""
         last = None
         while True:
-            status = await self._health_status(request.service, grpc_context)
+            status = await self._health_status(request, grpc_context)
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
             await asyncio.sleep(2)
 
-    async def _health_status(self, service: str, grpc_context: RayServegRPCContext) -> int:
-        if service not in HEALTH_SERVICES:
-            error = ApiError("not_found", f"no service {service!r} here; ask for '' or {GRPC_SERVICE!r}")
+    async def _health_status(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext) -> int:
+        try:
+            _well_formed(request)
+            if request.service not in HEALTH_SERVICES:
+                raise ApiError("not_found", f"no service {request.service!r} here; ask for '' or {GRPC_SERVICE!r}")
+        except ApiError as error:
             _grpc_error(grpc_context, error)
-            raise error
+            raise
         serving = await self._unhealthy() is None
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 

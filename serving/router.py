@@ -114,6 +114,10 @@ class Router:
         allocator = self.engine.scheduler.slots
         return {"capacity": allocator.capacity, "free": allocator.num_free, "workers": list(occupied)}
 
+    async def workers(self) -> list[dict]:
+        """Each layer-group worker's layers, process id and occupied slots."""
+        return list(await asyncio.gather(*(g.actor.info.remote() for g in self.engine.pipeline.groups)))
+
     async def check_health(self) -> None:
         """Serve's health check: every worker of the pipeline answers."""
         await asyncio.gather(*(g.actor.ping.remote() for g in self.engine.pipeline.groups))

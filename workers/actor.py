@@ -59,3 +59,7 @@ class LayerGroupWorker:
 
     def ping(self) -> tuple[int, int]:
         return self.spec.start, self.spec.end
+
+    def info(self) -> dict:
+        """Which layers, which process, which slots hold K/V: for operators (and the tests)."""
+        return {"layers": [self.spec.start, self.spec.end], "pid": os.getpid(), "occupied": self.occupied()}
