@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from serving.config import EngineConfig, PipelinePlan, plan_pipeline
 from serving.detokenizer import Detokenizer
 from serving.executor import BatchResult, GroupHandle, LocalGroup, Pipeline, Submitted
+from serving.metrics import EngineStats
 from serving.params import ExitParams, RequestError, SamplingParams, request_error, resolve_exit
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceUpdate
 from workers.arch import ModelArch
@@ -64,6 +66,8 @@ class _Stream:
     seq: Sequence
     detok: Detokenizer
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    admitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
 
 
 class RequestStream:
@@ -109,9 +113,12 @@ class Engine:
         tokenizer: PreTrainedTokenizerBase,
         arch: ModelArch,
         pack: ExitPack | None,
+        stats: EngineStats | None = None,
     ) -> None:
         self.config, self.plan, self.pipeline, self.tokenizer = config, plan, pipeline, tokenizer
         self.arch, self.pack = arch, pack
+        self.stats = stats or EngineStats()
+        pipeline.stats = self.stats
         # Policy learned needs a trained router at every early exit point (configured points may differ).
         early = [d for d in plan.exit_points if d < plan.num_layers]
         routed = pack is not None and all(pack.prefixed(f"router.{d}.") for d in early)
@@ -129,15 +136,18 @@ class Engine:
         self._background: set[asyncio.Task] = set()
 
     @classmethod
-    def build(cls, config: EngineConfig, make_groups: GroupFactory) -> Engine:
-        """An engine whose layer groups `make_groups(model_path, plan, exit_pack)` creates."""
+    def build(
+        cls, config: EngineConfig, make_groups: GroupFactory, stats: Callable[[PipelinePlan], EngineStats] | None = None
+    ) -> Engine:
+        """An engine whose layer groups `make_groups(model_path, plan, exit_pack)` creates; `stats(plan)`
+        makes what it reports to."""
         path = resolve_model(config.model)
         arch = ModelArch.from_config(load_config(path))
         pack = load_pack(config.exit_pack, config.model, path)
         plan = plan_pipeline(config, arch, pack.exit_points if pack is not None else None)
         groups = make_groups(path, plan, pack)
         pipeline = Pipeline(groups, config.sync_backfill)
-        return cls(config, plan, pipeline, load_tokenizer(path), arch, pack)
+        return cls(config, plan, pipeline, load_tokenizer(path), arch, pack, stats(plan) if stats else None)
 
     @classmethod
     def local(cls, config: EngineConfig) -> Engine:
@@ -260,11 +270,17 @@ class Engine:
         loop runs anything else, so streaming the last tokens out never delays the next step."""
         while len(self._inflight) < self.config.max_inflight_batches:
             batch = self.scheduler.schedule(self._batch_seqs())
+            self._report_scheduler()
             if batch is None:
                 return
             task = asyncio.get_running_loop().create_task(self._step(batch, self.pipeline.submit(batch.rows)))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _report_scheduler(self) -> None:
+        slots = self.scheduler.slots
+        running = len(self.scheduler.running)
+        self.stats.scheduler(running, len(self.scheduler.waiting), slots.capacity - slots.num_free, slots.num_free)
 
     def _batch_seqs(self) -> int:
         """Sequences per micro-batch: the work split evenly over the micro-batches in flight, so that while
@@ -302,6 +318,11 @@ class Engine:
         if update.token is None:  # a prompt chunk that did not reach the end of the prompt
             return False
         token = update.token
+        now = time.monotonic()
+        if stream.first_token is None:
+            stream.first_token = now
+            self.stats.first_token(now - stream.admitted)
+        self.stats.token(seq.exit_depths[-1])
         text = stream.detok.add(token)
         reason = None
         if stream.detok.stopped or (token in self.arch.eos_token_ids and not seq.sampling.ignore_eos):
@@ -311,6 +332,7 @@ class Engine:
         if reason is not None:
             text += stream.detok.flush()
             self._streams.pop(seq.request_id, None)
+            self._report_finish(stream, reason)
         want_logprobs = seq.sampling.logprobs is not None
         stream.queue.put_nowait(
             RequestOutput(
@@ -327,10 +349,18 @@ class Engine:
         )
         return reason is not None
 
+    def _report_finish(self, stream: _Stream, reason: str) -> None:
+        now, seq = time.monotonic(), stream.seq
+        n = len(seq.output_ids)
+        per_token = (now - stream.first_token) / (n - 1) if stream.first_token is not None and n > 1 else None
+        usage = self.usage(seq)
+        self.stats.finished(reason, now - stream.admitted, per_token, usage.layers_computed, usage.layers_total)
+
     def _finish(self, stream: _Stream, reason: str) -> None:
         """End a stream without a new token (abort)."""
         seq = stream.seq
         self._streams.pop(seq.request_id, None)
+        self._report_finish(stream, reason)
         text = stream.detok.flush()
         stream.queue.put_nowait(
             RequestOutput(seq.request_id, text, [], [], finished=True, finish_reason=reason, usage=self.usage(seq))

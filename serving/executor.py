@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from serving.metrics import EngineStats
 from workers.layer_group import LayerGroup
 from workers.protocol import Rows, StepResult
 
@@ -61,6 +63,7 @@ class Pipeline:
         self.groups = groups
         self.sync_backfill = sync_backfill
         self._backfilling: set[asyncio.Task] = set()  # calls nobody waits for; failures are logged
+        self.stats = EngineStats()
 
     async def execute(self, rows: Rows) -> BatchResult:
         return await self.collect(self.submit(rows))
@@ -100,10 +103,13 @@ class Pipeline:
             keep[result.exited] = False
             ids = ids[keep]
             g += 1
+        done_at = time.monotonic()
         for rest in range(g, len(self.groups)):  # back-fill only, off the critical path
             task = asyncio.get_running_loop().create_task(self.groups[rest].fetch(results[rest]))
             self._backfilling.add(task)
-            task.add_done_callback(self._backfill_done)
+            task.add_done_callback(lambda t, at=done_at: self._backfill_done(t, at))
+        if g < len(self.groups):
+            self.stats.backfill(None, len(self._backfilling))
         return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs, target_logprobs)
 
     def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
@@ -122,8 +128,9 @@ class Pipeline:
         while self._backfilling:
             await asyncio.gather(*self._backfilling, return_exceptions=True)
 
-    def _backfill_done(self, task: asyncio.Task) -> None:
+    def _backfill_done(self, task: asyncio.Task, critical_path_done: float) -> None:
         self._backfilling.discard(task)
+        self.stats.backfill(time.monotonic() - critical_path_done, len(self._backfilling))
         if not task.cancelled() and task.exception() is not None:
             # The rows' K/V stay missing: the completeness check fails the forward that would read them.
             log.error("a back-fill call failed", exc_info=task.exception())

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -24,6 +24,7 @@ from serving.app import GRPC_SERVICE, AppConfig
 from serving.engine import RequestOutput
 from serving.errors import ApiError
 from serving.grpc_service import MalformedRequest
+from serving.metrics import ApiStats, node_metrics
 from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
 from serving.params import ExitParams, RequestError, SamplingParams, request_error
 from serving.router import Admitted, GenerateRequest, ModelInfo, Rejected
@@ -107,6 +108,7 @@ class Ingress:
         self.max_body = config.max_request_bytes
         self._keys = [k.encode() for k in config.accepted_keys()]
         self._info: ModelInfo | None = None
+        self.stats = ApiStats()
         log.info("ingress: %s, API keys %s", self.model, f"required ({len(self._keys)})" if self._keys else "off")
 
     # ---- HTTP ----------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ class Ingress:
             )
             return await self._http(generate, responder, body.stream, body.stream_options)
         except (ApiError, RequestError) as e:
-            return _error_response(ApiError.of(e))
+            return self._refused(ApiError.of(e))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -144,7 +146,7 @@ class Ingress:
             responder = Responder(chat=True, model=self.model, logprobs=body.logprobs)
             return await self._http(generate, responder, body.stream, body.stream_options)
         except (ApiError, RequestError) as e:
-            return _error_response(ApiError.of(e))
+            return self._refused(ApiError.of(e))
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -173,6 +175,11 @@ class Ingress:
             }
         )
 
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus exposition of this node: ADEPT's metrics with Ray's and Serve's (no request content)."""
+        return PlainTextResponse(await node_metrics(), media_type="text/plain; version=0.0.4")
+
     @app.get("/health")
     async def health(self) -> Response:
         """200 when every worker of a pipeline answers, else 503 (open to all: load balancers and probes)."""
@@ -187,6 +194,10 @@ class Ingress:
         except Exception as e:
             return (str(e).splitlines() or [type(e).__name__])[0]
         return None
+
+    def _refused(self, error: ApiError) -> JSONResponse:
+        self.stats.outcome("http", error.kind)
+        return _error_response(error)
 
     async def _body(self, request: Request, schema: type[BaseModel]) -> Any:
         declared = request.headers.get("content-length")
@@ -219,24 +230,30 @@ class Ingress:
                 last = event
         finally:
             events.cancel()
+        self.stats.outcome("http", "ok")
         return JSONResponse(responder.response(last.finish_reason, last.usage))
 
     async def _sse(
         self, events: DeploymentResponseGenerator, responder: Responder, include_usage: bool
     ) -> AsyncIterator[str]:
+        outcome = "aborted"  # unless it ends below: the client left
         try:
             if responder.chat:
                 yield _sse(responder.role_chunk())
             async for event in events:
                 if isinstance(event, Rejected):  # failed after it started: say so in the stream
+                    outcome = event.error.kind
                     yield _sse(event.error.body())
                     break
                 if event.token_ids or event.finished:
                     yield _sse(responder.chunk(event, include_usage))
                 if event.finished and include_usage:
                     yield _sse(responder.usage_chunk(event.usage))
+            else:
+                outcome = "ok"
             yield _sse("[DONE]")
         finally:
+            self.stats.outcome("http", outcome)
             events.cancel()
 
     # ---- gRPC (adept.v1.AdeptService) ----------------------------------------------------------------
@@ -249,11 +266,14 @@ class Ingress:
             _well_formed(request)
             events = await self._start(self._grpc_request(request))
         except ApiError as e:
+            self.stats.outcome("grpc", e.kind)
             _grpc_error(grpc_context, e)
             raise
+        outcome = "aborted"
         try:
             async for event in events:
                 if isinstance(event, Rejected):
+                    outcome = event.error.kind
                     _grpc_error(grpc_context, event.error)
                     raise event.error
                 if event.token_ids:
@@ -271,7 +291,9 @@ class Ingress:
                             layers_total=usage.layers_total,
                         ),
                     )
+                    outcome = "ok"
         finally:
+            self.stats.outcome("grpc", outcome)
             events.cancel()
 
     async def ListModels(

@@ -16,6 +16,7 @@ from ray import serve
 from serving.app import AppConfig
 from serving.engine import Engine, EngineError, RequestOutput
 from serving.errors import ApiError
+from serving.metrics import RayStats
 from serving.params import ExitParams, RequestError, SamplingParams
 from serving.ray_executor import RayGroup, ray_groups
 from serving.scheduler import QueueFullError
@@ -71,7 +72,7 @@ class Router:
             replica = serve.get_replica_context().replica_id.unique_id
             return ray_groups(engine_config, plan, worker_resources, config.worker_threads, f"adept-{replica}")
 
-        self.engine = Engine.build(engine_config, make_groups)
+        self.engine = Engine.build(engine_config, make_groups, lambda plan: RayStats(plan.num_layers))
         self.name = config.served_name()
         plan = self.engine.plan
         log.info(

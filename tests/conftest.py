@@ -135,7 +135,8 @@ def served(default_model_dir) -> Served:
         http=Listener(host="127.0.0.1", port=free_port()),
         grpc=Listener(host="127.0.0.1", port=free_port()),
     )
-    server.init_ray(config, num_cpus=2)
+    # Metrics reach the node's exporter every second instead of every ten (tests read /metrics).
+    server.init_ray(config, num_cpus=2, _system_config={"metrics_report_interval_ms": 1000})
     try:
         server.start(config)
         yield Served(config, f"http://127.0.0.1:{config.http.port}", f"127.0.0.1:{config.grpc.port}")

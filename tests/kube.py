@@ -257,6 +257,8 @@ def agreement_problems(d: Deployment) -> list[str]:
         cpus = float(params.get("num-cpus", _quantity(limits.get("cpu", 0))))
         if "cpu" in limits and cpus > _quantity(limits["cpu"]):
             problems.append(f"{group}: rayStartParams num-cpus {cpus} exceeds the container's {limits['cpu']} CPUs")
+        if str(container_ports.get("metrics")) != params.get("metrics-export-port"):
+            problems.append(f"{group}: container port 'metrics' and rayStartParams metrics-export-port differ")
         probe = container.get("readinessProbe", {}).get("httpGet")
         if probe is not None and (probe.get("port") != ports["serve"] or probe.get("path") != "/health"):
             problems.append(f"{group}: the readiness probe asks {probe}, not /health on Serve's port {ports['serve']}")

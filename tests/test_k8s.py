@@ -156,6 +156,7 @@ def test_a_broken_overlay_does_not_build(tmp_path):
         ((*CONTAINER, "ports", 1, "containerPort"), 9001, "grpc"),
         ((*HEAD, "rayStartParams", "num-cpus"), "4", "head"),
         ((*CONTAINER, "readinessProbe", "httpGet", "port"), 8080, "readiness"),
+        ((*WORKERS, "rayStartParams", "metrics-export-port"), "9090", "metrics"),
         (("spec", "serveService", "spec", "ports", 0, "targetPort"), 8080, "serve"),
     ],
 )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 import torch
+from ray.util import metrics
 
 from workers.device import resolve_device, resolve_dtype
 from workers.exit_pack import load_pack
@@ -38,6 +40,10 @@ class LayerGroupWorker:
         pack = load_pack(exit_pack, model, path)
         self.group = LayerGroup.load(path, spec, pack, where, resolve_dtype(dtype, where))
         self.spec = spec
+        self._tags = {"layers": f"{spec.start}-{spec.end}"}
+        self._used = metrics.Gauge("adept_worker_kv_slots_used", "slots holding K/V on a worker", ("layers",))
+        self._free = metrics.Gauge("adept_worker_kv_slots_free", "slots without K/V on a worker", ("layers",))
+        self._report_slots()
         log.info(
             "layer group [%d, %d) ready on %s (pid %d, %d threads)",
             spec.start, spec.end, where, os.getpid(), torch.get_num_threads(),
@@ -48,14 +54,23 @@ class LayerGroupWorker:
         """Back-fills the batch carries, then its rows: (small result, what the next group needs). Tensors
         leave on the CPU: Ray copies them to host memory anyway."""
         result, out = self.group.forward(batch)
+        if time.monotonic() - self._reported > 1.0:  # counting slots reads the whole fill map (a GPU sync)
+            self._report_slots()
         return result, Continuing(out.rows, out.hidden.cpu(), out.backfill, out.backfill_hidden.cpu())
 
     def free(self, slots: torch.Tensor) -> None:
         self.group.free(slots)
+        self._report_slots()
 
     def occupied(self) -> list[int]:
         """Slots holding any K/V (after every request has finished: none)."""
         return self.group.cache.occupied()
+
+    def _report_slots(self) -> None:
+        self._reported = time.monotonic()
+        used = len(self.occupied())
+        self._used.set(used, tags=self._tags)
+        self._free.set(self.spec.num_slots - used, tags=self._tags)
 
     def ping(self) -> tuple[int, int]:
         return self.spec.start, self.spec.end
