@@ -61,6 +61,13 @@ class AppConfig(BaseModel):
         description=f"keys clients must send (Authorization: Bearer KEY); also {API_KEYS_ENV}, comma-separated, "
         "in the replicas' environment; none: no authentication",
     )
+    trace_sampling_ratio: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="requests traced when OTEL_EXPORTER_OTLP_ENDPOINT is set (a sampled "
+        "incoming traceparent always is); `adept serve` only: on KubeRay, serveConfigV2's tracing_config",
+    )
     http: Listener = Field(default_factory=lambda: Listener(host="127.0.0.1", port=8000))
     grpc: Listener = Field(default_factory=lambda: Listener(host="127.0.0.1", port=9000))
 

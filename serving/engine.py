@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from serving import tracing
 from serving.config import EngineConfig, PipelinePlan, plan_pipeline
 from serving.detokenizer import Detokenizer
 from serving.executor import BatchResult, GroupHandle, LocalGroup, Pipeline, Submitted
@@ -68,6 +71,40 @@ class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     admitted: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    span: Span | None = None  # set when the request is traced
+
+
+@dataclass
+class _TracedStep:
+    """A step with traced requests: each gets a span per layer-group call that computed or back-filled its
+    rows (which rows a group touched follows from their exit depths and the group's layers)."""
+
+    plan: PipelinePlan
+    spans: list[tuple[Span, int, int]]  # (request span, its rows in the batch)
+    sync: bool
+    depths: torch.Tensor | None = None
+
+    def computed(self, result: BatchResult) -> None:
+        self.depths = result.exit_depth
+        for g, timing in enumerate(result.timings):
+            self._record(g, timing, backfill_only=False)
+
+    def backfilled(self, group: int, timing: tuple[int, int]) -> None:
+        if self.depths is not None:
+            self._record(group, timing, backfill_only=True)
+
+    def _record(self, g: int, timing: tuple[int, int], backfill_only: bool) -> None:
+        spec = self.plan.groups[g]
+        for span, start, end in self.spans:
+            depths = self.depths[start:end]
+            entered = int((depths > spec.start).sum())
+            if entered:
+                call = tracing.GroupCall((spec.start, spec.end), timing, entered, False, False)
+                tracing.record_call(span, call)
+            if len(depths) - entered:
+                off = backfill_only and not self.sync
+                call = tracing.GroupCall((spec.start, spec.end), timing, len(depths) - entered, True, off)
+                tracing.record_call(span, call)
 
 
 class RequestStream:
@@ -209,6 +246,7 @@ class Engine:
         )
         self.scheduler.add(seq)
         stream = _Stream(seq, Detokenizer(self.tokenizer, sampling.stop, prompt_ids))
+        stream.span = tracing.start_request(self.config.model, len(prompt_ids), resolved.name)
         self._streams[request_id] = stream
         self._in_engine(self._launch)
         return RequestStream(self, request_id, stream.queue, len(prompt_ids))
@@ -289,8 +327,9 @@ class Engine:
         return max(1, -(-work // self.config.max_inflight_batches))
 
     async def _step(self, batch: ScheduledBatch, submitted: Submitted) -> None:
+        traced = self._traced(batch)
         try:
-            result: BatchResult = await self.pipeline.collect(submitted)
+            result: BatchResult = await self.pipeline.collect(submitted, traced.backfilled if traced else None)
         except Exception as e:  # a worker failed: fail this batch's requests, keep serving the rest
             log.exception("a batch of %d requests failed", len(batch.seqs))
             for seq in batch.seqs:
@@ -300,6 +339,8 @@ class Engine:
                     stream.queue.put_nowait(EngineError(f"request {seq.request_id} failed in the engine: {e}"))
             self._release(batch.seqs)
         else:
+            if traced:
+                traced.computed(result)
             updates = self.scheduler.update(
                 batch, result.exit_depth, result.tokens, result.logprobs, result.top_ids, result.top_logprobs
             )
@@ -355,6 +396,27 @@ class Engine:
         per_token = (now - stream.first_token) / (n - 1) if stream.first_token is not None and n > 1 else None
         usage = self.usage(seq)
         self.stats.finished(reason, now - stream.admitted, per_token, usage.layers_computed, usage.layers_total)
+        if stream.span is not None:
+            attributes = {
+                "adept.completion_tokens": n,
+                "adept.finish_reason": reason,
+                "adept.layers_computed": usage.layers_computed,
+                "adept.layers_total": usage.layers_total,
+            }
+            if stream.first_token is not None:
+                attributes["adept.time_to_first_token_s"] = stream.first_token - stream.admitted
+            if seq.exit_depths:
+                attributes["adept.mean_exit_depth"] = sum(seq.exit_depths) / len(seq.exit_depths)
+            tracing.end_request(stream.span, attributes)
+
+    def _traced(self, batch: ScheduledBatch) -> _TracedStep | None:
+        spans, start = [], 0
+        for seq, n in zip(batch.seqs, batch.counts, strict=True):
+            stream = self._streams.get(seq.request_id)
+            if stream is not None and stream.span is not None:
+                spans.append((stream.span, start, start + n))
+            start += n
+        return _TracedStep(self.plan, spans, self.pipeline.sync_backfill) if spans else None
 
     def _finish(self, stream: _Stream, reason: str) -> None:
         """End a stream without a new token (abort)."""

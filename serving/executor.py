@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +49,7 @@ class BatchResult:
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
     target_logprobs: torch.Tensor
+    timings: list[tuple[int, int]]  # per group read on the critical path: its call's start and end (ns)
 
 
 @dataclass
@@ -77,8 +79,11 @@ class Pipeline:
             results.append(result_ref)
         return Submitted(rows, results)
 
-    async def collect(self, submitted: Submitted) -> BatchResult:
-        """Read the groups' results in order until every row has exited."""
+    async def collect(
+        self, submitted: Submitted, on_backfill: Callable[[int, tuple[int, int]], None] | None = None
+    ) -> BatchResult:
+        """Read the groups' results in order until every row has exited. The deeper groups' calls only
+        back-fill: `on_backfill(group, timing)` hears when each one finishes."""
         rows, results = submitted.rows, submitted.results
         n = len(rows)
         exit_depth = torch.zeros(n, dtype=torch.int64)
@@ -89,9 +94,11 @@ class Pipeline:
         top_logprobs = torch.full((n, k), float("-inf"))
         target_logprobs = torch.full((n,), float("nan"))
         ids = torch.arange(n)
+        timings = []
         g = 0
         while g < len(self.groups) and (len(ids) or self.sync_backfill):
             result: StepResult = await self.groups[g].fetch(results[g])
+            timings.append(result.timing)
             done = ids[result.exited]
             exit_depth[done] = result.exit_depth
             tokens[done] = result.tokens
@@ -107,10 +114,10 @@ class Pipeline:
         for rest in range(g, len(self.groups)):  # back-fill only, off the critical path
             task = asyncio.get_running_loop().create_task(self.groups[rest].fetch(results[rest]))
             self._backfilling.add(task)
-            task.add_done_callback(lambda t, at=done_at: self._backfill_done(t, at))
+            task.add_done_callback(lambda t, at=done_at, g=rest: self._backfill_done(t, at, g, on_backfill))
         if g < len(self.groups):
             self.stats.backfill(None, len(self._backfilling))
-        return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs, target_logprobs)
+        return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs, target_logprobs, timings)
 
     def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
         """Clear the slots on every group. Submitted at once, so it follows the back-fills already sent
@@ -128,12 +135,18 @@ class Pipeline:
         while self._backfilling:
             await asyncio.gather(*self._backfilling, return_exceptions=True)
 
-    def _backfill_done(self, task: asyncio.Task, critical_path_done: float) -> None:
+    def _backfill_done(
+        self, task: asyncio.Task, critical_path_done: float, group: int, on_backfill: Callable | None
+    ) -> None:
         self._backfilling.discard(task)
         self.stats.backfill(time.monotonic() - critical_path_done, len(self._backfilling))
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             # The rows' K/V stay missing: the completeness check fails the forward that would read them.
             log.error("a back-fill call failed", exc_info=task.exception())
+        elif on_backfill is not None:
+            on_backfill(group, task.result().timing)
 
 
 class LocalGroup:

@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
 from protos.adept.v1 import adept_pb2 as pb
+from serving import tracing
 from serving.app import GRPC_SERVICE, AppConfig
 from serving.engine import RequestOutput
 from serving.errors import ApiError
@@ -264,7 +265,8 @@ class Ingress:
         try:
             _check_key(self._keys, _grpc_authorization(grpc_context))
             _well_formed(request)
-            events = await self._start(self._grpc_request(request))
+            with tracing.continuing(grpc_context.traceparent(), grpc_context.tracestate()):
+                events = await self._start(self._grpc_request(request))
         except ApiError as e:
             self.stats.outcome("grpc", e.kind)
             _grpc_error(grpc_context, e)

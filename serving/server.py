@@ -7,7 +7,9 @@ import logging
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import TracingConfig
 
+from serving import tracing
 from serving.app import APP_NAME, GRPC_SERVICERS, AppConfig, build_app
 from serving.grpc_bind import HOST_ENV
 
@@ -29,6 +31,11 @@ def start(config: AppConfig) -> DeploymentHandle:
     serve.start(
         http_options={"host": config.http.host, "port": config.http.port},
         grpc_options={"port": config.grpc.port, "grpc_servicer_functions": GRPC_SERVICERS},
+        tracing_config=TracingConfig(
+            enabled=tracing.exporting(),
+            exporter_import_path=tracing.EXPORTER,
+            sampling_ratio=config.trace_sampling_ratio,
+        ),
     )
     return serve.run(build_app(config), name=APP_NAME, route_prefix="/")
 

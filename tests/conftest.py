@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from serving import server
 from serving.app import APP_NAME, AppConfig, Listener
 from serving.config import EngineConfig
+from tests import otlp
 from workers.model_store import DEFAULT_MODEL, resolve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,10 +128,23 @@ SERVED_ENGINE = dict(max_num_seqs=8, max_model_len=1024, max_inflight_batches=2)
 
 
 @pytest.fixture(scope="session")
-def served(default_model_dir) -> Served:
-    """Ray, Serve and the application on the default model, started once for the whole test session."""
+def otlp_collector():
+    """A local OTLP/HTTP collector that the session's server exports its traces to."""
+    collector, http_server = otlp.start()
+    yield collector
+    http_server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(default_model_dir, otlp_collector) -> Served:
+    """Ray, Serve and the application on the default model, started once for the whole test session.
+    Tracing exports to the local collector; the sampling ratio is 0, so only requests that arrive with a
+    sampled traceparent are traced."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token files for a throwaway local cluster
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp_collector.endpoint  # Ray's processes inherit it
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # ms: spans reach the collector quickly
     config = AppConfig(
+        trace_sampling_ratio=0.0,
         engine=EngineConfig(**SERVED_ENGINE),
         http=Listener(host="127.0.0.1", port=free_port()),
         grpc=Listener(host="127.0.0.1", port=free_port()),

@@ -7,6 +7,7 @@ inside the group get the group's remaining layers back-filled in the same call."
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,12 +216,14 @@ class LayerGroup:
     def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
         """A pipeline's call: Rows for the first group, the previous group's Continuing for the others.
         Back-fills it carries land before the forward rows attend to them."""
+        started = time.time_ns()
         if isinstance(batch, Rows):
             rows, hidden, incoming, incoming_hidden = batch, None, BackfillRows.empty(), None
         else:
             rows, hidden, incoming, incoming_hidden = batch.rows, batch.hidden, batch.backfill, batch.backfill_hidden
         backfills = [incoming] if len(incoming) else []
         result, out, carry = self.step(StepCall(rows, backfills), hidden, *([incoming_hidden] if backfills else []))
+        result.timing = (started, time.time_ns())
         keep = torch.ones(len(rows), dtype=torch.bool)
         keep[result.exited] = False
         going_on = rows.select(keep.nonzero().flatten())

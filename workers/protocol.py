@@ -59,7 +59,8 @@ def _select(obj, index: torch.Tensor):
 
 def to_device(obj, device: torch.device):
     """A copy of a dataclass of tensors (Rows, BackfillRows, StepResult) on `device`."""
-    return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
+    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
 
 def _cat(items: list):
@@ -171,3 +172,4 @@ class StepResult(Tensors):
     top_logprobs: torch.Tensor  # float32 [exited, K]
     target_logprobs: torch.Tensor  # float32, per exited row: log-probability of its target; NaN where none
     carry: torch.Tensor  # int64
+    timing: tuple[int, int] = (0, 0)  # wall clock (ns) when the call started and ended, for traces
