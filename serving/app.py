@@ -54,6 +54,9 @@ class AppConfig(BaseModel):
     worker_threads: int | None = Field(
         None, ge=1, description="torch threads per worker; default: Ray's, the worker's CPU share (at least 1)"
     )
+    worker_max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a layer-group worker that died; the router rebuilds its cache"
+    )
     router_cpus: float = Field(0.1, ge=0)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
     api_keys: list[SecretStr] = Field(

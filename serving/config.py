@@ -60,6 +60,9 @@ class EngineConfig(BaseSettings):
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step (prefill chunks)")
     max_waiting_requests: int = Field(256, ge=0, description="admission queue; beyond it requests are refused")
     max_inflight_batches: int = Field(1, ge=1, description="micro-batches in the pipeline at once")
+    worker_restart_timeout_s: float = Field(
+        120.0, gt=0, description="how long the engine waits for a lost layer-group worker to be restarted"
+    )
     sync_backfill: bool = Field(
         False, description="a step waits for its back-fills on every deeper group (slower; a benchmark reference)"
     )

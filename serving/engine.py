@@ -40,6 +40,10 @@ class EngineError(RuntimeError):
     """A request failed inside the engine (not the client's fault); other requests are unaffected."""
 
 
+class EngineUnavailable(EngineError):
+    """The pipeline lost a worker for good: retry the request (another pipeline, or this one replaced)."""
+
+
 @dataclass
 class Usage:
     prompt_tokens: int
@@ -171,6 +175,8 @@ class Engine:
         # cancel them mid-pipeline, under every other request's feet.
         self._context = contextvars.Context()
         self._background: set[asyncio.Task] = set()
+        self._recovery: asyncio.Task | None = None  # rebuilding the KV cache after a worker was lost
+        self.broken: str | None = None  # why this pipeline cannot serve any more (a worker lost for good)
 
     @classmethod
     def build(
@@ -212,6 +218,8 @@ class Engine:
     ) -> RequestStream:
         """Admit a request (raises RequestError or QueueFullError at once) and return its output stream."""
         request_id = request_id or uuid.uuid4().hex
+        if self.broken:
+            raise EngineUnavailable(f"this pipeline cannot serve: {self.broken}; retry the request")
         if request_id in self._streams:
             raise RequestError("request_id", f"{request_id!r} is already in use")
         try:
@@ -306,6 +314,8 @@ class Engine:
         """Schedule and submit micro-batches until the pipeline holds as many as configured. Called whenever
         that may change (a request arrives, a batch returns); it submits to the workers before the event
         loop runs anything else, so streaming the last tokens out never delays the next step."""
+        if self._recovery is not None or self.broken:
+            return
         while len(self._inflight) < self.config.max_inflight_batches:
             batch = self.scheduler.schedule(self._batch_seqs())
             self._report_scheduler()
@@ -330,7 +340,15 @@ class Engine:
         traced = self._traced(batch)
         try:
             result: BatchResult = await self.pipeline.collect(submitted, traced.backfilled if traced else None)
-        except Exception as e:  # a worker failed: fail this batch's requests, keep serving the rest
+        except Exception as e:
+            if self.pipeline.lost_worker(e) and not self.broken:  # rebuild, then go on where they stopped
+                for seq in batch.seqs:
+                    seq.in_flight = False
+                if self._recovery is None:
+                    self._recovery = self._in_task(self._recover(e))
+                self._inflight.discard(asyncio.current_task())
+                return
+            # anything else: fail this batch's requests, keep serving the rest
             log.exception("a batch of %d requests failed", len(batch.seqs))
             for seq in batch.seqs:
                 seq.in_flight = False
@@ -347,6 +365,53 @@ class Engine:
             self._release([u.seq for u in updates if self._deliver(u)])
         self._inflight.discard(asyncio.current_task())
         self._launch()
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovery is not None
+
+    def _in_task(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine, context=self._context)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _recover(self, error: BaseException) -> None:
+        """A worker died: wait for the other micro-batches to end, for Ray to restart the worker (with its
+        layers, without its cache), clear every running sequence's slot on every worker, and let the
+        scheduler feed each one's prompt and generated tokens again; its next token continues the stream."""
+        started = time.monotonic()
+        log.warning("a layer-group worker was lost (%s); waiting for its restart", str(error).splitlines()[0])
+        others = [t for t in self._inflight if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)
+        try:
+            await self.pipeline.ready(self.config.worker_restart_timeout_s)
+            running = [s for s in self.scheduler.running if s.slot is not None]
+            if running:
+                await Pipeline.confirm(self.pipeline.free([s.slot for s in running]))
+        except Exception as e:
+            self._give_up(f"a layer-group worker did not come back: {str(e).splitlines()[0]}")
+            return
+        finally:
+            self._recovery = None
+        rebuilt = self.scheduler.rebuild()
+        self._release([s for s in rebuilt if s.aborted])
+        elapsed = time.monotonic() - started
+        self.stats.recovered(elapsed)
+        log.warning("worker back after %.1f s: rebuilding the KV cache of %d sequences", elapsed, len(rebuilt))
+        self._launch()
+
+    def _give_up(self, reason: str) -> None:
+        """No way back for this pipeline: every admitted request ends with a retryable error, every slot is
+        released, and the router reports itself unhealthy so that Serve replaces it."""
+        log.error("%s: failing %d requests", reason, len(self._streams))
+        self.broken = reason
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(EngineUnavailable(f"{reason}; retry the request"))
+        self._streams.clear()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(seq)
+        self.scheduler.waiting.clear()
 
     def _deliver(self, update: SequenceUpdate) -> bool:
         """Turn a sequence's new token into an output; returns whether the sequence is done."""
@@ -440,10 +505,13 @@ class Engine:
         slots = [s for s in (self.scheduler.finish(seq) for seq in seqs) if s is not None]
         if not slots:
             return
-        calls = self.pipeline.free(slots)
-        task = asyncio.get_running_loop().create_task(Pipeline.confirm(calls))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_task(self._confirm_free(self.pipeline.free(slots)))
+
+    async def _confirm_free(self, calls) -> None:
+        try:
+            await Pipeline.confirm(calls)
+        except Exception as e:  # a lost worker's cache is gone anyway; recovery clears the others
+            log.warning("freeing slots failed: %s", str(e).splitlines()[0])
 
     async def drain(self) -> None:
         """Wait until every admitted request has finished and every slot is cleared on the workers."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from serving.engine import EngineUnavailable
 from serving.params import RequestError
 from serving.scheduler import QueueFullError
 
@@ -58,4 +59,6 @@ class ApiError(Exception):
             return cls("invalid", str(error), error.param)
         if isinstance(error, QueueFullError):
             return cls("overloaded", str(error))
+        if isinstance(error, EngineUnavailable):
+            return cls("unavailable", str(error))
         return cls("internal", f"the request failed inside the server: {error}")

@@ -36,6 +36,14 @@ class GroupHandle(Protocol):
 
     async def fetch(self, ref: Any) -> Any: ...
 
+    def lost(self, error: BaseException) -> bool:
+        """Whether `error` means the group's worker died and may come back (restarted, its cache empty)."""
+        ...
+
+    async def ready(self, timeout: float) -> None:
+        """Return once the group answers again; raise if it will not (within `timeout` seconds)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -130,6 +138,12 @@ class Pipeline:
         for group, ref in calls:
             await group.fetch(ref)
 
+    def lost_worker(self, error: BaseException) -> bool:
+        return any(group.lost(error) for group in self.groups)
+
+    async def ready(self, timeout: float) -> None:
+        await asyncio.gather(*(group.ready(timeout) for group in self.groups))
+
     async def drain(self) -> None:
         """Wait for the back-fill calls in flight (tests and shutdown)."""
         while self._backfilling:
@@ -167,6 +181,12 @@ class LocalGroup:
     async def fetch(self, ref: _Part) -> Any:
         value = await asyncio.wrap_future(ref.future)
         return value if ref.index is None else value[ref.index]
+
+    def lost(self, error: BaseException) -> bool:
+        return False  # in this process: nothing to lose but the process
+
+    async def ready(self, timeout: float) -> None:
+        return None
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

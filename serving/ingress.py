@@ -191,7 +191,7 @@ class Ingress:
 
     async def _unhealthy(self) -> str | None:
         try:
-            await asyncio.wait_for(self.router.check_health.remote(), timeout=10)
+            await asyncio.wait_for(self.router.workers_answer.remote(), timeout=15)
         except Exception as e:
             return (str(e).splitlines() or [type(e).__name__])[0]
         return None

@@ -35,6 +35,9 @@ class EngineStats:
         """A back-fill call finished `seconds` after its batch's critical path (None: one was queued);
         `pending` calls remain."""
 
+    def recovered(self, seconds: float) -> None:
+        """A lost worker was back after `seconds` and the running sequences' caches are being rebuilt."""
+
 
 class RayStats(EngineStats):
     """The router's: Serve metrics of its replica."""
@@ -63,6 +66,9 @@ class RayStats(EngineStats):
         self.slots_used = metrics.Gauge("adept_pipeline_kv_slots_used", "KV slots allocated in this pipeline")
         self.slots_free = metrics.Gauge("adept_pipeline_kv_slots_free", "KV slots free in this pipeline")
         self.backfill_pending = metrics.Gauge("adept_backfill_pending", "back-fill calls off the critical path")
+        self.recoveries = metrics.Histogram(
+            "adept_worker_recovery_seconds", "a lost worker's restart, until its pipeline resumed", LATENCY_BUCKETS
+        )
         self.backfill_seconds = metrics.Histogram(
             "adept_backfill_lag_seconds", "a back-fill's finish after its step's critical path", LATENCY_BUCKETS
         )
@@ -88,6 +94,9 @@ class RayStats(EngineStats):
         self.waiting.set(waiting)
         self.slots_used.set(slots_used)
         self.slots_free.set(slots_free)
+
+    def recovered(self, seconds: float) -> None:
+        self.recoveries.observe(seconds)
 
     def backfill(self, seconds: float | None, pending: int) -> None:
         self.backfill_pending.set(pending)

@@ -6,10 +6,13 @@ are scheduled, and torn down, together. Hidden states stay ObjectRefs: they move
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,6 +35,37 @@ class RayGroup:
     async def fetch(self, ref: ray.ObjectRef) -> Any:
         return await ref
 
+    def lost(self, error: BaseException) -> bool:
+        """A worker process that died fails its calls (RayActorError) and the hidden states it owned
+        (ObjectLostError), possibly wrapped in the error of a later call that depended on them."""
+        for _ in range(8):
+            if isinstance(error, RayActorError | ObjectLostError):
+                return True
+            cause = error.cause if isinstance(error, RayTaskError) else error.__cause__
+            if cause is None:
+                return False
+            error = cause
+        return False
+
+    async def ready(self, timeout: float) -> None:
+        """Ray restarts a dead worker (max_restarts) with its layers and an empty cache; wait for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(self.actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (RayActorError, TimeoutError):
+                if time.monotonic() > deadline or self._dead():
+                    raise
+                await asyncio.sleep(0.2)
+
+    def _dead(self) -> bool:
+        """Dead for good: its restarts are used up (Ray's actor table says DEAD, not RESTARTING)."""
+        from ray._private.state import state  # the GCS's actor table: works without the dashboard
+
+        info = state.actor_table(self.actor._actor_id.hex())
+        return bool(info) and info.get("State") == "DEAD"
+
     def close(self) -> None:
         ray.kill(self.actor)
 
@@ -42,6 +76,7 @@ def ray_groups(
     resources: dict[str, float],
     threads: int | None,
     name: str,
+    max_restarts: int,
     first_bundle: int = 1,
 ) -> list[RayGroup]:
     """Start one worker per layer group (in bundles first_bundle, first_bundle + 1, ... of the current
@@ -65,7 +100,7 @@ def ray_groups(
                 resources=resources,
                 scheduling_strategy=strategy,
                 name=f"{name}-group-{i}",
-                max_restarts=0,  # a restarted worker has an empty cache: the router must know (see issue 6)
+                max_restarts=max_restarts,  # a restarted worker has an empty cache: the engine rebuilds it
             ).remote(config.model, spec, config.exit_pack, config.device, config.dtype, threads)
         )
     ray.get([a.ping.remote() for a in actors])  # raises here if a worker cannot load its layers

@@ -14,7 +14,7 @@ from pathlib import Path
 from ray import serve
 
 from serving.app import AppConfig
-from serving.engine import Engine, EngineError, RequestOutput
+from serving.engine import Engine, EngineError, EngineUnavailable, RequestOutput
 from serving.errors import ApiError
 from serving.metrics import RayStats
 from serving.params import ExitParams, RequestError, SamplingParams
@@ -70,7 +70,10 @@ class Router:
 
         def make_groups(_path: Path, plan, _pack: ExitPack | None) -> list[RayGroup]:
             replica = serve.get_replica_context().replica_id.unique_id
-            return ray_groups(engine_config, plan, worker_resources, config.worker_threads, f"adept-{replica}")
+            name = f"adept-{replica}"
+            return ray_groups(
+                engine_config, plan, worker_resources, config.worker_threads, name, config.worker_max_restarts
+            )
 
         self.engine = Engine.build(engine_config, make_groups, lambda plan: RayStats(plan.num_layers))
         self.name = config.served_name()
@@ -87,7 +90,7 @@ class Router:
         try:
             prompt = request.prompt if request.messages is None else self._chat(request.messages)
             stream = self.engine.submit(prompt, request.sampling, request.exit, request.request_id)
-        except (RequestError, QueueFullError) as e:
+        except (RequestError, QueueFullError, EngineUnavailable) as e:
             yield Rejected(ApiError.of(e))
             return
         yield Admitted(prompt_tokens=stream.prompt_tokens)
@@ -97,7 +100,7 @@ class Router:
                     out.token_texts = self._texts(out)
                 yield out
         except EngineError as e:
-            yield Rejected(ApiError("internal", str(e)))
+            yield Rejected(ApiError("unavailable" if isinstance(e, EngineUnavailable) else "internal", str(e)))
         finally:
             stream.abort()
 
@@ -111,17 +114,29 @@ class Router:
     async def kv_slots(self) -> dict:
         """Slots in use, by the scheduler and on every worker (after all requests ended: none)."""
         await self.engine.drain()
-        occupied = await asyncio.gather(*(g.actor.occupied.remote() for g in self.engine.pipeline.groups))
         allocator = self.engine.scheduler.slots
-        return {"capacity": allocator.capacity, "free": allocator.num_free, "workers": list(occupied)}
+        slots = {"capacity": allocator.capacity, "free": allocator.num_free, "workers": None}
+        if not self.engine.broken:  # a lost worker has nothing to report
+            slots["workers"] = list(
+                await asyncio.gather(*(g.actor.occupied.remote() for g in self.engine.pipeline.groups))
+            )
+        return slots
 
     async def workers(self) -> list[dict]:
         """Each layer-group worker's layers, process id and occupied slots."""
         return list(await asyncio.gather(*(g.actor.info.remote() for g in self.engine.pipeline.groups)))
 
     async def check_health(self) -> None:
-        """Serve's health check: every worker of the pipeline answers."""
-        await asyncio.gather(*(g.actor.ping.remote() for g in self.engine.pipeline.groups))
+        """Serve's health check: fails (and Serve replaces this replica with a new pipeline) only when the
+        engine gave up on a lost worker; while it rebuilds, the replica is healthy."""
+        if self.engine.broken:
+            raise RuntimeError(f"this pipeline lost a worker for good: {self.engine.broken}")
+
+    async def workers_answer(self) -> None:
+        """Every worker of the pipeline answers now (what /health reports)."""
+        if self.engine.recovering:
+            raise RuntimeError("a layer-group worker is being restarted; its sequences wait for it")
+        await asyncio.wait_for(asyncio.gather(*(g.actor.ping.remote() for g in self.engine.pipeline.groups)), 10)
 
     def _chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

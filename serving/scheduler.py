@@ -93,6 +93,14 @@ class Scheduler:
                 return None if seq.in_flight else seq
         return None
 
+    def rebuild(self) -> list[Sequence]:
+        """Every sequence holding a slot starts over from position 0 (prompt and generated tokens are fed
+        again, the last one sampling the next token): after a worker lost its KV cache. Returns them."""
+        for seq in self.running:
+            seq.num_computed = 0
+            seq.in_flight = False
+        return list(self.running)
+
     def finish(self, seq: Sequence) -> int | None:
         """Drop a finished or aborted sequence; returns its slot, which the caller frees on every worker."""
         if seq in self.running:
@@ -109,10 +117,12 @@ class Scheduler:
         picked: list[tuple[Sequence, int]] = []
         # Decode rows first (one token each), then unfinished prompts, then new sequences.
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
-        for seq in sorted(ready, key=lambda s: not s.prefill_done):
+        # Unfed tokens: 1 for a decoding sequence; more for a prompt in chunks, or for a sequence whose K/V is
+        # rebuilt (prompt and generated tokens) after a worker was lost.
+        for seq in sorted(ready, key=lambda s: len(s.tokens) - s.num_computed > 1):
             if budget == 0 or len(picked) == room:
                 break
-            n = 1 if seq.prefill_done else min(len(seq.prompt_ids) - seq.num_computed, budget)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
             picked.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and self.slots.num_free > 0 and len(picked) < room:
