@@ -175,7 +175,15 @@ def main() -> int:
                 tasks = [client_loop(client, url, model, run, stop, rng, args.max_tokens) for rng in rngs]
                 if args.kill_worker_at is not None:
                     tasks.append(killer(args.kill_worker_at))
+                progress = asyncio.create_task(report(stop))
                 await asyncio.gather(*tasks)
+                progress.cancel()
+
+        async def report(stop: float) -> None:
+            while time.monotonic() < stop:
+                await asyncio.sleep(30)
+                log(f"  {time.monotonic() - started:.0f} s: {run.completed} requests, {run.tokens} tokens, "
+                    f"errors {dict(run.errors) or 'none'}")  # fmt: skip
 
         async def killer(at: float) -> None:
             await asyncio.sleep(at)
