@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
 PROMPT ?= The capital of France is
 
-.PHONY: install install-test run generate test lint k8s-check bench pack eval protos clean
+.PHONY: install install-test browser run generate test lint k8s-check bench pack eval protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
 	touch $@
 
+# tests/test_web.py drives a headless browser: Debian's chromium (Playwright downloads none).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "tests/test_web.py needs chromium: sudo apt-get install chromium"; exit 1; }
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test browser
 
 run: install  ## serve the default model: HTTP (OpenAI API) on 127.0.0.1:8000, gRPC on 127.0.0.1:9000; Ctrl-C stops
 	$(VENV)/bin/adept serve

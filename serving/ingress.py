@@ -8,10 +8,11 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="ADEPT Serve", description="Token-level early-exit LLM serving (OpenAI-compatible API)")
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+# The live view at /: plain files shipped in the package, no build step.
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
 @app.exception_handler(HTTPException)
@@ -175,6 +179,17 @@ class Ingress:
                 ],
             }
         )
+
+    @app.get("/")
+    async def page(self) -> Response:
+        """The live view: a completion streamed with every token coloured by its exit depth."""
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            return _error_response(ApiError("not_found", f"no file {name!r} here"))
+        return FileResponse(STATIC / name, media_type=STATIC_FILES[name])
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

@@ -1,0 +1,225 @@
+// The live view: streams a completion from this server's own OpenAI-compatible API and colours every
+// token by the depth it exited at. Plain JavaScript, nothing fetched from anywhere else. The API key, if
+// any, lives only in this page's memory (the input field).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let model = null; // {id, num_layers, exit_points, default_exit}
+let running = [];
+
+function layers() {
+  return model ? model.num_layers : 1;
+}
+
+// Shallow exits (compute saved) blue, full depth orange; light enough to read black text on.
+function colour(layer) {
+  const t = (layer - 1) / Math.max(1, layers() - 1);
+  return `hsl(${Math.round(210 - 180 * t)} 85% 78%)`;
+}
+
+function headers() {
+  const h = { "content-type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.authorization = `Bearer ${key}`;
+  return h;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function failure(response) {
+  let detail = "";
+  try {
+    const body = await response.json();
+    detail = body.error ? body.error.message : JSON.stringify(body);
+  } catch (_) {
+    detail = response.statusText;
+  }
+  const retry = response.headers.get("retry-after");
+  return new Error(`HTTP ${response.status}: ${detail}${retry ? ` (retry after ${retry} s)` : ""}`);
+}
+
+async function loadModel() {
+  const response = await fetch("/v1/models", { headers: headers() });
+  if (!response.ok) throw await failure(response);
+  const m = (await response.json()).data[0];
+  model = { id: m.id, ...m.adept };
+  $("model").textContent = `${m.id}: ${model.num_layers} layers in ${model.num_layer_groups} layer groups, exit points ${model.exit_points.join(", ")}`;
+  const defaults = model.default_exit || {};
+  if (defaults.threshold !== undefined) {
+    $("threshold").value = defaults.threshold;
+    $("threshold-value").value = defaults.threshold;
+  }
+  $("panel-early").querySelector(".settings").textContent = describe(controls());
+  drawLegend();
+}
+
+function drawLegend() {
+  const n = layers();
+  const stops = Array.from({ length: 6 }, (_, i) => colour(1 + ((n - 1) * i) / 5)).join(", ");
+  $("legend").innerHTML = "";
+  const left = document.createElement("span");
+  left.textContent = "exit layer 1";
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  bar.style.background = `linear-gradient(to right, ${stops})`;
+  const right = document.createElement("span");
+  right.textContent = `${n} (full depth)`;
+  $("legend").append(left, bar, right);
+}
+
+function controls() {
+  const adept = {};
+  if ($("policy").value) adept.policy = $("policy").value;
+  if (!$("threshold-default").checked) adept.threshold = Number($("threshold").value);
+  if ($("max-depth").value) adept.max_depth = Number($("max-depth").value);
+  if ($("backfill").value) adept.backfill = $("backfill").value;
+  return adept;
+}
+
+function describe(adept) {
+  const parts = Object.entries(adept).map(([k, v]) => `${k} ${v}`);
+  return parts.length ? parts.join(", ") : "server defaults";
+}
+
+function request(adept) {
+  const chat = $("mode").value === "chat";
+  const body = {
+    model: model.id,
+    max_tokens: $("max-tokens").value === "" ? null : Number($("max-tokens").value),
+    temperature: 0,
+    stream: true,
+    stream_options: { include_usage: true },
+    adept,
+  };
+  if (chat) body.messages = [{ role: "user", content: $("prompt").value }];
+  else body.prompt = $("prompt").value;
+  return { chat, body, url: chat ? "/v1/chat/completions" : "/v1/completions" };
+}
+
+function resetPanel(panel) {
+  panel.querySelector("[data-text]").innerHTML = "";
+  panel.querySelector("[data-histogram]").innerHTML = "";
+  for (const dd of panel.querySelectorAll("[data-figure]")) dd.textContent = "–";
+}
+
+function figures(panel, state, now) {
+  const set = (name, value) => (panel.querySelector(`[data-figure="${name}"]`).textContent = value);
+  if (state.first === null) return;
+  set("tps", (state.tokens / ((now - state.started) / 1000)).toFixed(1));
+  set("ttft", `${Math.round(state.first - state.started)} ms`);
+  set("depth", (state.depthSum / state.tokens).toFixed(1));
+  const saved = state.usage
+    ? 1 - state.usage.layers_computed / state.usage.layers_total
+    : 1 - state.depthSum / (state.tokens * layers());
+  set("saved", `${(100 * saved).toFixed(1)}%`);
+  set("tokens", String(state.tokens));
+}
+
+function histogram(panel, counts) {
+  const box = panel.querySelector("[data-histogram]");
+  const max = Math.max(1, ...counts);
+  box.innerHTML = "";
+  for (let layer = 1; layer <= layers(); layer++) {
+    const bar = document.createElement("div");
+    bar.className = "b";
+    bar.style.height = `${(100 * counts[layer]) / max}%`;
+    bar.style.background = colour(layer);
+    bar.title = `exit layer ${layer}: ${counts[layer]} tokens`;
+    box.append(bar);
+  }
+}
+
+async function stream(panel, adept, signal) {
+  resetPanel(panel);
+  const { chat, body, url } = request(adept);
+  const text = panel.querySelector("[data-text]");
+  const counts = new Array(layers() + 1).fill(0);
+  const state = { started: performance.now(), first: null, tokens: 0, depthSum: 0, usage: null };
+  const response = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+  if (!response.ok) throw await failure(response);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, end).trim();
+      buffer = buffer.slice(end + 2);
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const event = JSON.parse(line.slice(6));
+      if (event.error) throw new Error(`the server stopped this stream: ${event.error.message}`);
+      if (event.usage) state.usage = event.usage;
+      const choice = event.choices && event.choices[0];
+      const piece = choice ? (chat ? (choice.delta && choice.delta.content) || "" : choice.text || "") : "";
+      const exits = (event.adept && event.adept.exit_layers) || [];
+      if (exits.length) {
+        const span = document.createElement("span");
+        const deepest = Math.max(...exits);
+        span.className = "tok";
+        span.textContent = piece;
+        span.dataset.exitLayer = String(deepest);
+        span.title = `exit layer ${exits.join(", ")} of ${layers()}`;
+        span.style.background = colour(deepest);
+        text.append(span);
+        state.first = state.first ?? performance.now();
+        state.tokens += exits.length;
+        for (const d of exits) {
+          state.depthSum += d;
+          counts[d] += 1;
+        }
+        histogram(panel, counts);
+      } else if (piece) {
+        text.append(document.createTextNode(piece)); // text without a token of its own (end of stream)
+      }
+      figures(panel, state, performance.now());
+    }
+  }
+  figures(panel, state, performance.now());
+}
+
+async function run(event) {
+  event.preventDefault();
+  showError("");
+  const status = $("status");
+  try {
+    if (!model) await loadModel();
+  } catch (e) {
+    showError(String(e.message || e));
+    return;
+  }
+  const compare = $("compare").checked;
+  $("panel-full").hidden = !compare;
+  const adept = controls();
+  $("panel-early").querySelector(".settings").textContent = describe(adept);
+  running = [new AbortController(), new AbortController()];
+  $("run").disabled = true;
+  $("stop").disabled = false;
+  status.textContent = "streaming…";
+  const jobs = [stream($("panel-early"), adept, running[0].signal)];
+  if (compare) jobs.push(stream($("panel-full"), { policy: "none" }, running[1].signal));
+  const results = await Promise.allSettled(jobs);
+  const failed = results.filter((r) => r.status === "rejected" && r.reason.name !== "AbortError");
+  if (failed.length) showError(failed.map((r) => String(r.reason.message || r.reason)).join("\n"));
+  status.textContent = failed.length ? "failed" : "done";
+  $("run").disabled = false;
+  $("stop").disabled = true;
+}
+
+$("form").addEventListener("submit", run);
+$("stop").addEventListener("click", () => running.forEach((c) => c.abort()));
+$("threshold").addEventListener("input", () => {
+  $("threshold-value").value = $("threshold").value;
+  $("threshold-default").checked = false;
+});
+$("api-key").addEventListener("change", () => {
+  model = null;
+  loadModel().catch((e) => showError(String(e.message || e)));
+});
+loadModel().catch((e) => showError(String(e.message || e)));

@@ -1,0 +1,81 @@
+"""The live view at /, in a real headless browser (Debian's chromium driven by Playwright) against the real
+server: a comparison streams to the end, the rendered tokens join to the text the API returns for the same
+request, every token carries an exit layer of the model, the figures are filled, and a bad input shows the
+server's error. A screenshot is saved in test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+PROMPT = "Explain in one sentence why the sky is blue."
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise RuntimeError("chromium is needed (Debian: apt-get install chromium; .ci/run installs it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{served.http}/")
+    page.wait_for_function("document.getElementById('model').textContent.length > 0")
+    yield page
+    page.close()
+
+
+def test_page_streams_a_comparison_coloured_by_exit_layer(page, served):
+    page.fill("#prompt", PROMPT)
+    page.fill("#max-tokens", "24")
+    page.check("#compare")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=120_000)
+    assert page.locator("#error").is_hidden()
+
+    early = page.locator("#panel-early")
+    shown = early.locator("[data-text]").text_content()
+    layers = [int(x) for x in early.locator(".tok").evaluate_all("els => els.map(e => e.dataset.exitLayer)")]
+    assert layers and all(1 <= d <= 30 for d in layers)
+    # The same request through the API (greedy, the server's default exit controls) gives the same text.
+    body = {
+        "model": served.model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    api = httpx.post(f"{served.http}/v1/chat/completions", json=body, timeout=120).json()
+    assert shown == api["choices"][0]["message"]["content"]
+    assert layers == api["adept"]["exit_layers"][: len(layers)] and len(layers) == len(api["adept"]["exit_layers"])
+    for figure in ("tps", "ttft", "depth", "saved", "tokens"):
+        assert early.locator(f'[data-figure="{figure}"]').text_content() not in ("", "–"), figure
+    assert early.locator('[data-figure="tokens"]').text_content() == "24"
+    assert early.locator("[data-histogram] .b").count() == 30
+
+    full = page.locator("#panel-full")
+    full_layers = full.locator(".tok").evaluate_all("els => els.map(e => Number(e.dataset.exitLayer))")
+    assert full_layers and set(full_layers) == {30}
+    assert full.locator('[data-figure="saved"]').text_content() == "0.0%"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live-view.png"), full_page=True)
+
+
+def test_page_shows_the_servers_error(page):
+    page.fill("#max-tokens", "0")
+    page.uncheck("#compare")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent === 'failed'", timeout=60_000)
+    message = page.locator("#error").text_content()
+    assert "HTTP 400" in message and "max_tokens" in message
