@@ -10,6 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ray import serve
+
+from serving.app import AppConfig, build_app
+from serving.config import EngineConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PROMPT = "Explain in one sentence why the sky is blue."
@@ -79,3 +83,29 @@ def test_page_shows_the_servers_error(page):
     page.wait_for_function("document.getElementById('status').textContent === 'failed'", timeout=60_000)
     message = page.locator("#error").text_content()
     assert "HTTP 400" in message and "max_tokens" in message
+
+
+def test_page_works_with_an_api_key(browser, served):
+    """Under a route prefix, on an application that needs a key: refused without it, served with it."""
+    serve.run(
+        build_app(AppConfig(engine=EngineConfig(max_num_seqs=2), api_keys=["sk-page"])),
+        name="keyed",
+        route_prefix="/keyed",
+    )
+    page = browser.new_page()
+    try:
+        page.goto(f"{served.http}/keyed/")
+        page.wait_for_function("!document.getElementById('error').hidden")
+        assert "HTTP 401" in page.locator("#error").text_content()
+        page.fill("#api-key", "sk-page")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page.fill("#max-tokens", "4")
+        page.uncheck("#compare")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+        assert page.locator("#panel-early .tok").count() == 4
+        assert page.locator("#error").is_hidden()
+    finally:
+        page.close()
+        serve.delete("keyed")

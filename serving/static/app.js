@@ -1,6 +1,7 @@
 // The live view: streams a completion from this server's own OpenAI-compatible API and colours every
 // token by the depth it exited at. Plain JavaScript, nothing fetched from anywhere else. The API key, if
-// any, lives only in this page's memory (the input field).
+// any, lives only in this page's memory (the input field). URLs are relative: the page works under any
+// Serve route prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -43,7 +44,7 @@ async function failure(response) {
 }
 
 async function loadModel() {
-  const response = await fetch("/v1/models", { headers: headers() });
+  const response = await fetch("v1/models", { headers: headers() });
   if (!response.ok) throw await failure(response);
   const m = (await response.json()).data[0];
   model = { id: m.id, ...m.adept };
@@ -97,7 +98,7 @@ function request(adept) {
   };
   if (chat) body.messages = [{ role: "user", content: $("prompt").value }];
   else body.prompt = $("prompt").value;
-  return { chat, body, url: chat ? "/v1/chat/completions" : "/v1/completions" };
+  return { chat, body, url: chat ? "v1/chat/completions" : "v1/completions" };
 }
 
 function resetPanel(panel) {
