@@ -213,6 +213,16 @@ async function run(event) {
   $("stop").disabled = true;
 }
 
+function addFullDepthPanel() {
+  const panel = $("panel-early").cloneNode(true);
+  panel.id = "panel-full";
+  panel.hidden = true;
+  panel.querySelector("h2").firstChild.textContent = "Full depth ";
+  panel.querySelector(".settings").textContent = "policy none";
+  $("panels").append(panel);
+}
+
+addFullDepthPanel();
 $("form").addEventListener("submit", run);
 $("stop").addEventListener("click", () => running.forEach((c) => c.abort()));
 $("threshold").addEventListener("input", () => {
