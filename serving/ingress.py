@@ -174,6 +174,7 @@ class Ingress:
                             "num_layers": info.num_layers,
                             "exit_points": info.exit_points,
                             "num_layer_groups": info.num_layer_groups,
+                            "default_exit": info.default_exit,  # what requests get for unset controls
                         },
                     }
                 ],

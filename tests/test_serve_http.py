@@ -222,6 +222,7 @@ def test_models_and_health(served):
         "num_layers": 30,
         "exit_points": [8, 12, 16, 20, 24, 28, 30],
         "num_layer_groups": 3,
+        "default_exit": {"policy": "learned", "threshold": 0.45, "backfill": "mapped"},  # the shipped pack's
     }
     health = httpx.get(served.http + "/health", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
