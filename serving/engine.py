@@ -395,7 +395,12 @@ class Engine:
         finally:
             self._recovery = None
         rebuilt = self.scheduler.rebuild()
-        self._release([s for s in rebuilt if s.aborted])
+        gone = [s for s in rebuilt if s.aborted]  # their clients left during the failure
+        for seq in gone:
+            stream = self._streams.get(seq.request_id)
+            if stream is not None:
+                self._finish(stream, "abort")
+        self._release(gone)
         elapsed = time.monotonic() - started
         self.stats.recovered(elapsed)
         log.warning("worker back after %.1f s: rebuilding the KV cache of %d sequences", elapsed, len(rebuilt))
