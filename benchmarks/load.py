@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -63,14 +64,23 @@ def otlp_sink() -> tuple[str, list[int]]:
     return f"http://127.0.0.1:{server.server_address[1]}/v1/traces", received
 
 
-def ray_processes() -> dict[str, float]:
-    """Resident memory (MiB) of this process and every Ray process, by title (pid appended)."""
-    found = {}
-    for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+def ray_process_list() -> list[tuple[str, psutil.Process]]:
+    """This process and every Ray process, each with its title (pid appended)."""
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         title = cmd.split(" ")[0] if cmd.startswith("ray::") else p.info["name"]
         if p.info["pid"] == os.getpid() or cmd.startswith("ray::") or title in ("raylet", "gcs_server"):
-            found[f"{title} [{p.info['pid']}]"] = p.info["memory_info"].rss / 2**20
+            found.append((f"{title} [{p.info['pid']}]", p))
+    return found
+
+
+def ray_processes() -> dict[str, float]:
+    """Resident memory (MiB) of this process and every Ray process, by title."""
+    found = {}
+    for title, p in ray_process_list():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found[title] = p.memory_info().rss / 2**20
     return found
 
 

@@ -67,9 +67,11 @@ def test_page_streams_a_comparison_coloured_by_exit_layer(page, served):
         assert early.locator(f'[data-figure="{figure}"]').text_content() not in ("", "–"), figure
     assert early.locator('[data-figure="tokens"]').text_content() == "24"
     assert early.locator("[data-histogram] .b").count() == 30
+    info = httpx.get(f"{served.http}/v1/models", timeout=60).json()["data"][0]["adept"]
+    labels = early.locator("[data-axis] span").evaluate_all("els => els.map(e => e.textContent).filter(Boolean)")
+    assert labels == [str(d) for d in info["exit_points"]]  # the histogram's axis names the exit points
     # the threshold slider starts at the server's default (the shipped pack's tuned threshold)
-    default = httpx.get(f"{served.http}/v1/models", timeout=60).json()["data"][0]["adept"]["default_exit"]
-    assert float(page.locator("#threshold").input_value()) == default["threshold"]
+    assert float(page.locator("#threshold").input_value()) == info["default_exit"]["threshold"]
 
     full = page.locator("#panel-full")
     full_layers = full.locator(".tok").evaluate_all("els => els.map(e => Number(e.dataset.exitLayer))")
