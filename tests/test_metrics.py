@@ -27,8 +27,22 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for got, v in found if all(got.get(k) == want for k, want in labels.items()))
 
 
+def settled(served) -> dict:
+    """A scrape that no earlier test's late export changes any more (two scrapes, 2.5 export intervals apart,
+    agree on the counters this test reads)."""
+    names = ("adept_exit_layer_count", "adept_api_requests", "adept_request_latency_seconds_count")
+    last = scrape(served)
+    for _ in range(30):
+        time.sleep(2.5)
+        now = scrape(served)
+        if all(total(now, n) == total(last, n) for n in names):
+            return now
+        last = now
+    raise AssertionError("the metrics never settled")
+
+
 def test_metrics_parse_and_count_what_was_served(served):
-    before = scrape(served)
+    before = settled(served)
     generated = 0
     for prompt in PROMPTS[:3]:
         body = {"model": served.model, "prompt": prompt, "max_tokens": 5, "temperature": 0}
@@ -40,25 +54,33 @@ def test_metrics_parse_and_count_what_was_served(served):
         generated += sum(1 for line in r.iter_lines() if '"exit_layers": [' in line and '"exit_layers": []' not in line)
     httpx.post(f"{served.http}/v1/completions", json={"model": served.model, "prompt": ""}, timeout=60)  # a 400
 
+    assert generated == 3 * 5 + 4
+    # (metric, labels) -> how much it must move. The ingress and the router export on their own schedules
+    # (every second in tests, ten by default), and the stream's outcome is counted after its [DONE].
+    expected = {
+        ("adept_exit_layer_count", ()): generated,  # one observation per generated token
+        ("adept_generated_tokens", ()): generated,
+        ("adept_api_requests", (("protocol", "http"), ("outcome", "ok"))): 4,
+        ("adept_api_requests", (("protocol", "http"), ("outcome", "invalid"))): 1,
+        ("adept_time_to_first_token_seconds_count", ()): 4,
+        ("adept_request_latency_seconds_count", ()): 4,
+        ("adept_requests_finished", (("reason", "length"),)): 4,
+    }
+
+    def moved(after: dict) -> dict:
+        return {k: total(after, k[0], **dict(k[1])) - total(before, k[0], **dict(k[1])) for k in expected}
+
     deadline = time.monotonic() + 60
-    while True:  # Ray exports every second (tests) to ten (default)
+    while True:
         after = scrape(served)
-        moved = total(after, "adept_exit_layer_count") - total(before, "adept_exit_layer_count")
-        if moved >= generated or time.monotonic() > deadline:
+        if all(m >= expected[k] for k, m in moved(after).items()) or time.monotonic() > deadline:
             break
         time.sleep(1)
+    assert moved(after) == expected
 
-    def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
+    def delta(name: str) -> float:
+        return total(after, name) - total(before, name)
 
-    assert generated == 3 * 5 + 4
-    assert delta("adept_exit_layer_count") == generated  # one observation per generated token
-    assert delta("adept_generated_tokens") == generated
-    assert delta("adept_api_requests", protocol="http", outcome="ok") == 4
-    assert delta("adept_api_requests", protocol="http", outcome="invalid") == 1
-    assert delta("adept_time_to_first_token_seconds_count") == 4
-    assert delta("adept_request_latency_seconds_count") == 4
-    assert delta("adept_requests_finished", reason="length") == 4
     assert 0 < delta("adept_layers_computed") <= delta("adept_layers_full_depth")
     # every exit layer is within the model's 30 layers: the +Inf bucket adds nothing beyond le=30
     assert total(after, "adept_exit_layer_bucket", le="30.0") == total(after, "adept_exit_layer_bucket", le="+Inf")
