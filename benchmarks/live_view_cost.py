@@ -19,13 +19,9 @@ import time
 
 import httpx
 import psutil
-from load import PROMPTS, ray_process_list  # benchmarks/ is on sys.path
+from load import PROMPTS, log, ray_process_list  # benchmarks/ is on sys.path
 
 PAGE = ["/", "/static/app.js", "/static/style.css", "/v1/models"]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def server_cpu() -> float:

@@ -104,8 +104,15 @@ function request(adept) {
 function resetPanel(panel) {
   panel.querySelector("[data-text]").innerHTML = "";
   panel.querySelector("[data-histogram]").innerHTML = "";
-  panel.querySelector("[data-axis]").innerHTML = "";
   for (const dd of panel.querySelectorAll("[data-figure]")) dd.textContent = "–";
+  // Layer numbers under the histogram's exit points (the only depths a token can leave at): once per run.
+  const axis = panel.querySelector("[data-axis]");
+  axis.innerHTML = "";
+  for (let layer = 1; layer <= layers(); layer++) {
+    const cell = document.createElement("span");
+    if (model.exit_points.includes(layer)) cell.textContent = String(layer);
+    axis.append(cell);
+  }
 }
 
 function figures(panel, state, now) {
@@ -132,14 +139,6 @@ function histogram(panel, counts) {
     bar.style.background = colour(layer);
     bar.title = `exit layer ${layer}: ${counts[layer]} tokens`;
     box.append(bar);
-  }
-  // Layer numbers under the exit points: the only depths a token can leave at.
-  const axis = panel.querySelector("[data-axis]");
-  axis.innerHTML = "";
-  for (let layer = 1; layer <= layers(); layer++) {
-    const cell = document.createElement("span");
-    if (model && model.exit_points.includes(layer)) cell.textContent = String(layer);
-    axis.append(cell);
   }
 }
 
