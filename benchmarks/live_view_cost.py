@@ -64,7 +64,7 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from serving import server
-    from serving.app import AppConfig
+    from serving.config import AppConfig
 
     config = AppConfig()
     server.init_ray(config)

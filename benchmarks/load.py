@@ -160,8 +160,7 @@ def main() -> int:
     from ray import serve
 
     from serving import server
-    from serving.app import APP_NAME, AppConfig
-    from serving.config import EngineConfig
+    from serving.config import APP_NAME, AppConfig, EngineConfig
 
     config = AppConfig(
         engine=EngineConfig(num_layer_groups=args.layer_groups, max_num_seqs=args.max_num_seqs),

@@ -30,8 +30,7 @@ from engine_speed import PROMPTS  # the same prompts as the engine benchmark (be
 from ray import serve
 
 from serving import server
-from serving.app import AppConfig, Listener
-from serving.config import EngineConfig
+from serving.config import AppConfig, EngineConfig, Listener
 from serving.engine import Engine
 
 EXITS = {"full depth": {"policy": "none"}, "confidence 0.5": {"policy": "confidence", "threshold": 0.5}}

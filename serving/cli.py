@@ -13,9 +13,10 @@ import threading
 import time
 from typing import get_args
 
-from serving.app import GRPC_SERVICE, AppConfig
+from serving.config import GRPC_SERVICE, AppConfig
 from serving.evaluation import LEARNED_THRESHOLDS
-from serving.params import BackfillName, ExitParams, PolicyName, RequestError
+from serving.exceptions import RequestError
+from serving.params import BackfillName, ExitParams, PolicyName
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
 from workers.corpus import CorpusPart, chat_prompts, text_windows
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--config", help="configuration YAML (the fields of serving.app.AppConfig); flags override it")
+    g.add_argument("--config", help="configuration YAML (the fields of serving.config.AppConfig); flags override it")
     g.add_argument("--model", help="'smollm2-135m' (default) or a local Hugging Face model folder")
     g.add_argument("--layer-groups", type=int, dest="num_layer_groups", help="split the layers into N groups")
     g.add_argument("--exit-pack", help="'auto' (default: the pack shipped for the model), 'none', or a pack directory")
@@ -181,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving import server
-    from serving.app import APP_NAME
+    from serving.config import APP_NAME
 
     config = _app_config(args)
     server.init_ray(config, args.address)
@@ -241,8 +242,9 @@ def _add_calibrate(commands) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from serving.config import EngineConfig, default_exit_points
+    from serving.config import EngineConfig
     from serving.evaluation import tune_pack
+    from serving.plan import default_exit_points
     from workers.calibration import calibrate, self_generated
 
     logging.getLogger("workers").setLevel(logging.INFO)

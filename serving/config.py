@@ -1,24 +1,30 @@
-"""Engine configuration (pydantic; from YAML, environment variables ADEPT_*, or Python) and the pipeline
-plan derived from it: how the model's layers split into groups and where the exit points are."""
+"""Configuration, pydantic at the edge: `EngineConfig` shapes one pipeline (from YAML, environment variables
+ADEPT_*, or Python); `AppConfig` is the whole Serve application, the same for `adept serve`, `serve run` and
+KubeRay's serveConfigV2 (its `args`)."""
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.params import ExitLimits, ExitParams
-from workers.arch import ModelArch
-from workers.layer_group import GroupSpec
+from serving.params import ExitParams
 from workers.model_store import DEFAULT_MODEL
 
 # The default context per sequence: every slot preallocates K/V for this many positions.
 DEFAULT_MAX_MODEL_LEN = 2048
+APP_NAME = "adept"
+GRPC_SERVICE = "adept.v1.AdeptService"
+# What Serve's gRPC proxy serves: the project's service and the standard health service (grpc.health.v1).
+GRPC_SERVICERS = [
+    "serving.grpc_service.add_AdeptServiceServicer_to_server",
+    "serving.grpc_service.add_HealthServicer_to_server",
+]
+API_KEYS_ENV = "ADEPT_API_KEYS"
 
 
 class EngineConfig(BaseSettings):
@@ -83,51 +89,77 @@ class EngineConfig(BaseSettings):
         return cls(**{**data, **overrides})
 
 
-@dataclass(frozen=True)
-class PipelinePlan:
-    num_layers: int
-    groups: tuple[GroupSpec, ...]
-    exit_points: tuple[int, ...]
-    min_exit_depth: int
-    max_model_len: int
+class Listener(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    def limits(self, has_routers: bool) -> ExitLimits:
-        return ExitLimits(self.num_layers, self.min_exit_depth, self.exit_points, has_routers)
+    host: str = Field(description="address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    port: int = Field(ge=1, le=65535)
 
 
-def default_exit_points(num_layers: int, min_depth: int) -> list[int]:
-    """Every ~num_layers/8 layers from the minimum depth on, plus the last layer (30 layers: 8, 12, ..., 28, 30)."""
-    step = max(1, round(num_layers / 8))
-    return sorted({d for d in range(step, num_layers, step) if d >= min_depth} | {num_layers})
+class AppConfig(BaseModel):
+    """Everything about one ADEPT Serve application. `engine` shapes each pipeline; the rest places the
+    pipelines on the cluster. `http` and `grpc` are used by `adept serve` (on KubeRay, Serve's own
+    `http_options` / `grpc_options` apply)."""
 
+    model_config = ConfigDict(extra="forbid")
 
-def plan_pipeline(config: EngineConfig, arch: ModelArch, pack_points: list[int] | None = None) -> PipelinePlan:
-    """Groups and exit points: the configured points, else the exit pack's (where it trained heads), else
-    the defaults."""
-    n = arch.num_layers
-    max_len = config.max_model_len or min(DEFAULT_MAX_MODEL_LEN, arch.max_position_embeddings)
-    if max_len > arch.max_position_embeddings:
-        raise ValueError(f"max_model_len {max_len} exceeds the model's {arch.max_position_embeddings} positions")
-    groups = config.num_layer_groups
-    if groups > n:
-        raise ValueError(f"num_layer_groups {groups} exceeds the model's {n} layers")
-    bounds = [0, *(config.layer_boundaries or [round(i * n / groups) for i in range(1, groups)]), n]
-    if any(b <= a for a, b in itertools.pairwise(bounds)):
-        raise ValueError(f"layer group boundaries {bounds[1:-1]} must increase strictly within (0, {n})")
-    min_depth = config.min_exit_depth or max(1, n // 4)
-    points = sorted(set(config.exit_points or pack_points or default_exit_points(n, min_depth)) | {n})
-    if points[0] < 1 or points[-1] > n:
-        raise ValueError(f"exit points must be depths in [1, {n}], got {points}")
-    specs = tuple(
-        GroupSpec(
-            start=a,
-            end=b,
-            exit_points=tuple(p for p in points if a < p <= b),
-            num_slots=config.max_num_seqs,
-            max_len=max_len,
-        )
-        for a, b in itertools.pairwise(bounds)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    model_name: str | None = Field(
+        None, description=f"the name clients ask for; default: {DEFAULT_MODEL!r} or the folder's name"
     )
-    return PipelinePlan(
-        num_layers=n, groups=specs, exit_points=tuple(points), min_exit_depth=min_depth, max_model_len=max_len
+    num_pipelines: int = Field(1, ge=1, description="router replicas, each with its own layer-group workers")
+    ingress_replicas: int = Field(1, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="gpu: one GPU per layer-group worker; auto: gpu if the Ray cluster has GPUs when built"
     )
+    worker_resources: dict[str, float] | None = Field(
+        None, description="Ray resources of one layer-group worker; default {CPU: 1, GPU: 1} or, on CPUs, {CPU: 0.25}"
+    )
+    worker_threads: int | None = Field(
+        None, ge=1, description="torch threads per worker; default: Ray's, the worker's CPU share (at least 1)"
+    )
+    worker_max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a layer-group worker that died; the router rebuilds its cache"
+    )
+    router_cpus: float = Field(0.1, ge=0)
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=f"keys clients must send (Authorization: Bearer KEY); also {API_KEYS_ENV}, comma-separated, "
+        "in the replicas' environment; none: no authentication",
+    )
+    trace_sampling_ratio: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="requests traced when OTEL_EXPORTER_OTLP_ENDPOINT is set (a sampled "
+        "incoming traceparent always is); `adept serve` only: on KubeRay, serveConfigV2's tracing_config",
+    )
+    http: Listener = Field(default_factory=lambda: Listener(host="127.0.0.1", port=8000))
+    grpc: Listener = Field(default_factory=lambda: Listener(host="127.0.0.1", port=9000))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AppConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+    def served_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return self.engine.model if self.engine.model == DEFAULT_MODEL else Path(self.engine.model).name
+
+    def accepted_keys(self) -> list[str]:
+        """The configured API keys and those in the environment (a Kubernetes Secret, say) of this process."""
+        from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")]
+        return [k.get_secret_value() for k in self.api_keys] + [k for k in from_env if k]
+
+    def uses_gpus(self) -> bool:
+        if self.accelerator == "auto":
+            import ray  # here, not at the top: the configuration stays importable without Ray
+
+            return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        return self.accelerator == "gpu"
+
+    def worker_bundle(self, gpus: bool) -> dict[str, float]:
+        if self.worker_resources is not None:
+            return self.worker_resources
+        return {"CPU": 1.0, "GPU": 1.0} if gpus else {"CPU": 0.25}

@@ -19,11 +19,14 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from serving import tracing
-from serving.config import EngineConfig, PipelinePlan, plan_pipeline
+from serving.config import EngineConfig
 from serving.detokenizer import Detokenizer
+from serving.exceptions import EngineError, EngineUnavailable, RequestError
 from serving.executor import BatchResult, GroupHandle, LocalGroup, Pipeline, Submitted
+from serving.messages import RequestOutput, Usage
 from serving.metrics import EngineStats
-from serving.params import ExitParams, RequestError, SamplingParams, request_error, resolve_exit
+from serving.params import ExitParams, SamplingParams, request_error, resolve_exit
+from serving.plan import PipelinePlan, plan_pipeline
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceUpdate
 from workers.arch import ModelArch
 from workers.device import resolve_device, resolve_dtype
@@ -34,38 +37,6 @@ from workers.model_store import load_config, load_tokenizer, resolve_model
 log = logging.getLogger(__name__)
 
 GroupFactory = Callable[[Path, PipelinePlan, ExitPack | None], list[GroupHandle]]
-
-
-class EngineError(RuntimeError):
-    """A request failed inside the engine (not the client's fault); other requests are unaffected."""
-
-
-class EngineUnavailable(EngineError):
-    """The pipeline lost a worker for good: retry the request (another pipeline, or this one replaced)."""
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    layers_computed: int  # sum over every token fed through the model of the layers it ran
-    layers_total: int  # what full depth would have run for the same tokens
-
-
-@dataclass
-class RequestOutput:
-    """What one step added to a request (usually one token)."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    exit_layers: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    usage: Usage | None = None
-    token_texts: dict[int, str] | None = None  # each token's text, for logprobs (filled by the router)
 
 
 @dataclass

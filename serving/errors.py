@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from serving.engine import EngineUnavailable
-from serving.params import RequestError
-from serving.scheduler import QueueFullError
+from serving.exceptions import EngineUnavailable, QueueFullError, RequestError
 
 # kind -> (HTTP status, OpenAI error type, gRPC status)
 KINDS: dict[str, tuple[int, str, grpc.StatusCode]] = {

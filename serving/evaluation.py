@@ -19,7 +19,7 @@ from serving.params import ExitParams, SamplingParams, resolve_exit
 from serving.scheduler import Sequence, rows_for
 from workers.arch import ModelArch
 from workers.exit_pack import ExitPack
-from workers.protocol import Policy
+from workers.modes import Policy
 
 GREEDY = SamplingParams(temperature=0.0)
 # Free-running agreement: short chat prompts of the kind people send.

@@ -22,14 +22,14 @@ from starlette.exceptions import HTTPException
 
 from protos.adept.v1 import adept_pb2 as pb
 from serving import tracing
-from serving.app import GRPC_SERVICE, AppConfig
-from serving.engine import RequestOutput
+from serving.config import GRPC_SERVICE, AppConfig
 from serving.errors import ApiError
+from serving.exceptions import RequestError
 from serving.grpc_service import MalformedRequest
+from serving.messages import Admitted, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.metrics import ApiStats, node_metrics
 from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
-from serving.params import ExitParams, RequestError, SamplingParams, request_error
-from serving.router import Admitted, GenerateRequest, ModelInfo, Rejected
+from serving.params import ExitParams, SamplingParams, request_error
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving.engine import RequestOutput, Usage
+from serving.messages import RequestOutput, Usage
 from serving.params import ExitParams, SamplingParams, request_error
 
 

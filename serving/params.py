@@ -7,20 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from workers.protocol import Backfill, Policy
+from serving.exceptions import RequestError
+from workers.modes import Backfill, Policy
 
 PolicyName = Literal["none", "static", "confidence", "learned"]
 BackfillName = Literal["exact", "decoupled", "mapped"]
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
-
-
-class RequestError(ValueError):
-    """A request the client can fix: the message names the offending parameter."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
 
 
 def request_error(error: ValidationError, prefix: str = "") -> RequestError:

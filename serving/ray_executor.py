@@ -16,7 +16,8 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from serving.config import EngineConfig, PipelinePlan
+from serving.config import EngineConfig
+from serving.plan import PipelinePlan
 from workers.actor import LayerGroupWorker
 
 

@@ -8,59 +8,20 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from ray import serve
 
-from serving.app import AppConfig
-from serving.engine import Engine, EngineError, EngineUnavailable, RequestOutput
+from serving.config import AppConfig
+from serving.engine import Engine
 from serving.errors import ApiError
+from serving.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
+from serving.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.metrics import RayStats
-from serving.params import ExitParams, RequestError, SamplingParams
 from serving.ray_executor import RayGroup, ray_groups
-from serving.scheduler import QueueFullError
 from workers.exit_pack import ExitPack
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateRequest:
-    """A validated request, as the ingress hands it to a router."""
-
-    request_id: str
-    prompt: str | list[int] | None  # exactly one of prompt and messages
-    messages: list[dict[str, str]] | None
-    sampling: SamplingParams
-    exit: ExitParams
-
-
-@dataclass
-class Admitted:
-    """The first event of an accepted request."""
-
-    prompt_tokens: int
-
-
-@dataclass
-class Rejected:
-    """The first (and last) event of a refused request, or the last of one that failed."""
-
-    error: ApiError
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    num_layers: int
-    exit_points: list[int]
-    num_layer_groups: int
-    max_model_len: int
-    default_exit: dict  # requests' default exit controls (the exit pack's tuned ones unless configured)
-
-
-Event = Admitted | Rejected | RequestOutput
 
 
 @serve.deployment(name="Router", health_check_period_s=10, health_check_timeout_s=60)

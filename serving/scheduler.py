@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from serving.exceptions import QueueFullError
 from serving.params import ResolvedExit, SamplingParams
 from workers.kv_cache import SlotAllocator
 from workers.protocol import Rows
-
-
-class QueueFullError(RuntimeError):
-    """The admission queue is full: retry later."""
 
 
 @dataclass

@@ -10,7 +10,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import TracingConfig
 
 from serving import tracing
-from serving.app import APP_NAME, GRPC_SERVICERS, AppConfig, build_app
+from serving.app import build_app
+from serving.config import APP_NAME, GRPC_SERVICERS, AppConfig
 from serving.grpc_bind import HOST_ENV
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,7 @@ from ray import serve
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from serving import server
-from serving.app import APP_NAME, AppConfig, Listener
-from serving.config import EngineConfig
+from serving.config import APP_NAME, AppConfig, EngineConfig, Listener
 from tests import otlp
 from workers.model_store import DEFAULT_MODEL, resolve_model
 

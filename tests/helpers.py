@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from serving.executor import LocalGroup, Pipeline
 from workers.exit_pack import ExitPack
-from workers.layer_group import GroupSpec, LayerGroup
-from workers.protocol import Backfill, Policy, Rows
+from workers.layer_group import LayerGroup
+from workers.modes import Backfill, Policy
+from workers.protocol import GroupSpec, Rows
 
 
 def load_groups(

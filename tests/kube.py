@@ -17,7 +17,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from serving.app import AppConfig, build_app
+from serving.app import build_app
+from serving.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

@@ -13,7 +13,8 @@ from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
-from serving.app import GRPC_SERVICERS, AppConfig, build_app
+from serving.app import build_app
+from serving.config import GRPC_SERVICERS, AppConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

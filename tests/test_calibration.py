@@ -15,7 +15,7 @@ from serving.cli import main
 from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.evaluation import teacher_forced
-from serving.params import RequestError
+from serving.exceptions import RequestError
 from workers.exit_pack import SHIPPED, ExitPack, ExitPackError, load_pack
 from workers.model_store import DEFAULT_MODEL, fingerprint, load_tokenizer
 

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from serving.config import EngineConfig
-from serving.engine import Engine, EngineError
-from serving.params import RequestError
-from serving.scheduler import QueueFullError
+from serving.engine import Engine
+from serving.exceptions import EngineError, QueueFullError, RequestError
 
 PROMPTS = [
     "The quick brown fox",

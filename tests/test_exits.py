@@ -11,7 +11,7 @@ from workers.exit_pack import ExitPack, ExitPackError
 from workers.exits import ExitCost
 from workers.layers import rms_norm
 from workers.model_store import fingerprint
-from workers.protocol import Backfill, Policy
+from workers.modes import Backfill, Policy
 
 VOCAB, LAYERS, HIDDEN = 128, 6, 64
 POINTS = [2, 3, 4, 5, 6]

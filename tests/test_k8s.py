@@ -23,7 +23,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from protos.adept.v1 import adept_pb2 as pb
 from protos.adept.v1 import adept_pb2_grpc as pb_grpc
-from serving.app import GRPC_SERVICERS, build_app
+from serving.app import build_app
+from serving.config import GRPC_SERVICERS
 from tests.kube import ROOT, Deployment, agreement_problems, kustomize, overlays, schema_errors
 from workers.model_store import DEFAULT_MODEL
 

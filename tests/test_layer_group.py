@@ -10,8 +10,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tests.helpers import full_logprobs, group_kv, hf_cache, hf_model, load_groups, pipeline_of, rows, run
 from workers.kv_cache import KVHoleError
-from workers.layer_group import GroupSpec
-from workers.protocol import Backfill, BackfillRows, Continuing, Policy, Rows, StepCall
+from workers.modes import Backfill, Policy
+from workers.protocol import BackfillRows, Continuing, GroupSpec, Rows, StepCall
 
 VOCAB = 128
 LAYERS = 6

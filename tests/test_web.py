@@ -12,8 +12,8 @@ import httpx
 import pytest
 from ray import serve
 
-from serving.app import AppConfig, build_app
-from serving.config import EngineConfig
+from serving.app import build_app
+from serving.config import AppConfig, EngineConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PROMPT = "Explain in one sentence why the sky is blue."

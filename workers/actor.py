@@ -16,9 +16,9 @@ from ray.util import metrics
 
 from workers.device import resolve_device, resolve_dtype
 from workers.exit_pack import load_pack
-from workers.layer_group import GroupSpec, LayerGroup
+from workers.layer_group import LayerGroup
 from workers.model_store import resolve_model
-from workers.protocol import Continuing, Rows, StepResult
+from workers.protocol import Continuing, GroupSpec, Rows, StepResult
 
 log = logging.getLogger(__name__)
 

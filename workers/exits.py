@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from workers.exit_pack import ExitPack, ExitPackError
 from workers.layers import rms_norm
-from workers.protocol import Backfill, Policy, Rows
+from workers.modes import Backfill, Policy
+from workers.protocol import Rows
 
 
 @dataclass

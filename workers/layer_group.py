@@ -22,19 +22,9 @@ from workers.exits import ExitHead
 from workers.kv_cache import KVCache
 from workers.layers import AttentionLayout, apply_rope, rms_norm
 from workers.model_store import load_config, load_tensors
-from workers.protocol import Backfill, BackfillRows, Continuing, Policy, Rows, StepCall, StepResult, to_device
+from workers.modes import Backfill, Policy
+from workers.protocol import BackfillRows, Continuing, GroupSpec, Rows, StepCall, StepResult, to_device
 from workers.sampling import logprobs_of, sample
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """Which part of the model a worker holds, and how big its cache is."""
-
-    start: int
-    end: int
-    exit_points: tuple[int, ...]  # depths in (start, end]
-    num_slots: int
-    max_len: int
 
 
 @dataclass

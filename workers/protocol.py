@@ -4,24 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from enum import IntEnum
 from typing import Any
 
 import numpy as np
 import torch
-
-
-class Policy(IntEnum):
-    NONE = 0  # full depth
-    STATIC = 1  # every token exits at max_depth
-    CONFIDENCE = 2  # exit when the exit head's top probability reaches the threshold
-    LEARNED = 3  # exit when a trained router's score reaches the threshold
-
-
-class Backfill(IntEnum):
-    EXACT = 0  # run the skipped layers on the exited token (later, batched)
-    DECOUPLED = 1  # skipped layers' K/V straight from the exit hidden state
-    MAPPED = 2  # like decoupled, through learned per-layer maps of the exit hidden state
 
 
 class Tensors:
@@ -66,6 +52,17 @@ def to_device(obj, device: torch.device):
 def _cat(items: list):
     cls = type(items[0])
     return cls(**{f.name: torch.cat([getattr(i, f.name) for i in items]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Which part of the model a worker holds, and how big its cache is."""
+
+    start: int
+    end: int
+    exit_points: tuple[int, ...]  # depths in (start, end]
+    num_slots: int
+    max_len: int
 
 
 @dataclass

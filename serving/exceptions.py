@@ -1,0 +1,24 @@
+"""The engine's exception types, at the bottom of the import order: anything may raise or catch them
+without importing the engine."""
+
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """A request the client can fix: the message names the offending parameter."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class QueueFullError(RuntimeError):
+    """The admission queue is full: retry later."""
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (not the client's fault); other requests are unaffected."""
+
+
+class EngineUnavailable(EngineError):
+    """The pipeline lost a worker for good: retry the request (another pipeline, or this one replaced)."""
