@@ -60,7 +60,7 @@ class _TracedStep:
     depths: torch.Tensor | None = None
 
     def computed(self, result: BatchResult) -> None:
-        self.depths = result.exit_depth
+        self.depths = result.results.exit_layer
         for g, timing in enumerate(result.timings):
             self._record(g, timing, backfill_only=False)
 
@@ -330,9 +330,7 @@ class Engine:
         else:
             if traced:
                 traced.computed(result)
-            updates = self.scheduler.update(
-                batch, result.exit_depth, result.tokens, result.logprobs, result.top_ids, result.top_logprobs
-            )
+            updates = self.scheduler.update(batch, result.results)
             self._release([u.seq for u in updates if self._deliver(u)])
         self._inflight.discard(asyncio.current_task())
         self._launch()
@@ -397,14 +395,14 @@ class Engine:
             if stream is not None:
                 self._finish(stream, "abort")
             return True
-        if update.token is None:  # a prompt chunk that did not reach the end of the prompt
+        if update.sampled is None:  # a prompt chunk that did not reach the end of the prompt
             return False
-        token = update.token
+        token, exit_layer = update.token, seq.exit_layers[-1]
         now = time.monotonic()
         if stream.first_token is None:
             stream.first_token = now
             self.stats.first_token(now - stream.admitted)
-        self.stats.token(seq.exit_depths[-1])
+        self.stats.token(exit_layer)
         text = stream.detok.add(token)
         reason = None
         if stream.detok.stopped or (token in self.arch.eos_token_ids and not seq.sampling.ignore_eos):
@@ -415,15 +413,18 @@ class Engine:
             text += stream.detok.flush()
             self._streams.pop(seq.request_id, None)
             self._report_finish(stream, reason)
-        want_logprobs = seq.sampling.logprobs is not None
+        k = seq.sampling.logprobs
+        row = update.sampled
         stream.queue.put_nowait(
             RequestOutput(
                 request_id=seq.request_id,
                 text=text,
                 token_ids=[token],
-                exit_layers=[seq.exit_depths[-1]],
-                logprobs=seq.logprobs[-1:] if want_logprobs else None,
-                top_logprobs=seq.top_logprobs[-1:] if want_logprobs else None,
+                exit_layers=[exit_layer],
+                logprobs=None if k is None else [float(row.logprobs[0])],
+                top_logprobs=None
+                if k is None
+                else [{int(i): float(lp) for i, lp in zip(row.top_ids[0, :k], row.top_logprobs[0, :k], strict=True)}],
                 finished=reason is not None,
                 finish_reason=reason,
                 usage=None if reason is None else self.usage(seq),
@@ -446,8 +447,8 @@ class Engine:
             }
             if stream.first_token is not None:
                 attributes["adept.time_to_first_token_s"] = stream.first_token - stream.admitted
-            if seq.exit_depths:
-                attributes["adept.mean_exit_depth"] = sum(seq.exit_depths) / len(seq.exit_depths)
+            if seq.exit_layers:
+                attributes["adept.mean_exit_depth"] = sum(seq.exit_layers) / len(seq.exit_layers)
             tracing.end_request(stream.span, attributes)
 
     def _traced(self, batch: ScheduledBatch) -> _TracedStep | None:

@@ -35,7 +35,7 @@ CHAT_PROMPTS = [
 @dataclass
 class TeacherForced:
     predictions: torch.Tensor  # int64 [n]: greedy next-token prediction after each token, at its exit
-    exit_depths: torch.Tensor  # int64 [n]
+    exit_layers: torch.Tensor  # int64 [n]
     target_logprobs: torch.Tensor  # float32 [n - windows]: log-probability of each actual next token
 
 
@@ -76,7 +76,8 @@ async def teacher_forced(
             at = 0
             for i, s, n in picked:
                 part = slice(at, at + n)
-                parts[i].append((result.tokens[part], result.exit_depth[part], result.target_logprobs[part]))
+                out = result.results
+                parts[i].append((out.tokens[part], out.exit_layer[part], out.target_logprobs[part]))
                 at += n
                 s.num_computed += n
     finally:
@@ -140,7 +141,7 @@ async def tune_pack(config: EngineConfig, windows: list[list[int]], depths: list
             tf = await teacher_forced(engine, windows, {"policy": "learned", "threshold": t, "backfill": backfill})
             a = agreement(tf.predictions, full.predictions)
             if a >= target:
-                layers, _ = compute_used(tf.exit_depths, list(engine.plan.exit_points), engine.plan.num_layers,
+                layers, _ = compute_used(tf.exit_layers, list(engine.plan.exit_points), engine.plan.num_layers,
                                          "learned", backfill, engine.plan.min_exit_depth, _costs(engine))  # fmt: skip
                 chosen = {"threshold": t, "agreement": round(a, 4), "compute_saved": round(1 - layers, 4)}
                 break
@@ -327,7 +328,7 @@ async def evaluate(
             e = engines[s.head]
             tf = await teacher_forced(e, windows, s.exit())
             layers, overhead = compute_used(
-                tf.exit_depths, list(plan.exit_points), plan.num_layers, s.policy, s.backfill,
+                tf.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill,
                 plan.min_exit_depth, costs,
             )  # fmt: skip
             row = {
@@ -337,7 +338,7 @@ async def evaluate(
                 "threshold": s.threshold,
                 "max_depth": s.max_depth,
                 "curve": s.curve,
-                "mean_exit_depth": round(float(tf.exit_depths.double().mean()), 3),
+                "mean_exit_depth": round(float(tf.exit_layers.double().mean()), 3),
                 "compute_saved": round(1.0 - layers, 4),
                 "decision_overhead": round(overhead, 4),
                 "agreement": round(agreement(tf.predictions, full.predictions), 4),

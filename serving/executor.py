@@ -22,7 +22,7 @@ import torch
 
 from serving.metrics import EngineStats
 from workers.layer_group import LayerGroup
-from workers.protocol import Rows, StepResult
+from workers.protocol import Rows, StepResult, TokenResults
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,7 @@ class GroupHandle(Protocol):
 
 @dataclass
 class BatchResult:
-    """Per row of the batch."""
-
-    exit_depth: torch.Tensor
-    tokens: torch.Tensor
-    logprobs: torch.Tensor
-    top_ids: torch.Tensor
-    top_logprobs: torch.Tensor
-    target_logprobs: torch.Tensor
+    results: TokenResults  # per row of the batch
     timings: list[tuple[int, int]]  # per group read on the critical path: its call's start and end (ns)
 
 
@@ -94,26 +87,14 @@ class Pipeline:
         back-fill: `on_backfill(group, timing)` hears when each one finishes."""
         rows, results = submitted.rows, submitted.results
         n = len(rows)
-        exit_depth = torch.zeros(n, dtype=torch.int64)
-        tokens = torch.full((n,), -1, dtype=torch.int64)
-        logprobs = torch.full((n,), float("nan"))
-        k = max(int(rows.logprobs.max()), 0) if n else 0
-        top_ids = torch.full((n, k), -1, dtype=torch.int64)
-        top_logprobs = torch.full((n, k), float("-inf"))
-        target_logprobs = torch.full((n,), float("nan"))
+        out = TokenResults.empty(n, max(int(rows.logprobs.max()), 0) if n else 0)
         ids = torch.arange(n)
         timings = []
         g = 0
         while g < len(self.groups) and (len(ids) or self.sync_backfill):
             result: StepResult = await self.groups[g].fetch(results[g])
             timings.append(result.timing)
-            done = ids[result.exited]
-            exit_depth[done] = result.exit_depth
-            tokens[done] = result.tokens
-            logprobs[done] = result.logprobs
-            top_ids[done] = result.top_ids
-            top_logprobs[done] = result.top_logprobs
-            target_logprobs[done] = result.target_logprobs
+            out.put(ids[result.exited], result.results)
             keep = torch.ones(len(ids), dtype=torch.bool)
             keep[result.exited] = False
             ids = ids[keep]
@@ -125,7 +106,7 @@ class Pipeline:
             task.add_done_callback(lambda t, at=done_at, g=rest: self._backfill_done(t, at, g, on_backfill))
         if g < len(self.groups):
             self.stats.backfill(None, len(self._backfilling))
-        return BatchResult(exit_depth, tokens, logprobs, top_ids, top_logprobs, target_logprobs, timings)
+        return BatchResult(out, timings)
 
     def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
         """Clear the slots on every group. Submitted at once, so it follows the back-fills already sent

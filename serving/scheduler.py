@@ -13,7 +13,7 @@ import torch
 from serving.exceptions import QueueFullError
 from serving.params import ResolvedExit, SamplingParams
 from workers.kv_cache import SlotAllocator
-from workers.protocol import Rows
+from workers.protocol import Rows, TokenResults
 
 
 @dataclass
@@ -25,9 +25,7 @@ class Sequence:
     seed: int
     max_tokens: int
     output_ids: list[int] = field(default_factory=list)
-    exit_depths: list[int] = field(default_factory=list)  # per generated token
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # per generated token
     layers_computed: int = 0  # sum of exit depths of every token fed through the model
     slot: int | None = None
     num_computed: int = 0  # positions fed through the model
@@ -53,7 +51,11 @@ class ScheduledBatch:
 @dataclass
 class SequenceUpdate:
     seq: Sequence
-    token: int | None  # None: a prompt chunk that did not finish the prompt
+    sampled: TokenResults | None  # the row that sampled the next token; None: a prompt chunk before the end
+
+    @property
+    def token(self) -> int | None:
+        return None if self.sampled is None else int(self.sampled.tokens[0])
 
 
 class Scheduler:
@@ -135,9 +137,7 @@ class Scheduler:
             seq.in_flight = True
         return ScheduledBatch([s for s, _ in picked], [n for _, n in picked], rows_for(picked))
 
-    def update(
-        self, batch: ScheduledBatch, depth: torch.Tensor, tokens: torch.Tensor, logprobs, top_ids, top_logprobs
-    ) -> list[SequenceUpdate]:
+    def update(self, batch: ScheduledBatch, results: TokenResults) -> list[SequenceUpdate]:
         """Apply a step's results (per row) to its sequences."""
         updates = []
         start = 0
@@ -145,20 +145,13 @@ class Scheduler:
             end = start + n
             seq.in_flight = False
             seq.num_computed += n
-            seq.layers_computed += int(depth[start:end].sum())
-            token = None
+            seq.layers_computed += int(results.exit_layer[start:end].sum())
+            sampled = None
             if seq.num_computed == len(seq.tokens):  # the last row sampled the next token
-                last = end - 1
-                token = int(tokens[last])
-                seq.output_ids.append(token)
-                seq.exit_depths.append(int(depth[last]))
-                if seq.sampling.logprobs is not None:
-                    seq.logprobs.append(float(logprobs[last]))
-                    k = seq.sampling.logprobs
-                    seq.top_logprobs.append(
-                        {int(i): float(lp) for i, lp in zip(top_ids[last, :k], top_logprobs[last, :k], strict=True)}
-                    )
-            updates.append(SequenceUpdate(seq, token))
+                sampled = results.select(slice(end - 1, end))
+                seq.output_ids.append(int(sampled.tokens[0]))
+                seq.exit_layers.append(int(sampled.exit_layer[0]))
+            updates.append(SequenceUpdate(seq, sampled))
             start = end
         return updates
 

@@ -13,7 +13,7 @@ from serving.executor import LocalGroup, Pipeline
 from workers.exit_pack import ExitPack
 from workers.layer_group import LayerGroup
 from workers.modes import Backfill, Policy
-from workers.protocol import GroupSpec, Rows
+from workers.protocol import GroupSpec, Rows, TokenResults
 
 
 def load_groups(
@@ -78,18 +78,18 @@ def rows(
     )
 
 
-def run(pipeline: Pipeline, r: Rows):
-    """One batch through the pipeline, and every back-fill it sent landed."""
+def run(pipeline: Pipeline, r: Rows) -> TokenResults:
+    """One batch through the pipeline, and every back-fill it sent landed: what each row's exit produced."""
 
     async def main():
         result = await pipeline.execute(r)
         await pipeline.drain()
-        return result
+        return result.results
 
     return asyncio.run(main())
 
 
-def full_logprobs(result, vocab: int) -> torch.Tensor:
+def full_logprobs(result: TokenResults, vocab: int) -> torch.Tensor:
     """Rebuild [rows, vocab] log-probabilities from a result that asked for all `vocab` alternatives."""
     return torch.full((result.top_ids.shape[0], vocab), float("-inf")).scatter(1, result.top_ids, result.top_logprobs)
 

@@ -126,7 +126,7 @@ def _mean_depths(path, pack_dir, exits: list[dict]) -> list[float]:
     async def run():
         engine = Engine.local(EngineConfig(model=str(path), exit_pack=str(pack_dir), min_exit_depth=2))
         try:
-            return [float((await teacher_forced(engine, [ids], e)).exit_depths.float().mean()) for e in exits]
+            return [float((await teacher_forced(engine, [ids], e)).exit_layers.float().mean()) for e in exits]
         finally:
             await engine.shutdown()
 

@@ -34,7 +34,7 @@ def test_full_depth_predictions_are_the_models_argmax(tiny_chat_dir):
     # each token scores the next one: the perplexity's log-probabilities are the model's
     scored = torch.log_softmax(logits, -1)[torch.arange(39), ids[1:]]
     assert torch.allclose(got.target_logprobs, scored, atol=1e-4)
-    assert set(got.exit_depths.tolist()) == {6}
+    assert set(got.exit_layers.tolist()) == {6}
     assert free == 2 and occupied == [[], [], []]  # its slot is returned and cleared
 
 
@@ -48,7 +48,7 @@ def test_static_exit_with_exact_backfill_predicts_from_that_layer(tiny_chat_dir)
     with torch.no_grad():
         h3 = model(ids[None], output_hidden_states=True).hidden_states[3][0]
         ref = model.lm_head(model.model.norm(h3)).argmax(-1)
-    assert set(got.exit_depths.tolist()) == {3}
+    assert set(got.exit_layers.tolist()) == {3}
     assert torch.equal(got.predictions, ref)
 
 

@@ -30,7 +30,7 @@ def _single_token_max_probs(path, token: int) -> dict[int, float]:
     for d in POINTS:
         pipe = pipeline_of(load_groups(path, [0, 3, 6], POINTS))
         out = run(pipe, rows([token], [0], policy=Policy.STATIC, max_depth=d, logprobs=VOCAB))
-        assert out.exit_depth.item() == d
+        assert out.exit_layer.item() == d
         probs[d] = full_logprobs(out, VOCAB).exp().max().item()
     return probs
 
@@ -40,7 +40,7 @@ def test_policies_exit_where_they_should(tiny_llama_dir):
 
     def depth(**kw) -> int:
         pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS))
-        return run(pipe, rows([17], [0], **kw)).exit_depth.item()
+        return run(pipe, rows([17], [0], **kw)).exit_layer.item()
 
     assert depth(policy=Policy.NONE, max_depth=2) == LAYERS  # none ignores depth bounds
     assert depth(policy=Policy.STATIC, max_depth=4) == 4
@@ -66,11 +66,11 @@ def test_adapter_from_pack_changes_the_exit_head(tiny_llama_dir):
     with torch.no_grad():
         adapted = h_exit + h_exit @ w.T + b
         logits = rms_norm(adapted, model.model.norm.weight, model.config.rms_norm_eps) @ model.lm_head.weight.T
-    assert torch.allclose(full_logprobs(result, VOCAB), torch.log_softmax(logits, -1), atol=1e-4)
+    assert torch.allclose(full_logprobs(result.results, VOCAB), torch.log_softmax(logits, -1), atol=1e-4)
     # without the adapter the head is different
     (plain,) = load_groups(tiny_llama_dir, [0, 3], [2, 3])
     other, _, _ = plain.step(StepCall(r, []), None)
-    assert not torch.allclose(full_logprobs(other, VOCAB), full_logprobs(result, VOCAB), atol=1e-3)
+    assert not torch.allclose(full_logprobs(other.results, VOCAB), full_logprobs(result.results, VOCAB), atol=1e-3)
 
 
 @pytest.mark.parametrize("bias,expected", [(20.0, 3), (-20.0, LAYERS)])
@@ -87,7 +87,7 @@ def test_learned_router_plugs_in(tiny_llama_dir, bias, expected):
     pack = _pack(tiny_llama_dir, tensors, router={"features": ["hidden"]})
     pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack))
     out = run(pipe, rows([3, 4, 5], [0, 1, 2], policy=Policy.LEARNED, threshold=0.5, min_depth=3))
-    assert out.exit_depth.tolist() == [expected] * 3
+    assert out.exit_layer.tolist() == [expected] * 3
 
 
 def test_learned_policy_without_router_is_refused(tiny_llama_dir):

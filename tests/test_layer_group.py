@@ -34,7 +34,7 @@ def test_full_depth_logits_match_hf(request, family, bounds):
 
     prefill = run(pipe, rows(ids, torch.arange(16), slot=1, logprobs=VOCAB, sample_all=True))
     assert torch.allclose(full_logprobs(prefill, VOCAB), reference, atol=1e-4)
-    assert prefill.exit_depth.tolist() == [LAYERS] * 16
+    assert prefill.exit_layer.tolist() == [LAYERS] * 16
 
     run(pipe, rows(ids[:9], torch.arange(9), slot=2))
     for t in range(9, 16):
@@ -77,10 +77,10 @@ def test_exact_backfill_reproduces_the_full_cache(tiny_llama_dir, bounds):
     out = run(
         pipe, rows(ids[:12], torch.arange(12), policy=Policy.STATIC, max_depth=depths(12), backfill=Backfill.EXACT)
     )
-    seen += out.exit_depth.tolist()
+    seen += out.exit_layer.tolist()
     for t in range(12, 20):
         out = run(pipe, rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=depths(1), backfill=Backfill.EXACT))
-        seen += out.exit_depth.tolist()
+        seen += out.exit_layer.tolist()
     assert len(set(seen)) >= 4, "the exits should be spread over the depths"
     reference = hf_cache(model, ids)
     for group in groups:
@@ -119,7 +119,7 @@ def test_decoupled_kv_equals_per_layer_reference(request, family, monkeypatch):
     ids = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(8)
     result, continuing, carry = g0.step(StepCall(rows(ids, positions, policy=Policy.STATIC, max_depth=2), []), None)
-    assert result.exit_depth.tolist() == [2] * 8 and continuing.shape[0] == 0
+    assert result.results.exit_layer.tolist() == [2] * 8 and continuing.shape[0] == 0
     assert calls == [torch.Size([1, 2 * g0.arch.kv_size, g0.arch.hidden_size])]  # layer 2, all 8 rows at once
     meta = BackfillRows(
         torch.zeros(8, dtype=torch.int64), positions, torch.full((8,), 2), torch.full((8,), 1), torch.arange(8)
@@ -141,7 +141,7 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
     ids = torch.arange(6)
     policy = torch.tensor([Policy.STATIC] * 5 + [Policy.NONE])
     result, continuing, _carry = g0.step(StepCall(rows(ids, torch.arange(6), policy=policy, max_depth=2), []), None)
-    assert result.exit_depth.tolist() == [2] * 5  # five rows exited in group 0; the last one continues
+    assert result.results.exit_layer.tolist() == [2] * 5  # five rows exited in group 0; the last one continues
     going_on = rows(ids, torch.arange(6), policy=policy, max_depth=2).select(torch.tensor([5]))
     with pytest.raises(KVHoleError, match="no K/V at position 0"):
         g1.step(StepCall(going_on, []), continuing)  # the back-fill of positions 0-4 was "lost"
@@ -172,7 +172,7 @@ def test_backfill_off_the_critical_path_gives_the_same_result(tiny_llama_dir):
             await pipe.execute(rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=2))
         last = await pipe.execute(rows(ids[10:], [10], logprobs=VOCAB))
         await pipe.drain()
-        return unawaited, full_logprobs(last, VOCAB)
+        return unawaited, full_logprobs(last.results, VOCAB)
 
     (unawaited, off_path), (awaited, synchronous) = asyncio.run(main(False)), asyncio.run(main(True))
     assert unawaited == 1 and awaited == 0  # group 1 was still back-filling when the step returned

@@ -8,7 +8,7 @@ inside the group get the group's remaining layers back-filled in the same call."
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from workers.kv_cache import KVCache
 from workers.layers import AttentionLayout, apply_rope, rms_norm
 from workers.model_store import load_config, load_tensors
 from workers.modes import Backfill, Policy
-from workers.protocol import BackfillRows, Continuing, GroupSpec, Rows, StepCall, StepResult, to_device
+from workers.protocol import BackfillRows, Continuing, GroupSpec, Rows, StepCall, StepResult, TokenResults, to_device
 from workers.sampling import logprobs_of, sample
 
 
@@ -31,15 +31,10 @@ from workers.sampling import logprobs_of, sample
 class _Exits:
     """Accumulates what happens to forward rows during a step."""
 
-    rows: list[torch.Tensor]
-    depth: list[torch.Tensor]
-    tokens: list[torch.Tensor]
-    logprobs: list[torch.Tensor]
-    top_ids: list[torch.Tensor]
-    top_logprobs: list[torch.Tensor]
-    target_logprobs: list[torch.Tensor]
-    carry_ids: list[torch.Tensor]
-    carry_hidden: list[torch.Tensor]
+    rows: list[torch.Tensor] = field(default_factory=list)
+    results: list[TokenResults] = field(default_factory=list)
+    carry_ids: list[torch.Tensor] = field(default_factory=list)
+    carry_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class LayerGroup:
@@ -164,7 +159,7 @@ class LayerGroup:
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         can_exit_early = bool((rows.policy != Policy.NONE).any())
-        out = _Exits([], [], [], [], [], [], [], [], [])
+        out = _Exits()
         top_k = max(int(rows.logprobs.max()), 0) if n else 0
 
         layout = None
@@ -192,12 +187,7 @@ class LayerGroup:
             out.carry_hidden.append(h[exact_done])
         result = StepResult(
             exited=_cat_long(out.rows, self.device),
-            exit_depth=_cat_long(out.depth, self.device),
-            tokens=_cat_long(out.tokens, self.device),
-            logprobs=_cat_float(out.logprobs, self.device),
-            top_ids=torch.cat(out.top_ids) if out.top_ids else torch.empty(0, top_k, dtype=torch.int64),
-            top_logprobs=torch.cat(out.top_logprobs) if out.top_logprobs else torch.empty(0, top_k),
-            target_logprobs=_cat_float(out.target_logprobs, self.device),
+            results=TokenResults.cat(out.results) if out.results else TokenResults.empty(0, top_k, self.device),
             carry=_cat_long(out.carry_ids, self.device),
         )
         carry = torch.cat(out.carry_hidden) if out.carry_hidden else h.new_empty(0, self.arch.hidden_size)
@@ -222,7 +212,7 @@ class LayerGroup:
         # Owed by deeper groups: incoming decoupled/mapped rows (every group needs them) and what this call
         # carries (rows that exited here, and exact rows whose layers ran here).
         depth = torch.zeros(len(rows), dtype=torch.int64)
-        depth[result.exited] = result.exit_depth
+        depth[result.exited] = result.results.exit_layer
         exited_here = BackfillRows(rows.slots, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
         carried = BackfillRows.cat([exited_here, incoming]).select(result.carry)
         passed = (incoming.backfill != Backfill.EXACT).nonzero().flatten()
@@ -280,11 +270,8 @@ class LayerGroup:
             return None
         idx, row_ids, sub = idx[exiting], row_ids[exiting], sub.select(exiting.nonzero().flatten())
         deciding[idx] = False
-        tokens = torch.full((idx.numel(),), -1, dtype=torch.int64, device=self.device)
-        logprobs = torch.full((idx.numel(),), float("nan"), device=self.device)
-        top_ids = torch.full((idx.numel(), top_k), -1, dtype=torch.int64, device=self.device)
-        top_logprobs = torch.full((idx.numel(), top_k), float("-inf"), device=self.device)
-        target_logprobs = torch.full((idx.numel(),), float("nan"), device=self.device)
+        res = TokenResults.empty(idx.numel(), top_k, self.device)
+        res.exit_layer[:] = depth
         need = (sub.sample | (sub.target >= 0)).nonzero().flatten()  # rows whose logits are needed
         if need.numel():
             if logits is not None and bool(has_logits[exiting][need].all()):
@@ -296,7 +283,7 @@ class LayerGroup:
             scored = (sub.target[need] >= 0).nonzero().flatten()
             if scored.numel():
                 logp = torch.log_softmax(need_logits[scored], dim=-1)
-                target_logprobs[need[scored]] = logp.gather(1, sub.target[need[scored], None]).squeeze(1)
+                res.target_logprobs[need[scored]] = logp.gather(1, sub.target[need[scored], None]).squeeze(1)
             in_need = sub.sample[need].nonzero().flatten()
             sampling, row_logits = need[in_need], need_logits[in_need]
         else:
@@ -304,23 +291,18 @@ class LayerGroup:
         if sampling.numel():
             s = sub.select(sampling)
             chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions)
-            tokens[sampling] = chosen
+            res.tokens[sampling] = chosen
             asked = (s.logprobs >= 0).nonzero().flatten()
             if asked.numel():
                 chosen_lp, best_ids, best_lp = logprobs_of(row_logits[asked], chosen[asked], top_k)
                 at = sampling[asked]
-                logprobs[at] = chosen_lp
+                res.logprobs[at] = chosen_lp
                 if top_k:  # each row keeps as many alternatives as it asked for
                     keep = torch.arange(top_k, device=self.device)[None, :] < s.logprobs[asked][:, None]
-                    top_ids[at] = torch.where(keep, best_ids, -1)
-                    top_logprobs[at] = torch.where(keep, best_lp, float("-inf"))
+                    res.top_ids[at] = torch.where(keep, best_ids, -1)
+                    res.top_logprobs[at] = torch.where(keep, best_lp, float("-inf"))
         out.rows.append(row_ids)
-        out.depth.append(torch.full_like(row_ids, depth))
-        out.tokens.append(tokens)
-        out.logprobs.append(logprobs)
-        out.top_ids.append(top_ids)
-        out.top_logprobs.append(top_logprobs)
-        out.target_logprobs.append(target_logprobs)
+        out.results.append(res)
 
         from_exit = sub.backfill != Backfill.EXACT
         leaving = idx[from_exit]
@@ -332,7 +314,7 @@ class LayerGroup:
                 meta = BackfillRows(
                     slots=sub.slots[from_exit],
                     positions=sub.positions[from_exit],
-                    exit_depth=torch.full_like(leaving, depth),
+                    exit_layer=torch.full_like(leaving, depth),
                     backfill=sub.backfill[from_exit],
                     index=torch.arange(leaving.numel(), device=self.device),
                 )
@@ -348,8 +330,8 @@ class LayerGroup:
         mapped = meta.backfill == Backfill.MAPPED
         if self.pack is not None and bool(mapped.any()):
             groups = [(meta.select(~mapped), h_exit[~mapped], None)]
-            for e in meta.exit_depth[mapped].unique().tolist():
-                sel = mapped & (meta.exit_depth == e)
+            for e in meta.exit_layer[mapped].unique().tolist():
+                sel = mapped & (meta.exit_layer == e)
                 groups.append((meta.select(sel), h_exit[sel], self._maps(int(e), layers)))
         for m, h, maps in groups:
             if len(m) == 0:
@@ -385,7 +367,3 @@ class LayerGroup:
 
 def _cat_long(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(items) if items else torch.empty(0, dtype=torch.int64, device=device)
-
-
-def _cat_float(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.cat(items) if items else torch.empty(0, device=device)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,12 @@ def _select(obj, index: torch.Tensor):
 
 
 def to_device(obj, device: torch.device):
-    """A copy of a dataclass of tensors (Rows, BackfillRows, StepResult) on `device`."""
-    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    return type(obj)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+    """A copy of a dataclass of tensors (Rows, BackfillRows, StepResult, ...) on `device`."""
+
+    def move(v: Any) -> Any:
+        return v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, Tensors) else v
+
+    return type(obj)(**{f.name: move(getattr(obj, f.name)) for f in fields(obj)})
 
 
 def _cat(items: list):
@@ -110,7 +114,7 @@ class BackfillRows(Tensors):
 
     slots: torch.Tensor  # int64
     positions: torch.Tensor  # int64
-    exit_depth: torch.Tensor  # int64
+    exit_layer: torch.Tensor  # int64
     backfill: torch.Tensor  # int64 (Backfill)
     index: torch.Tensor  # int64: row of the accompanying hidden-state tensor
 
@@ -153,6 +157,54 @@ class Continuing(Tensors):
     backfill_hidden: torch.Tensor  # row i of `backfill` back-fills from backfill_hidden[backfill.index[i]]
 
 
+def _fill(dtype: torch.dtype, value: float, per_alternative: bool = False) -> dict[str, Any]:
+    """A per-row field's metadata: its dtype, its value where a row has none, whether it is [rows, K]."""
+    return {"dtype": dtype, "fill": value, "per_alternative": per_alternative}
+
+
+@dataclass
+class TokenResults(Tensors):
+    """What each row's exit produced: one row per token, from the worker that exits it to the stream that
+    delivers it. A per-token output is one field here (its dtype and its value where a row has none)."""
+
+    # layers the row ran; 0: it has not exited
+    exit_layer: torch.Tensor = field(metadata=_fill(torch.int64, 0))
+    # the sampled token; -1 where the row does not sample
+    tokens: torch.Tensor = field(metadata=_fill(torch.int64, -1))
+    # the sampled token's log-probability; NaN where not asked for
+    logprobs: torch.Tensor = field(metadata=_fill(torch.float32, math.nan))
+    # [rows, K]: the best alternatives (K the most any row asked for), -1 / -inf pads
+    top_ids: torch.Tensor = field(metadata=_fill(torch.int64, -1, True))
+    top_logprobs: torch.Tensor = field(metadata=_fill(torch.float32, -math.inf, True))
+    # the log-probability of the row's target token (scoring); NaN where none
+    target_logprobs: torch.Tensor = field(metadata=_fill(torch.float32, math.nan))
+
+    def __len__(self) -> int:
+        return self.exit_layer.numel()
+
+    @staticmethod
+    def empty(n: int, top_k: int, device: torch.device | str = "cpu") -> TokenResults:
+        """`n` rows holding every field's fill value; K = `top_k` alternatives per row."""
+        values = {}
+        for f in fields(TokenResults):
+            meta = f.metadata
+            shape = (n, top_k) if meta["per_alternative"] else (n,)
+            values[f.name] = torch.full(shape, meta["fill"], dtype=meta["dtype"], device=device)
+        return TokenResults(**values)
+
+    def select(self, index: torch.Tensor | slice) -> TokenResults:
+        return _select(self, index)
+
+    @staticmethod
+    def cat(items: list[TokenResults]) -> TokenResults:
+        return _cat(items)
+
+    def put(self, index: torch.Tensor, values: TokenResults) -> None:
+        """Rows `index` of this take `values`' rows, in place."""
+        for f in fields(self):
+            getattr(self, f.name)[index] = getattr(values, f.name)
+
+
 @dataclass
 class StepResult(Tensors):
     """The small part of a group's answer; hidden states travel separately (by reference between actors).
@@ -162,11 +214,6 @@ class StepResult(Tensors):
     exact back-fill rows this call ran (id - len(rows) indexes the call's concatenated back-fill rows)."""
 
     exited: torch.Tensor  # int64: indices into the call's rows
-    exit_depth: torch.Tensor  # int64, per exited row
-    tokens: torch.Tensor  # int64, per exited row; -1 where the row does not sample
-    logprobs: torch.Tensor  # float32, per exited row; NaN where not asked for
-    top_ids: torch.Tensor  # int64 [exited, K], K the most alternatives any row asked for; -1 pads
-    top_logprobs: torch.Tensor  # float32 [exited, K]
-    target_logprobs: torch.Tensor  # float32, per exited row: log-probability of its target; NaN where none
+    results: TokenResults  # per exited row
     carry: torch.Tensor  # int64
     timing: tuple[int, int] = (0, 0)  # wall clock (ns) when the call started and ended, for traces
