@@ -16,10 +16,10 @@ from typing import get_args
 from serving.config import GRPC_SERVICE, AppConfig
 from serving.evaluation import LEARNED_THRESHOLDS
 from serving.exceptions import RequestError
-from serving.params import BackfillName, ExitParams, PolicyName
+from serving.params import BackfillName, PolicyName
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
-from workers.corpus import CorpusPart, chat_prompts, text_windows
+from workers.corpus import CorpusPart, text_windows
 from workers.exit_pack import ExitPack, resolve_pack
 from workers.model_store import DEFAULT_MODEL, load_config, load_tokenizer, resolve_model
 
@@ -242,59 +242,22 @@ def _add_calibrate(commands) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from serving.config import EngineConfig
-    from serving.evaluation import tune_pack
-    from serving.plan import default_exit_points
-    from workers.calibration import calibrate, self_generated
+    from serving import calibrate
 
-    logging.getLogger("workers").setLevel(logging.INFO)
-    path = resolve_model(args.model)
-    arch = ModelArch.from_config(load_config(path))
-    n = arch.num_layers
-    points = (
-        [int(d) for d in args.exit_points.split(",")] if args.exit_points else default_exit_points(n, max(1, n // 4))
-    )
-    settings = CalibrationSettings(
-        exit_points=[d for d in points if d < n],
+    job = calibrate.CalibrationJob(
+        model=args.model,
+        corpus=args.corpus,
+        output=args.output,
+        holdout=args.holdout,
+        window=args.window,
+        prompts=args.prompts,
+        generate_tokens=args.generate_tokens,
+        exit_points=[int(d) for d in args.exit_points.split(",")] if args.exit_points else None,
         router_features=args.router_features.split(","),
-        **{k: getattr(args, k) for k in CALIBRATION_FLAGS},
-    )  # fmt: skip
-    part = CorpusPart.of(args.corpus, (0.0, 1.0 - args.holdout))
-    data = {"corpus": part.describe(), "window": args.window}
-    windows = text_windows(part, load_tokenizer(path), args.window)
-    ExitParams(backfill=args.default_backfill)  # refuse a bad default early
-    if args.prompts:
-        prompts = CorpusPart.of(args.prompts)
-        data["prompts"] = prompts.describe() | {"generated_tokens": args.generate_tokens}
-        generated = self_generated(path, chat_prompts(prompts), args.generate_tokens, args.seed)
-        windows = itertools.chain(generated, windows)
-    pack = calibrate(path, windows, settings, data, model_name=args.model)
-    out = pack.save(args.output)
-    # The cost model's last parts need the pack in a real engine, on corpus text training did not read.
-    tokenizer = load_tokenizer(path)
-    unread = itertools.islice(text_windows(part, tokenizer, 256), args.max_tokens // 256 + 1, None)
-    probe = list(itertools.islice(unread, 8)) or list(itertools.islice(text_windows(part, tokenizer, 256), 8))
-    engine = EngineConfig(model=args.model, exit_pack=str(out), num_layer_groups=1, max_num_seqs=len(probe),
-                          max_model_len=257, min_exit_depth=min(settings.exit_points))  # fmt: skip
-    print(f"measuring back-fill harm and tuning the default threshold on {sum(map(len, probe))} tokens",
-          file=sys.stderr)  # fmt: skip
-    pack = asyncio.run(tune_pack(engine, probe, settings.exit_points, args.target_agreement))
-    harm = pack.manifest["router"]["cost"]["harm"]
-    for d, figures in sorted(pack.manifest["evaluation"]["validation"].items(), key=lambda item: int(item[0])):
-        print(
-            f"exit {d:>3}: agreement {figures['agreement_untrained']:.1%} untrained -> "
-            f"{figures['agreement_adapted']:.1%} adapted, KL {figures['kl_untrained']:.2f} -> "
-            f"{figures['kl_adapted']:.2f}, router AUC {figures['router_auc']:.2f}, back-fill harm "
-            f"{harm['decoupled'][d]:.2f} decoupled / {harm['mapped'][d]:.2f} mapped",
-            file=sys.stderr,
-        )
-    tuned = pack.manifest["evaluation"]["defaults"]
-    print(
-        f"default: policy learned, threshold {pack.defaults['threshold']}, {pack.defaults['backfill']} back-fill "
-        f"({tuned['agreement']:.1%} agreement, {tuned['compute_saved']:.1%} layer compute saved on the probe text)",
-        file=sys.stderr,
+        target_agreement=args.target_agreement,
+        settings={k: getattr(args, k) for k in CALIBRATION_FLAGS},
     )
-    print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)", file=sys.stderr)
+    calibrate.run(job, lambda line: print(line, file=sys.stderr))
     return 0
 
 

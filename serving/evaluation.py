@@ -15,13 +15,9 @@ import torch
 
 from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.params import ExitParams, SamplingParams, resolve_exit
-from serving.scheduler import Sequence, rows_for
+from serving.params import ExitParams
 from workers.arch import ModelArch
-from workers.exit_pack import ExitPack
-from workers.modes import Policy
 
-GREEDY = SamplingParams(temperature=0.0)
 # Free-running agreement: short chat prompts of the kind people send.
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -46,50 +42,12 @@ async def teacher_forced(
     chunk: int = 128,
     exit_every: int = 1,
 ) -> TeacherForced:
-    """Feed each window through the engine's pipeline in prompt chunks (all windows in one batch), every
-    row sampling greedily at its exit and scoring the window's next token. Runs beside the engine's own
-    requests with KV slots of its own; results are concatenated in window order. With `exit_every` k, only
-    every k-th position takes `exit`; the others run at full depth."""
-    for w in windows:
-        if len(w) >= engine.plan.max_model_len:
-            raise ValueError(f"{len(w)} tokens do not fit the context of {engine.plan.max_model_len}")
-    resolved = resolve_exit(ExitParams.model_validate(exit or {}), engine.exit_defaults, engine.limits)
-    slots = [engine.scheduler.slots.allocate() for _ in windows]
-    try:
-        if None in slots:
-            raise RuntimeError(f"{len(windows)} windows need as many free KV slots: raise max_num_seqs")
-        seqs = [
-            Sequence(f"teacher-forced-{i}", list(w), GREEDY, resolved, 0, 1, slot=s)
-            for i, (w, s) in enumerate(zip(windows, slots, strict=True))
-        ]
-        parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in seqs]  # per window, per chunk
-        while any(not s.prefill_done for s in seqs):
-            picked = [(i, s, min(chunk, len(s.tokens) - s.num_computed)) for i, s in enumerate(seqs)]
-            picked = [(i, s, n) for i, s, n in picked if n > 0]
-            rows = rows_for([(s, n) for _, s, n in picked])
-            rows.sample[:] = True
-            rows.policy[rows.positions % exit_every != 0] = int(Policy.NONE)
-            rows.target = torch.tensor(
-                [s.tokens[p + 1] if p + 1 < len(s.tokens) else -1 for _, s, n in picked for p in _span(s, n)]
-            )
-            result = await engine.pipeline.execute(rows)
-            at = 0
-            for i, s, n in picked:
-                part = slice(at, at + n)
-                out = result.results
-                parts[i].append((out.tokens[part], out.exit_layer[part], out.target_logprobs[part]))
-                at += n
-                s.num_computed += n
-    finally:
-        taken = [s for s in slots if s is not None]
-        await engine.pipeline.confirm(engine.pipeline.free(taken))
-        for s in taken:
-            engine.scheduler.slots.free(s)
-    per_window = [[torch.cat(column) for column in zip(*chunks, strict=True)] for chunks in parts]
+    """Every window through the engine teacher-forced (Engine.teacher_forced), results in window order."""
+    per_window = await engine.teacher_forced(windows, exit, chunk, exit_every)
     return TeacherForced(
-        torch.cat([w[0] for w in per_window]),
-        torch.cat([w[1] for w in per_window]),
-        torch.cat([w[2][:-1] for w in per_window]),  # the last token of a window has nothing to score
+        torch.cat([w.tokens for w in per_window]),
+        torch.cat([w.exit_layer for w in per_window]),
+        torch.cat([w.target_logprobs[:-1] for w in per_window]),  # the last token of a window has nothing to score
     )
 
 
@@ -118,43 +76,6 @@ async def backfill_harm(
 
 
 LEARNED_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]
-
-
-async def tune_pack(config: EngineConfig, windows: list[list[int]], depths: list[int], target: float) -> ExitPack:
-    """Calibration's last step, in a real engine on text it did not train on: measure the back-fill harm
-    (written into the pack's cost model), then tune the pack's default threshold: the lowest (most
-    compute saved) at which policy learned, with the pack's default back-fill, keeps `target` agreement."""
-    pack = ExitPack.load(config.exit_pack)
-    engine = Engine.local(config)
-    try:
-        harm = await backfill_harm(engine, windows, depths)
-    finally:
-        await engine.shutdown()
-    pack.manifest["router"]["cost"]["harm"] = harm
-    pack.save(config.exit_pack)
-    engine = Engine.local(config)
-    try:
-        full = await teacher_forced(engine, windows, {"policy": "none"})
-        backfill = pack.defaults["backfill"]
-        chosen = {"threshold": 1.0, "agreement": 1.0, "compute_saved": 0.0}
-        for t in LEARNED_THRESHOLDS:  # ascending: earliest exits first
-            tf = await teacher_forced(engine, windows, {"policy": "learned", "threshold": t, "backfill": backfill})
-            a = agreement(tf.predictions, full.predictions)
-            if a >= target:
-                layers, _ = compute_used(tf.exit_layers, list(engine.plan.exit_points), engine.plan.num_layers,
-                                         "learned", backfill, engine.plan.min_exit_depth, _costs(engine))  # fmt: skip
-                chosen = {"threshold": t, "agreement": round(a, 4), "compute_saved": round(1 - layers, 4)}
-                break
-    finally:
-        await engine.shutdown()
-    pack.manifest["defaults"]["threshold"] = chosen["threshold"]
-    pack.manifest["evaluation"]["defaults"] = {"target_agreement": target, "tokens": sum(map(len, windows)), **chosen}
-    pack.save(config.exit_pack)
-    return pack
-
-
-def _span(seq: Sequence, n: int) -> range:
-    return range(seq.num_computed, seq.num_computed + n)
 
 
 def agreement(a: torch.Tensor | list[int], b: torch.Tensor | list[int]) -> float:
@@ -208,7 +129,7 @@ class Costs:
                    router_params / layer)  # fmt: skip
 
 
-def _costs(engine: Engine) -> Costs:
+def costs_of(engine: Engine) -> Costs:
     """The cost units of an engine's model and exit pack (its maps' rank, its routers' size)."""
     pack = engine.pack
     map_rank = router_params = 0
@@ -315,7 +236,7 @@ async def evaluate(
         engine = engines["adapted"]
         chat_ids = [engine.chat_prompt([{"role": "user", "content": c}]) for c in chats]
         plan = engine.plan
-        costs = _costs(engine)
+        costs = costs_of(engine)
         progress(f"full depth on {sum(map(len, windows))} held-out tokens")
         full = await teacher_forced(engine, windows, {"policy": "none"})
         full_chat = await generate_greedy(engine, chat_ids, chat_tokens, {"policy": "none"})

@@ -34,6 +34,10 @@ class GroupHandle(Protocol):
 
     def free(self, slots: torch.Tensor) -> Any: ...
 
+    def info(self) -> Any:
+        """The group's layers, process id and occupied KV slots."""
+        ...
+
     async def fetch(self, ref: Any) -> Any: ...
 
     def lost(self, error: BaseException) -> bool:
@@ -62,11 +66,13 @@ class Submitted:
 
 
 class Pipeline:
-    def __init__(self, groups: list[GroupHandle], sync_backfill: bool = False) -> None:
+    def __init__(
+        self, groups: list[GroupHandle], sync_backfill: bool = False, stats: EngineStats | None = None
+    ) -> None:
         self.groups = groups
         self.sync_backfill = sync_backfill
+        self.stats = stats or EngineStats()
         self._backfilling: set[asyncio.Task] = set()  # calls nobody waits for; failures are logged
-        self.stats = EngineStats()
 
     async def execute(self, rows: Rows) -> BatchResult:
         return await self.collect(self.submit(rows))
@@ -119,6 +125,9 @@ class Pipeline:
         for group, ref in calls:
             await group.fetch(ref)
 
+    async def info(self) -> list[dict]:
+        return list(await asyncio.gather(*(group.fetch(group.info()) for group in self.groups)))
+
     def lost_worker(self, error: BaseException) -> bool:
         return any(group.lost(error) for group in self.groups)
 
@@ -158,6 +167,9 @@ class LocalGroup:
 
     def free(self, slots: torch.Tensor) -> Any:
         return _Part(self._thread.submit(self.group.free, slots), None)
+
+    def info(self) -> Any:
+        return _Part(self._thread.submit(self.group.info), None)
 
     async def fetch(self, ref: _Part) -> Any:
         value = await asyncio.wrap_future(ref.future)

@@ -33,6 +33,9 @@ class RayGroup:
     def free(self, slots: torch.Tensor) -> Any:
         return self.actor.free.remote(slots)
 
+    def info(self) -> Any:
+        return self.actor.info.remote()
+
     async def fetch(self, ref: ray.ObjectRef) -> Any:
         return await ref
 

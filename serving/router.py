@@ -75,17 +75,11 @@ class Router:
     async def kv_slots(self) -> dict:
         """Slots in use, by the scheduler and on every worker (after all requests ended: none)."""
         await self.engine.drain()
-        allocator = self.engine.scheduler.slots
-        slots = {"capacity": allocator.capacity, "free": allocator.num_free, "workers": None}
-        if not self.engine.broken:  # a lost worker has nothing to report
-            slots["workers"] = list(
-                await asyncio.gather(*(g.actor.occupied.remote() for g in self.engine.pipeline.groups))
-            )
-        return slots
+        return await self.engine.kv_slots()
 
     async def workers(self) -> list[dict]:
         """Each layer-group worker's layers, process id and occupied slots."""
-        return list(await asyncio.gather(*(g.actor.info.remote() for g in self.engine.pipeline.groups)))
+        return await self.engine.workers()
 
     async def check_health(self) -> None:
         """Serve's health check: fails (and Serve replaces this replica with a new pipeline) only when the
@@ -97,7 +91,7 @@ class Router:
         """Every worker of the pipeline answers now (what /health reports)."""
         if self.engine.recovering:
             raise RuntimeError("a layer-group worker is being restarted; its sequences wait for it")
-        await asyncio.wait_for(asyncio.gather(*(g.actor.ping.remote() for g in self.engine.pipeline.groups)), 10)
+        await asyncio.wait_for(self.engine.workers(), 10)
 
     def _chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

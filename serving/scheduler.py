@@ -100,7 +100,14 @@ class Scheduler:
             seq.in_flight = False
         return list(self.running)
 
-    def finish(self, seq: Sequence) -> int | None:
+    def reserve(self, seqs: list[Sequence]) -> None:
+        """KV slots for sequences the caller feeds itself (teacher forcing), outside the running batch."""
+        if len(seqs) > self.slots.num_free:
+            raise RuntimeError(f"{len(seqs)} sequences need as many free KV slots: raise max_num_seqs")
+        for seq in seqs:
+            seq.slot = self.slots.allocate()
+
+    def remove(self, seq: Sequence) -> int | None:
         """Drop a finished or aborted sequence; returns its slot, which the caller frees on every worker."""
         if seq in self.running:
             self.running.remove(seq)
@@ -156,8 +163,10 @@ class Scheduler:
         return updates
 
 
-def rows_for(picked: list[tuple[Sequence, int]]) -> Rows:
-    slots, positions, token_ids, sample = [], [], [], []
+def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -> Rows:
+    """The next `n` unfed tokens of each (sequence, n). Teacher-forced, every row samples (greedy, at its
+    exit) and scores the sequence's actual next token; otherwise only a sequence's last token samples."""
+    slots, positions, token_ids, sample, target = [], [], [], [], []
     per_seq: list[tuple[Sequence, int]] = []
     for seq, n in picked:
         tokens = seq.tokens
@@ -165,7 +174,12 @@ def rows_for(picked: list[tuple[Sequence, int]]) -> Rows:
         slots += [seq.slot] * n
         positions += range(start, start + n)
         token_ids += tokens[start : start + n]
-        sample += [False] * (n - 1) + [start + n == len(tokens)]
+        if teacher_forced:
+            sample += [True] * n
+            target += [tokens[p + 1] if p + 1 < len(tokens) else -1 for p in range(start, start + n)]
+        else:
+            sample += [False] * (n - 1) + [start + n == len(tokens)]
+            target += [-1] * n
         per_seq.append((seq, n))
 
     def each(value_of, dtype) -> torch.Tensor:
@@ -186,5 +200,5 @@ def rows_for(picked: list[tuple[Sequence, int]]) -> Rows:
         top_k=each(lambda s: s.sampling.top_k, torch.int64),
         seed=each(lambda s: s.seed, torch.int64),
         logprobs=each(lambda s: -1 if s.sampling.logprobs is None else s.sampling.logprobs, torch.int64),
-        target=torch.full((len(slots),), -1, dtype=torch.int64),
+        target=torch.tensor(target, dtype=torch.int64),
     )

@@ -15,11 +15,17 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    import torch
+
+    from serving.plan import PipelinePlan
 
 EXPORTER = "serving.tracing:otlp_span_processors"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -104,3 +110,34 @@ def record_call(parent: Span, call: GroupCall) -> None:
 def end_request(span: Span, attributes: dict) -> None:
     span.set_attributes(attributes)
     span.end()
+
+
+@dataclass
+class StepTrace:
+    """A step with traced requests: each gets a span per layer-group call that computed or back-filled its
+    rows (which rows a group touched follows from their exit layers and the group's layers)."""
+
+    plan: PipelinePlan
+    spans: list[tuple[Span, int, int]]  # (request span, its rows in the batch)
+    sync: bool
+    exit_layers: torch.Tensor | None = None
+
+    def computed(self, exit_layers: torch.Tensor, timings: list[tuple[int, int]]) -> None:
+        self.exit_layers = exit_layers
+        for g, timing in enumerate(timings):
+            self._record(g, timing, backfill_only=False)
+
+    def backfilled(self, group: int, timing: tuple[int, int]) -> None:
+        if self.exit_layers is not None:
+            self._record(group, timing, backfill_only=True)
+
+    def _record(self, g: int, timing: tuple[int, int], backfill_only: bool) -> None:
+        spec = self.plan.groups[g]
+        for span, start, end in self.spans:
+            layers = self.exit_layers[start:end]
+            entered = int((layers > spec.start).sum())
+            if entered:
+                record_call(span, GroupCall((spec.start, spec.end), timing, entered, False, False))
+            if len(layers) - entered:
+                off = backfill_only and not self.sync
+                record_call(span, GroupCall((spec.start, spec.end), timing, len(layers) - entered, True, off))

@@ -49,9 +49,10 @@ async def collect(engine: Engine, prompt, sampling=GREEDY, exit=None) -> Done:
 async def assert_clean(engine: Engine) -> None:
     """Every slot back in the allocator and empty on every worker."""
     await asyncio.wait_for(engine.drain(), timeout=30)  # a leaked sequence never drains
-    assert engine.scheduler.slots.num_free == engine.config.max_num_seqs
-    for group in engine.pipeline.groups:
-        assert group.group.cache.occupied() == []
+    slots = await engine.kv_slots()
+    assert slots["free"] == engine.config.max_num_seqs
+    for occupied in slots["workers"]:
+        assert occupied == []
 
 
 EXIT_CONFIGS = [

@@ -17,8 +17,8 @@ def evaluate(path, token_ids, exit, **config) -> tuple:
     async def main():
         engine = Engine.local(EngineConfig(model=str(path), **{"num_layer_groups": 3, "max_num_seqs": 2, **config}))
         got = await teacher_forced(engine, [token_ids], exit, chunk=16)
-        free = engine.scheduler.slots.num_free
-        occupied = [g.group.cache.occupied() for g in engine.pipeline.groups]
+        slots = await engine.kv_slots()
+        free, occupied = slots["free"], slots["workers"]
         await engine.shutdown()
         return got, free, occupied
 

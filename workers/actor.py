@@ -76,5 +76,4 @@ class LayerGroupWorker:
         return self.spec.start, self.spec.end
 
     def info(self) -> dict:
-        """Which layers, which process, which slots hold K/V: for operators (and the tests)."""
-        return {"layers": [self.spec.start, self.spec.end], "pid": os.getpid(), "occupied": self.occupied()}
+        return self.group.info()

@@ -7,6 +7,7 @@ inside the group get the group's remaining layers back-filled in the same call."
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,10 @@ class LayerGroup:
 
     def free(self, slots: torch.Tensor) -> None:
         self.cache.free(slots.to(self.device))
+
+    def info(self) -> dict:
+        """Which layers, which process, which slots hold K/V: for operators (and the tests)."""
+        return {"layers": [self.spec.start, self.spec.end], "pid": os.getpid(), "occupied": self.cache.occupied()}
 
     # ---- internals -----------------------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""Admission: a request's prompt and parameters checked against the model and the server's limits, and
+turned into a Sequence for the scheduler. Everything here fails fast with a RequestError (HTTP 400)."""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import ValidationError
+from transformers import PreTrainedTokenizerBase
+
+from serving.config import EngineConfig
+from serving.exceptions import RequestError
+from serving.params import ExitLimits, ExitParams, ResolvedExit, SamplingParams, request_error, resolve_exit
+from serving.plan import PipelinePlan
+from serving.scheduler import Sequence
+from workers.arch import ModelArch
+from workers.exit_pack import ExitPack
+
+
+class Admission:
+    def __init__(
+        self,
+        config: EngineConfig,
+        plan: PipelinePlan,
+        tokenizer: PreTrainedTokenizerBase,
+        arch: ModelArch,
+        pack: ExitPack | None,
+    ) -> None:
+        self.config, self.plan, self.tokenizer, self.arch = config, plan, tokenizer, arch
+        # Policy learned needs a trained router at every early exit point (configured points may differ).
+        early = [d for d in plan.exit_points if d < plan.num_layers]
+        routed = pack is not None and all(pack.prefixed(f"router.{d}.") for d in early)
+        self.limits: ExitLimits = plan.limits(routed)
+        # Requests' unset exit controls: the configuration's, else what the exit pack was tuned for.
+        tuned = pack.defaults if routed else {}
+        self.exit_defaults = ExitParams.model_validate({**tuned, **config.exit.model_dump(exclude_none=True)})
+
+    def sequence(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        sampling: SamplingParams | dict | None,
+        exit: ExitParams | dict | None,
+    ) -> Sequence:
+        try:
+            sampling = SamplingParams.model_validate(sampling or {})
+        except ValidationError as e:
+            raise request_error(e) from None
+        resolved = self.resolve_exit(exit)
+        prompt_ids = self.prompt_ids(prompt)
+        room = self.plan.max_model_len - len(prompt_ids)
+        cap = self.config.max_tokens_limit
+        if cap is not None and sampling.max_tokens is not None and sampling.max_tokens > cap:
+            raise RequestError(
+                "max_tokens", f"{sampling.max_tokens} is over this server's limit (max_tokens_limit {cap})"
+            )
+        if sampling.max_tokens is not None and sampling.max_tokens > room:
+            raise RequestError(
+                "max_tokens",
+                f"{sampling.max_tokens} new tokens do not fit: the context holds {self.plan.max_model_len} "
+                f"tokens and the prompt has {len(prompt_ids)}",
+            )
+        return Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            exit=resolved,
+            seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
+            max_tokens=sampling.max_tokens or min(room, cap or room),
+        )
+
+    def resolve_exit(self, exit: ExitParams | dict | None) -> ResolvedExit:
+        """A request's exit controls, its unset ones from the defaults, checked against the limits."""
+        try:
+            exit_params = ExitParams.model_validate(exit or {})
+        except ValidationError as e:
+            raise request_error(e, "adept.") from None
+        return resolve_exit(exit_params, self.exit_defaults, self.limits)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.arch.vocab_size]
+            if bad:
+                raise RequestError(
+                    "prompt", f"token id {bad[0]!r} is outside the vocabulary [0, {self.arch.vocab_size})"
+                )
+        if not ids:
+            raise RequestError("prompt", "must not be empty")
+        cap = self.config.max_prompt_tokens
+        if cap is not None and len(ids) > cap:
+            raise RequestError("prompt", f"{len(ids)} tokens is over this server's limit (max_prompt_tokens {cap})")
+        if len(ids) >= self.plan.max_model_len:
+            raise RequestError(
+                "prompt",
+                f"{len(ids)} tokens is too long: the context holds {self.plan.max_model_len} tokens, prompt "
+                "and generated together",
+            )
+        return ids

@@ -1,0 +1,188 @@
+"""Outputs: each admitted request's stream, and what a step's results become in it. The engine's loop hands
+every sequence update here; this module detokenizes, checks stop strings, EOS and length, assembles
+RequestOutputs with usage, and reports each request's end to metrics and to its trace span."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry.trace import Span
+from transformers import PreTrainedTokenizerBase
+
+from serving import tracing
+from serving.detokenizer import Detokenizer
+from serving.messages import RequestOutput, Usage
+from serving.metrics import EngineStats
+from serving.scheduler import Sequence, SequenceUpdate
+
+
+@dataclass
+class _Stream:
+    seq: Sequence
+    detok: Detokenizer
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    admitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    span: Span | None = None  # set when the request is traced
+
+
+class RequestStream:
+    """An admitted request: iterate for its outputs; closing it early aborts the request."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue, prompt_tokens: int, abort: Callable[[str], None]):
+        self.request_id, self._queue, self.prompt_tokens = request_id, queue, prompt_tokens
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:  # the client went away
+            self.abort()
+            raise
+        if isinstance(item, Exception):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class OutputProcessor:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_token_ids: set[int] | frozenset[int] | list[int],
+        num_layers: int,
+        max_model_len: int,
+        stats: EngineStats,
+    ) -> None:
+        self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
+        self.num_layers, self.max_model_len, self.stats = num_layers, max_model_len, stats
+        self._streams: dict[str, _Stream] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, seq: Sequence, span: Span | None, abort: Callable[[str], None]) -> RequestStream:
+        stream = _Stream(seq, Detokenizer(self.tokenizer, seq.sampling.stop, seq.prompt_ids), span=span)
+        self._streams[seq.request_id] = stream
+        return RequestStream(seq.request_id, stream.queue, len(seq.prompt_ids), abort)
+
+    def span(self, request_id: str) -> Span | None:
+        stream = self._streams.get(request_id)
+        return None if stream is None else stream.span
+
+    def deliver(self, update: SequenceUpdate) -> bool:
+        """Turn a sequence's new token into an output; returns whether the sequence is done."""
+        seq = update.seq
+        stream = self._streams.get(seq.request_id)
+        if stream is None or seq.aborted:
+            if stream is not None:
+                self.abort(seq)
+            return True
+        row = update.sampled
+        if row is None:  # a prompt chunk that did not reach the end of the prompt
+            return False
+        token, exit_layer = update.token, seq.exit_layers[-1]
+        now = time.monotonic()
+        if stream.first_token is None:
+            stream.first_token = now
+            self.stats.first_token(now - stream.admitted)
+        self.stats.token(exit_layer)
+        text = stream.detok.add(token)
+        reason = None
+        if stream.detok.stopped or (token in self.eos_token_ids and not seq.sampling.ignore_eos):
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.max_tokens or seq.num_computed + 1 >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            text += stream.detok.flush()
+            self._end(stream, reason)
+        k = seq.sampling.logprobs
+        top = (
+            None if k is None else dict(zip(row.top_ids[0, :k].tolist(), row.top_logprobs[0, :k].tolist(), strict=True))
+        )
+        stream.queue.put_nowait(
+            RequestOutput(
+                request_id=seq.request_id,
+                text=text,
+                token_ids=[token],
+                exit_layers=[exit_layer],
+                logprobs=None if k is None else [float(row.logprobs[0])],
+                top_logprobs=None if top is None else [top],
+                finished=reason is not None,
+                finish_reason=reason,
+                usage=None if reason is None else self.usage(seq),
+            )
+        )
+        return reason is not None
+
+    def abort(self, seq: Sequence) -> None:
+        """End a stream without a new token."""
+        stream = self._streams.get(seq.request_id)
+        if stream is None:
+            return
+        self._end(stream, "abort")
+        text = stream.detok.flush()
+        stream.queue.put_nowait(
+            RequestOutput(seq.request_id, text, [], [], finished=True, finish_reason="abort", usage=self.usage(seq))
+        )
+
+    def fail(self, seq: Sequence, error: Exception) -> None:
+        """End a stream with an error (the client is told; no usage is reported)."""
+        stream = self._streams.pop(seq.request_id, None)
+        if stream is not None:
+            stream.queue.put_nowait(error)
+
+    def fail_all(self, error: Callable[[], Exception]) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error())
+        self._streams.clear()
+
+    def usage(self, seq: Sequence) -> Usage:
+        return Usage(
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            layers_computed=seq.layers_computed,
+            layers_total=seq.num_computed * self.num_layers,
+        )
+
+    def _end(self, stream: _Stream, reason: str) -> None:
+        """The request is over: no more outputs after the one being sent; report it."""
+        self._streams.pop(stream.seq.request_id, None)
+        now, seq = time.monotonic(), stream.seq
+        n = len(seq.output_ids)
+        per_token = (now - stream.first_token) / (n - 1) if stream.first_token is not None and n > 1 else None
+        usage = self.usage(seq)
+        self.stats.finished(reason, now - stream.admitted, per_token, usage.layers_computed, usage.layers_total)
+        if stream.span is not None:
+            attributes = {
+                "adept.completion_tokens": n,
+                "adept.finish_reason": reason,
+                "adept.layers_computed": usage.layers_computed,
+                "adept.layers_total": usage.layers_total,
+            }
+            if stream.first_token is not None:
+                attributes["adept.time_to_first_token_s"] = stream.first_token - stream.admitted
+            if seq.exit_layers:
+                attributes["adept.mean_exit_depth"] = sum(seq.exit_layers) / len(seq.exit_layers)
+            tracing.end_request(stream.span, attributes)
