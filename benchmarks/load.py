@@ -169,7 +169,7 @@ def main() -> int:
     server.init_ray(config)
     server.start(config)
     url = f"http://{config.http.host}:{config.http.port}"
-    router = serve.get_deployment_handle("Router", APP_NAME)
+    replica = serve.get_deployment_handle("PipelineReplica", APP_NAME)
     model = config.served_name()
     try:
         httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 4}, timeout=120)
@@ -197,7 +197,7 @@ def main() -> int:
 
         async def killer(at: float) -> None:
             await asyncio.sleep(at)
-            victim = (await router.workers.remote())[args.layer_groups // 2]
+            victim = (await replica.workers.remote())[args.layer_groups // 2]
             kill["time"] = time.monotonic()
             os.kill(victim["pid"], signal.SIGKILL)
             log(f"killed the layer-group worker of layers {victim['layers']} (pid {victim['pid']})")
@@ -231,7 +231,7 @@ def main() -> int:
             times = sorted(t for t in run.token_times if t > kill["time"] - 1)
             gaps = [b - a for a, b in itertools.pairwise(times) if b > kill["time"]]
             result["longest_pause_after_kill_s"] = round(max(gaps), 2) if gaps else None
-            result["slots_after"] = router.kv_slots.remote().result()
+            result["slots_after"] = replica.kv_slots.remote().result()
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

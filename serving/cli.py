@@ -172,7 +172,7 @@ def _add_serve(commands) -> None:
     n.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
     n.add_argument("--grpc-host", help="gRPC bind address (default 127.0.0.1)")
     n.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
-    n.add_argument("--pipelines", type=int, dest="num_pipelines", help="pipelines (router replicas)")
+    n.add_argument("--pipelines", type=int, dest="num_pipelines", help="pipelines (pipeline replicas)")
     n.add_argument("--address", help="an existing Ray cluster (default: start one on this machine)")
     _engine_options(p)
     p.set_defaults(run=_serve)
@@ -188,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     server.init_ray(config, args.address)
     try:
         server.start(config)
-        info = serve.get_deployment_handle("Router", APP_NAME).info.remote().result()
+        info = serve.get_deployment_handle("PipelineReplica", APP_NAME).info.remote().result()
         default_exit = ", ".join(f"{k} {v}" for k, v in info.default_exit.items()) or "policy none (full depth)"
         log.warning(
             "ADEPT Serve is up: model %r, %d layers in %d layer groups, exit points %s, %d pipeline(s)\n"

@@ -1,7 +1,7 @@
 """The engine: requests in, streams of (token, exit layer) out.
 
 One asyncio loop does what vLLM's EngineCore.step does: schedule a batch (serving/scheduler.py), execute it
-through the layer groups (serving/executor.py), and update the sequences and their streams with the results
+through the layer groups (serving/pipeline.py), and update the sequences and their streams with the results
 (serving/outputs.py). Admission checks live in serving/admission.py. The in-process engine and the
 distributed one differ only in the pipeline's group handles.
 
@@ -29,11 +29,11 @@ from serving import tracing
 from serving.admission import Admission
 from serving.config import EngineConfig
 from serving.exceptions import EngineError, EngineUnavailable, RequestError
-from serving.executor import GroupHandle, LocalGroup, Pipeline, Submitted
 from serving.messages import RequestOutput
 from serving.metrics import EngineStats
 from serving.outputs import OutputProcessor, RequestStream
 from serving.params import ExitParams, SamplingParams
+from serving.pipeline import GroupHandle, LocalGroup, Pipeline, Submitted
 from serving.plan import PipelinePlan, plan_pipeline
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, rows_for
 from workers.arch import ModelArch

@@ -1,5 +1,5 @@
 """The ingress deployment: the OpenAI-compatible HTTP API (FastAPI) and the gRPC service, both validating
-requests (pydantic) before handing them to a router, and both turning the router's events into responses."""
+requests (pydantic) before handing them to a pipeline replica, and both turning the replica's events into responses."""
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of the routes.
 import asyncio
@@ -107,8 +107,8 @@ def _grpc_token(out: RequestOutput) -> pb.GenerateResponse:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, router: DeploymentHandle, config: AppConfig) -> None:
-        self.router = router
+    def __init__(self, replica: DeploymentHandle, config: AppConfig) -> None:
+        self.replica = replica
         self.model = config.served_name()
         self.max_body = config.max_request_bytes
         self._keys = [k.encode() for k in config.accepted_keys()]
@@ -207,7 +207,7 @@ class Ingress:
 
     async def _unhealthy(self) -> str | None:
         try:
-            await asyncio.wait_for(self.router.workers_answer.remote(), timeout=15)
+            await asyncio.wait_for(self.replica.workers_answer.remote(), timeout=15)
         except Exception as e:
             return (str(e).splitlines() or [type(e).__name__])[0]
         return None
@@ -398,8 +398,8 @@ class Ingress:
     # ---- both ----------------------------------------------------------------------------------------
 
     async def _start(self, request: GenerateRequest) -> DeploymentResponseGenerator:
-        """Hand the request to a router; raises ApiError if it is refused. Returns the remaining events."""
-        events: DeploymentResponseGenerator = self.router.options(stream=True).generate.remote(request)
+        """Hand the request to a pipeline replica; raises ApiError if it is refused. Returns the remaining events."""
+        events: DeploymentResponseGenerator = self.replica.options(stream=True).generate.remote(request)
         first = await events.__anext__()
         if isinstance(first, Rejected):
             events.cancel()
@@ -412,5 +412,5 @@ class Ingress:
 
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
-            self._info = await self.router.info.remote()
+            self._info = await self.replica.info.remote()
         return self._info

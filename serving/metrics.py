@@ -4,7 +4,7 @@ and each node's Ray metrics
 agent exports them all, beside Ray's and Serve's own, in Prometheus format on the node's metrics port
 (KubeRay: container port `metrics`, 8080). The ingress relays its node's export at /metrics.
 
-The engine reports what happens to an EngineStats: the in-process engine's records nothing, the router's
+The engine reports what happens to an EngineStats: the in-process engine's records nothing, the pipeline replica's
 is a RayStats."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class EngineStats:
 
 
 class RayStats(EngineStats):
-    """The router's: Serve metrics of its replica."""
+    """The pipeline replica's: Serve metrics of its replica."""
 
     def __init__(self, num_layers: int) -> None:
         from ray.serve import metrics

@@ -1,6 +1,6 @@
 """OpenTelemetry traces. Ray Serve's own tracing is the backbone: its proxy starts (or continues, from a W3C
 `traceparent` in HTTP headers or gRPC metadata) the trace, and its spans follow the request through the
-ingress replica into the router replica, across processes. Under the router's span the engine adds one
+ingress replica into the pipeline replica, across processes. Under the replica's span the engine adds one
 span per request and, for each of its steps, one span per layer-group call that computed its rows
 (`adept.layer_group.forward`) or back-filled them off the critical path (`adept.layer_group.backfill`),
 timed by the worker itself.
@@ -48,7 +48,7 @@ def otlp_span_processors() -> list:
 
 
 def start_request(model: str, prompt_tokens: int, policy: str) -> Span | None:
-    """The request's span under the current one (the router's), or None when this request is not traced:
+    """The request's span under the current one (the pipeline replica's), or None when this request is not traced:
     then the engine records nothing more for it."""
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):  # tracing off: no provider
         return None
@@ -63,7 +63,7 @@ def start_request(model: str, prompt_tokens: int, policy: str) -> Span | None:
 def continuing(traceparent: str | None, tracestate: str | None) -> Iterator[None]:
     """Make a caller's W3C trace context current, unless the current span already belongs to its trace.
     Ray Serve 2.60's gRPC proxy reads `traceparent` metadata but its spans do not join that trace; the
-    ingress continues it here, so that the router's and the workers' spans do."""
+    ingress continues it here, so that the pipeline replica's and the workers' spans do."""
     if not traceparent or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         yield
         return

@@ -113,8 +113,8 @@ class Served:
     def model(self) -> str:
         return self.config.served_name()
 
-    def router(self):
-        return serve.get_deployment_handle("Router", APP_NAME)
+    def replica(self):
+        return serve.get_deployment_handle("PipelineReplica", APP_NAME)
 
 
 def free_port() -> int:

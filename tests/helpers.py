@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from serving.executor import LocalGroup, Pipeline
+from serving.pipeline import LocalGroup, Pipeline
 from workers.exit_pack import ExitPack
 from workers.layer_group import LayerGroup
 from workers.modes import Backfill, Policy

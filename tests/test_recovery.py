@@ -1,5 +1,5 @@
 """A layer-group worker killed (SIGKILL, as when its process or node is lost) in the middle of streams: Ray
-restarts it, the router rebuilds the KV cache of every running sequence, and each stream goes on where it
+restarts it, the pipeline replica rebuilds the KV cache of every running sequence, and each stream goes on where it
 stopped with the text a run without the failure gives. When restarts are used up, streams end with a
 retryable error (never a hang), no slot stays allocated, and Serve replaces the pipeline."""
 
@@ -30,13 +30,13 @@ TOKENS = 40
 def _deploy(name: str, restarts: int) -> tuple[str, serve.handle.DeploymentHandle]:
     config = AppConfig(engine=EngineConfig(**ENGINE), worker_max_restarts=restarts)
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
-    return name, serve.get_deployment_handle("Router", name)
+    return name, serve.get_deployment_handle("PipelineReplica", name)
 
 
 @pytest.fixture
 def recovering(served):
-    name, router = _deploy("recovering", restarts=3)
-    yield f"{served.http}/{name}", router
+    name, replica = _deploy("recovering", restarts=3)
+    yield f"{served.http}/{name}", replica
     serve.delete(name)
 
 
@@ -72,10 +72,10 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: lis
     return text, kinds
 
 
-def _wait_clean(router, timeout: float = 60) -> dict:
+def _wait_clean(replica, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        slots = router.kv_slots.remote().result()
+        slots = replica.kv_slots.remote().result()
         if slots["free"] == slots["capacity"] and all(not w for w in slots["workers"] or []):
             return slots
         assert time.monotonic() < deadline, f"slots still allocated: {slots}"
@@ -83,7 +83,7 @@ def _wait_clean(router, timeout: float = 60) -> dict:
 
 
 def test_a_killed_worker_loses_no_stream(recovering, served):
-    url, router = recovering
+    url, replica = recovering
     prompts = PROMPTS[:4]
     reference = [
         httpx.post(f"{url}/v1/completions", json=_body(served.model, p, False), timeout=120).json()["choices"][0][
@@ -91,7 +91,7 @@ def test_a_killed_worker_loses_no_stream(recovering, served):
         ]
         for p in prompts
     ]
-    before = router.workers.remote().result()
+    before = replica.workers.remote().result()
     victim = before[1]  # the middle layer group
 
     async def run() -> tuple[list, float]:
@@ -112,19 +112,19 @@ def test_a_killed_worker_loses_no_stream(recovering, served):
     for (text, kinds), expected in zip(results, reference, strict=True):
         assert kinds == ["token"] * TOKENS + ["done"], kinds[-3:]
         assert text == expected  # greedy: the same text as without the failure
-    after = router.workers.remote().result()
+    after = replica.workers.remote().result()
     assert after[1]["pid"] != victim["pid"]  # restarted by Ray
     assert [w["pid"] for w in (after[0], after[2])] == [w["pid"] for w in (before[0], before[2])]
-    _wait_clean(router)
+    _wait_clean(replica)
     assert httpx.get(f"{url}/health", timeout=60).status_code == 200
     print(f"\nlongest pause in the streams after the kill: {gap:.2f} s")
 
 
 def test_when_restarts_are_used_up_streams_end_with_a_retryable_error(served):
-    name, router = _deploy("fragile", restarts=0)
+    name, replica = _deploy("fragile", restarts=0)
     url = f"{served.http}/{name}"
     try:
-        pid = router.workers.remote().result()[2]["pid"]
+        pid = replica.workers.remote().result()[2]["pid"]
 
         async def run() -> tuple[tuple[str, list[str]], grpc.StatusCode | None, str]:
             progress: list[float] = []
@@ -153,9 +153,9 @@ def test_when_restarts_are_used_up_streams_end_with_a_retryable_error(served):
         assert kinds[-2].startswith("error: service_unavailable_error") and "retry" in kinds[-2], kinds[-2:]
         assert kinds[-1] == "done" and len(kinds) - 2 < TOKENS
         assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details, (code, details)
-        slots = router.kv_slots.remote().result()
+        slots = replica.kv_slots.remote().result()
         assert slots["free"] == slots["capacity"]  # nothing held by the broken pipeline
-        # Serve's health check fails for the broken router, and Serve replaces it with a new pipeline
+        # Serve's health check fails for the broken pipeline replica, and Serve replaces it with a new pipeline
         deadline = time.monotonic() + 120
         while httpx.get(f"{url}/health", timeout=60).status_code != 200:
             assert time.monotonic() < deadline, "the pipeline was not replaced"

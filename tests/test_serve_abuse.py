@@ -101,7 +101,7 @@ GRPC = settings(max_examples=250, deadline=None, suppress_health_check=list(Heal
 
 @pytest.fixture(scope="module")
 def workers_before(served) -> list[dict]:
-    return served.router().workers.remote().result()
+    return served.replica().workers.remote().result()
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_fuzzed_grpc_messages(served, workers_before):
 def test_no_worker_restarted_and_the_server_still_serves(served, workers_before, http):
     """Runs after the fuzzing above (file order): same worker processes, no slot left, a normal answer."""
     wait_for_clean_slots(served)
-    assert [w["pid"] for w in served.router().workers.remote().result()] == [w["pid"] for w in workers_before]
+    assert [w["pid"] for w in served.replica().workers.remote().result()] == [w["pid"] for w in workers_before]
     body = {"model": served.model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

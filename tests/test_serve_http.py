@@ -36,7 +36,7 @@ def wait_for_clean_slots(served, timeout: float = 30.0) -> dict:
     """Poll the router until every slot is free in the scheduler and on every worker."""
     deadline = time.monotonic() + timeout
     while True:
-        slots = served.router().kv_slots.remote().result()
+        slots = served.replica().kv_slots.remote().result()
         if slots["free"] == slots["capacity"] and all(not w for w in slots["workers"]):
             return slots
         if time.monotonic() > deadline:

@@ -1,5 +1,5 @@
 """Traces: one per request, continuing an incoming W3C traceparent (HTTP header or gRPC metadata), from
-Serve's proxy through the ingress and the router (other processes) to a span per layer-group call."""
+Serve's proxy through the ingress and the pipeline replica (other processes) to a span per layer-group call."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _wait_for(collector, trace_id: str, backfills: bool) -> list[Span]:
 
 def _check_chain(spans: list[Span], incoming_parent: str, depth: int) -> Span:
     """Every span's parent is in the trace, except the root's, which is the caller's span; the engine's
-    request span descends from the ingress's and the router's replica spans; returns the request span."""
+    request span descends from the ingress's and the pipeline replica's spans; returns the request span."""
     by_id = {s.span_id: s for s in spans}
     roots = [s for s in spans if s.parent_id not in by_id]
     assert {s.parent_id for s in roots} == {incoming_parent}, [(s.name, s.parent_id) for s in roots]
@@ -47,7 +47,9 @@ def _check_chain(spans: list[Span], incoming_parent: str, depth: int) -> Span:
         ancestors.append(node.name)
     joined = " > ".join(ancestors)
     # router replica < the ingress's call to it (< the ingress's FastAPI span < Serve's proxy, over HTTP)
-    assert joined.startswith("replica_handle_request Router generate > route_to_replica Router generate"), joined
+    assert joined.startswith(
+        "replica_handle_request PipelineReplica generate > route_to_replica PipelineReplica generate"
+    ), joined
     assert len(ancestors) >= depth, joined
     return request
 

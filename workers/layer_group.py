@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from workers.arch import ModelArch, rope_tables
-from workers.backfill import decoupled_kv, mapped_inputs, split_rope
 from workers.exit_pack import ExitPack
 from workers.exits import ExitHead
 from workers.kv_cache import KVCache
+from workers.kv_projection import decoupled_kv, mapped_inputs, split_rope
 from workers.layers import AttentionLayout, apply_rope, rms_norm
 from workers.model_store import load_config, load_tensors
 from workers.modes import Backfill, Policy

@@ -1,7 +1,7 @@
 """Layer groups as Ray actors: the distributed engine's GroupHandle.
 
-The router replica that calls `ray_groups` runs in a placement group that Serve created for it (one bundle
-for the router, then one per layer group); each worker goes into its own bundle, so one pipeline's workers
+The pipeline replica that calls `ray_groups` runs in a placement group that Serve created for it (one bundle
+for the replica, then one per layer group); each worker goes into its own bundle, so one pipeline's workers
 are scheduled, and torn down, together. Hidden states stay ObjectRefs: they move worker to worker."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from workers.actor import LayerGroupWorker
 
 
 class RayGroup:
-    """A layer-group actor. The router is its only caller, so Ray runs its calls in submission order."""
+    """A layer-group actor. Its pipeline replica is its only caller, so Ray runs its calls in submission order."""
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor

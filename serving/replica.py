@@ -1,4 +1,4 @@
-"""The router: a Ray Serve deployment that owns one pipeline (a layer-group worker per group, in the
+"""The pipeline replica: a Ray Serve deployment that owns one pipeline (a layer-group worker per group, in the
 replica's placement group) and runs the same engine and scheduler as the in-process engine, calling the
 groups through Ray."""
 
@@ -18,14 +18,14 @@ from serving.errors import ApiError
 from serving.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
 from serving.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.metrics import RayStats
-from serving.ray_executor import RayGroup, ray_groups
+from serving.ray_groups import RayGroup, ray_groups
 from workers.exit_pack import ExitPack
 
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(name="Router", health_check_period_s=10, health_check_timeout_s=60)
-class Router:
+@serve.deployment(name="PipelineReplica", health_check_period_s=10, health_check_timeout_s=60)
+class PipelineReplica:
     def __init__(self, config: AppConfig, worker_resources: dict[str, float]) -> None:
         engine_config = config.engine
 
@@ -40,7 +40,7 @@ class Router:
         self.name = config.served_name()
         plan = self.engine.plan
         log.info(
-            "router (pid %d): %s, %d layers in %d layer groups %s, exit points %s",
+            "pipeline replica (pid %d): %s, %d layers in %d layer groups %s, exit points %s",
             os.getpid(), self.name, plan.num_layers, len(plan.groups),
             [(g.start, g.end) for g in plan.groups], list(plan.exit_points),
         )  # fmt: skip
