@@ -226,7 +226,7 @@ class Engine:
         schedule the next batch."""
         trace = self._trace(batch)
         try:
-            result = await self.pipeline.collect(submitted, trace.backfilled if trace else None)
+            result = await self.pipeline.collect(submitted, trace.trailing_call if trace else None)
         except Exception as e:
             self._failed(batch, e)
         else:

@@ -1,7 +1,12 @@
 """The ingress deployment: the OpenAI-compatible HTTP API (FastAPI) and the gRPC service, both validating
-requests (pydantic) before handing them to a pipeline replica, and both turning the replica's events into responses."""
+requests (pydantic) before handing them to a pipeline replica, and both turning the replica's events into
+responses.
 
-# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of the routes.
+Two rules for this module (tests/test_structure.py checks both): no `from __future__ import annotations`,
+since FastAPI must see the routes' real `Request` annotations; and every helper sits above the Ingress
+class, since `serve.ingress` serializes the routes when the class is decorated and only names that exist
+by then reach the replica."""
+
 import asyncio
 import hmac
 import json
@@ -47,10 +52,6 @@ async def _http_exception(request: Request, error: HTTPException) -> JSONRespons
     kind = {401: "authentication_error", 404: "not_found_error"}.get(error.status_code, "invalid_request_error")
     body = {"error": {"message": f"{request.method} {request.url.path}: {error.detail}", "type": kind}}
     return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
-
-
-# Helpers live above the class: serve.ingress serializes the routes when the class is decorated, and
-# only names that exist by then reach the replica.
 
 
 def _sse(data: dict | str) -> str:

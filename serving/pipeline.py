@@ -6,7 +6,11 @@ at once, each taking the previous one's Continuing (the rows that go on, their h
 back-fills owed by this step's early exits), so the batch flows group to group without a round trip
 through the pipeline, which reads only the small results. As soon as every row of the batch has exited the
 batch is done: the calls still running on deeper groups only back-fill, and nothing waits for them (unless
-`sync_backfill`, the slow reference the benchmark compares against)."""
+`sync_backfill`, the slow reference the benchmark compares against).
+
+Rule: a back-fill must land before any later forward that reads it. That holds because each group runs its
+calls one at a time in submission order (LocalGroup: one thread; RayGroup: a synchronous actor) and has
+exactly one caller, its pipeline: a group handle joins one Pipeline only (checked when it is built)."""
 
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 
 class GroupHandle(Protocol):
     """A layer group as the pipeline sees it. Calls to one group take effect in submission order."""
+
+    pipeline: Pipeline | None  # the one pipeline that calls it
 
     def forward(self, batch: Any) -> tuple[Any, Any]: ...
 
@@ -69,10 +75,16 @@ class Pipeline:
     def __init__(
         self, groups: list[GroupHandle], sync_backfill: bool = False, stats: EngineStats | None = None
     ) -> None:
+        for group in groups:
+            if getattr(group, "pipeline", None) is not None:
+                raise ValueError("a layer group belongs to one pipeline: its calls' order is that pipeline's")
+            group.pipeline = self
         self.groups = groups
         self.sync_backfill = sync_backfill
         self.stats = stats or EngineStats()
-        self._backfilling: set[asyncio.Task] = set()  # calls nobody waits for; failures are logged
+        # Trailing calls: a step's calls on groups deeper than its rows went, which only back-fill and which
+        # nobody waits for; failures are logged.
+        self._trailing: set[asyncio.Task] = set()
 
     async def execute(self, rows: Rows) -> BatchResult:
         return await self.collect(self.submit(rows))
@@ -87,10 +99,10 @@ class Pipeline:
         return Submitted(rows, results)
 
     async def collect(
-        self, submitted: Submitted, on_backfill: Callable[[int, tuple[int, int]], None] | None = None
+        self, submitted: Submitted, on_trailing: Callable[[int, tuple[int, int]], None] | None = None
     ) -> BatchResult:
         """Read the groups' results in order until every row has exited. The deeper groups' calls only
-        back-fill: `on_backfill(group, timing)` hears when each one finishes."""
+        back-fill (trailing calls): `on_trailing(group, timing)` hears when each one finishes."""
         rows, results = submitted.rows, submitted.results
         n = len(rows)
         out = TokenResults.empty(n, max(int(rows.logprobs.max()), 0) if n else 0)
@@ -108,10 +120,10 @@ class Pipeline:
         done_at = time.monotonic()
         for rest in range(g, len(self.groups)):  # back-fill only, off the critical path
             task = asyncio.get_running_loop().create_task(self.groups[rest].fetch(results[rest]))
-            self._backfilling.add(task)
-            task.add_done_callback(lambda t, at=done_at, g=rest: self._backfill_done(t, at, g, on_backfill))
+            self._trailing.add(task)
+            task.add_done_callback(lambda t, at=done_at, g=rest: self._trailing_done(t, at, g, on_trailing))
         if g < len(self.groups):
-            self.stats.backfill(None, len(self._backfilling))
+            self.stats.backfill(None, len(self._trailing))
         return BatchResult(out, timings)
 
     def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
@@ -136,21 +148,21 @@ class Pipeline:
 
     async def drain(self) -> None:
         """Wait for the back-fill calls in flight (tests and shutdown)."""
-        while self._backfilling:
-            await asyncio.gather(*self._backfilling, return_exceptions=True)
+        while self._trailing:
+            await asyncio.gather(*self._trailing, return_exceptions=True)
 
-    def _backfill_done(
-        self, task: asyncio.Task, critical_path_done: float, group: int, on_backfill: Callable | None
+    def _trailing_done(
+        self, task: asyncio.Task, critical_path_done: float, group: int, on_trailing: Callable | None
     ) -> None:
-        self._backfilling.discard(task)
-        self.stats.backfill(time.monotonic() - critical_path_done, len(self._backfilling))
+        self._trailing.discard(task)
+        self.stats.backfill(time.monotonic() - critical_path_done, len(self._trailing))
         if task.cancelled():
             return
         if task.exception() is not None:
             # The rows' K/V stay missing: the completeness check fails the forward that would read them.
             log.error("a back-fill call failed", exc_info=task.exception())
-        elif on_backfill is not None:
-            on_backfill(group, task.result().timing)
+        elif on_trailing is not None:
+            on_trailing(group, task.result().timing)
 
 
 class LocalGroup:
@@ -159,6 +171,7 @@ class LocalGroup:
 
     def __init__(self, group: LayerGroup) -> None:
         self.group = group
+        self.pipeline: Pipeline | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"layer-group-{group.spec.start}")
 
     def forward(self, batch: Any) -> tuple[Any, Any]:

@@ -17,6 +17,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from serving.config import EngineConfig
+from serving.pipeline import Pipeline
 from serving.plan import PipelinePlan
 from workers.actor import LayerGroupWorker
 
@@ -26,6 +27,7 @@ class RayGroup:
 
     def __init__(self, actor: ray.actor.ActorHandle) -> None:
         self.actor = actor
+        self.pipeline: Pipeline | None = None
 
     def forward(self, batch: Any) -> tuple[Any, Any]:
         return self.actor.forward.remote(batch)

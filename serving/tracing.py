@@ -127,7 +127,8 @@ class StepTrace:
         for g, timing in enumerate(timings):
             self._record(g, timing, backfill_only=False)
 
-    def backfilled(self, group: int, timing: tuple[int, int]) -> None:
+    def trailing_call(self, group: int, timing: tuple[int, int]) -> None:
+        """A call that only back-filled, after the step was done."""
         if self.exit_layers is not None:
             self._record(group, timing, backfill_only=True)
 

@@ -242,13 +242,13 @@ def test_a_failing_worker_call_fails_only_its_batch(tiny_chat_dir):
     async def main():
         engine = make_engine(tiny_chat_dir)
         group = engine.pipeline.groups[1].group
-        real = group.step
+        real = group.forward
 
         def broken(*args):
-            group.step = real  # fail once
+            group.forward = real  # fail once
             raise RuntimeError("simulated worker fault")
 
-        group.step = broken
+        group.forward = broken
         with pytest.raises(EngineError, match="simulated worker fault"):
             await collect(engine, PROMPTS[0])
         after = await collect(engine, PROMPTS[0])

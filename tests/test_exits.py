@@ -58,10 +58,9 @@ def test_adapter_from_pack_changes_the_exit_head(tiny_llama_dir):
     w, b = 0.1 * torch.randn(HIDDEN, HIDDEN, generator=gen), 0.1 * torch.randn(HIDDEN, generator=gen)
     pack = _pack(tiny_llama_dir, {"adapter.2.weight": w, "adapter.2.bias": b})
     (g0,) = load_groups(tiny_llama_dir, [0, 3], [2, 3], pack=pack)
-    from workers.protocol import StepCall
-
     r = rows([5, 9, 11], [0, 1, 2], policy=Policy.STATIC, max_depth=2, logprobs=VOCAB, sample_all=True)
-    result, _, h_exit = g0.step(StepCall(r, []), None)
+    result, continuing = g0.forward(r)
+    h_exit = continuing.skipped_hidden
     model = hf_model(tiny_llama_dir)
     with torch.no_grad():
         adapted = h_exit + h_exit @ w.T + b
@@ -69,7 +68,7 @@ def test_adapter_from_pack_changes_the_exit_head(tiny_llama_dir):
     assert torch.allclose(full_logprobs(result.results, VOCAB), torch.log_softmax(logits, -1), atol=1e-4)
     # without the adapter the head is different
     (plain,) = load_groups(tiny_llama_dir, [0, 3], [2, 3])
-    other, _, _ = plain.step(StepCall(r, []), None)
+    other, _ = plain.forward(r)
     assert not torch.allclose(full_logprobs(other.results, VOCAB), full_logprobs(result.results, VOCAB), atol=1e-3)
 
 
@@ -98,15 +97,12 @@ def test_learned_policy_without_router_is_refused(tiny_llama_dir):
 
 def _exit_at_2_then_backfill(path, backfill: Backfill, pack=None):
     """8 tokens exit at depth 2; returns (groups, exit hidden states) after every back-fill landed."""
-    from workers.protocol import BackfillRows, Rows, StepCall
-
     g0, g1 = load_groups(path, [0, 3, 6], POINTS, pack=pack)
     ids = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(6))
     r = rows(ids, torch.arange(8), policy=Policy.STATIC, max_depth=2, backfill=backfill)
-    _, _, h_exit = g0.step(StepCall(r, []), None)
-    meta = BackfillRows(r.slots, r.positions, torch.full((8,), 2), r.backfill, torch.arange(8))
-    g1.step(StepCall(Rows.empty(), [meta]), None, h_exit)
-    return (g0, g1), h_exit
+    _, continuing = g0.forward(r)
+    g1.forward(continuing)  # group 1 back-fills the 8 rows from their exit hidden states
+    return (g0, g1), continuing.skipped_hidden
 
 
 @pytest.mark.parametrize("maps", ["none", "identity"])

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from tests.helpers import full_logprobs, group_kv, hf_cache, hf_model, load_groups, pipeline_of, rows, run
 from workers.kv_cache import KVHoleError
 from workers.modes import Backfill, Policy
-from workers.protocol import BackfillRows, Continuing, GroupSpec, Rows, StepCall
+from workers.protocol import Continuing, GroupSpec, Rows, SkippedRows
 
 VOCAB = 128
 LAYERS = 6
@@ -118,13 +118,12 @@ def test_decoupled_kv_equals_per_layer_reference(request, family, monkeypatch):
 
     ids = torch.randint(0, VOCAB, (8,), generator=torch.Generator().manual_seed(3))
     positions = torch.arange(8)
-    result, continuing, carry = g0.step(StepCall(rows(ids, positions, policy=Policy.STATIC, max_depth=2), []), None)
-    assert result.results.exit_layer.tolist() == [2] * 8 and continuing.shape[0] == 0
+    result, continuing = g0.forward(rows(ids, positions, policy=Policy.STATIC, max_depth=2))
+    assert result.results.exit_layer.tolist() == [2] * 8 and continuing.hidden.shape[0] == 0
     assert calls == [torch.Size([1, 2 * g0.arch.kv_size, g0.arch.hidden_size])]  # layer 2, all 8 rows at once
-    meta = BackfillRows(
-        torch.zeros(8, dtype=torch.int64), positions, torch.full((8,), 2), torch.full((8,), 1), torch.arange(8)
-    )
-    g1.step(StepCall(Rows.empty(), [meta]), None, carry)
+    carry = continuing.skipped_hidden  # the 8 exit hidden states, which group 1 back-fills from
+    assert continuing.skipped.positions.tolist() == positions.tolist() and len(continuing.rows) == 0
+    g1.forward(continuing)
     assert calls[1] == torch.Size([3, 2 * g0.arch.kv_size, g0.arch.hidden_size])  # layers 3-5 in one bmm
 
     with torch.no_grad():
@@ -140,11 +139,11 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
     g0, g1 = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
     ids = torch.arange(6)
     policy = torch.tensor([Policy.STATIC] * 5 + [Policy.NONE])
-    result, continuing, _carry = g0.step(StepCall(rows(ids, torch.arange(6), policy=policy, max_depth=2), []), None)
+    result, continuing = g0.forward(rows(ids, torch.arange(6), policy=policy, max_depth=2))
     assert result.results.exit_layer.tolist() == [2] * 5  # five rows exited in group 0; the last one continues
-    going_on = rows(ids, torch.arange(6), policy=policy, max_depth=2).select(torch.tensor([5]))
+    lost = Continuing(continuing.rows, continuing.hidden, SkippedRows.empty(), continuing.hidden[:0])
     with pytest.raises(KVHoleError, match="no K/V at position 0"):
-        g1.step(StepCall(going_on, []), continuing)  # the back-fill of positions 0-4 was "lost"
+        g1.forward(lost)  # the back-fill of positions 0-4 was "lost"
 
     # The same through a pipeline whose first group "loses" the back-fills it hands on.
     groups = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
@@ -152,7 +151,7 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
 
     def lossy(batch):
         result, out = real(batch)
-        return result, Continuing(out.rows, out.hidden, BackfillRows.empty(), out.hidden[:0])
+        return result, Continuing(out.rows, out.hidden, SkippedRows.empty(), out.hidden[:0])
 
     groups[0].forward = lossy
     with pytest.raises(KVHoleError, match="layer 3: slot 0 has no K/V at position 0"):
@@ -167,7 +166,7 @@ def test_backfill_off_the_critical_path_gives_the_same_result(tiny_llama_dir):
     async def main(sync: bool):
         pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], [2, 6]), sync_backfill=sync)
         await pipe.execute(rows(ids[:6], torch.arange(6), policy=Policy.STATIC, max_depth=2))
-        unawaited = len(pipe._backfilling)
+        unawaited = len(pipe._trailing)
         for t in range(6, 10):
             await pipe.execute(rows(ids[t : t + 1], [t], policy=Policy.STATIC, max_depth=2))
         last = await pipe.execute(rows(ids[10:], [10], logprobs=VOCAB))

@@ -56,7 +56,7 @@ class LayerGroupWorker:
         result, out = self.group.forward(batch)
         if time.monotonic() - self._reported > 1.0:  # counting slots reads the whole fill map (a GPU sync)
             self._report_slots()
-        return result, Continuing(out.rows, out.hidden.cpu(), out.backfill, out.backfill_hidden.cpu())
+        return result, Continuing(out.rows, out.hidden.cpu(), out.skipped, out.skipped_hidden.cpu())
 
     def free(self, slots: torch.Tensor) -> None:
         self.group.free(slots)

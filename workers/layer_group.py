@@ -1,7 +1,7 @@
 """A layer group: decoder layers [start, end) of a Llama-family model, their KV cache, the exit heads at
 the group's exit points, and the embeddings if it is the first group.
 
-`step` runs one call from the scheduler: back-fills of tokens that exited in earlier groups, then the
+`forward` is the one call into a group: back-fills of tokens that exited in earlier groups, then the
 forward rows, layer by layer, stopping each row at the exit point its policy chooses. Rows that exit
 inside the group get the group's remaining layers back-filled in the same call."""
 
@@ -24,13 +24,15 @@ from workers.kv_projection import decoupled_kv, mapped_inputs, split_rope
 from workers.layers import AttentionLayout, apply_rope, rms_norm
 from workers.model_store import load_config, load_tensors
 from workers.modes import Backfill, Policy
-from workers.protocol import BackfillRows, Continuing, GroupSpec, Rows, StepCall, StepResult, TokenResults, to_device
+from workers.protocol import Continuing, GroupSpec, Rows, SkippedRows, StepResult, TokenResults, to_device
 from workers.sampling import logprobs_of, sample
 
 
 @dataclass
 class _Exits:
-    """Accumulates what happens to forward rows during a step."""
+    """Accumulates what happens to forward rows during a call. `carry_ids` (indices into the concatenation
+    [forward rows, skipped rows], see `_run`) and `carry_hidden` list, in one order, the rows whose hidden
+    state deeper groups need for back-fill: rows that exited here, and exact skipped rows run here."""
 
     rows: list[torch.Tensor] = field(default_factory=list)
     results: list[TokenResults] = field(default_factory=list)
@@ -120,28 +122,53 @@ class LayerGroup:
     # ---- calls ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(
-        self, call: StepCall, hidden: torch.Tensor | None, *backfill_hidden: torch.Tensor
-    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
-        """Returns (small result, hidden states of rows that continue, hidden states deeper groups need
-        to back-fill the rows listed in result.carry)."""
-        rows = to_device(call.rows, self.device)
+    def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
+        """The one call into a layer group: Rows for the first group, the previous group's Continuing for
+        the others. The K/V it owes tokens that skipped its layers land first; then the forward rows run
+        layer by layer, each stopping at the exit point its policy chooses. Returns the small result (rows
+        that exited here, what their exits produced) and what the next group needs."""
+        started = time.time_ns()
+        if isinstance(batch, Rows):
+            rows, hidden, skipped, skipped_hidden = batch, None, SkippedRows.empty(), None
+        else:
+            rows, hidden, skipped, skipped_hidden = batch.rows, batch.hidden, batch.skipped, batch.skipped_hidden
         n = len(rows)
-        bf = to_device(BackfillRows.cat(call.backfills), self.device) if call.backfills else None
-        h_bf = (
-            torch.cat(
-                [t.to(self.device, self.dtype)[b.index] for t, b in zip(backfill_hidden, call.backfills, strict=True)]
-            )
-            if call.backfills
-            else None
-        )
+        exits, h = self._run(to_device(rows, self.device), hidden, to_device(skipped, self.device), skipped_hidden)
+        top_k = max(int(rows.logprobs.max()), 0) if n else 0
+        results = TokenResults.cat(exits.results) if exits.results else TokenResults.empty(0, top_k, self.device)
+        result = StepResult(_cat_long(exits.rows, self.device).cpu(), to_device(results, torch.device("cpu")))
+        result.timing = (started, time.time_ns())
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[result.exited] = False
+        going_on = rows.select(keep.nonzero().flatten())
+        if self.is_last:
+            return result, Continuing(going_on, h, SkippedRows.empty(), h[:0])
+        # Owed by deeper groups: incoming decoupled/mapped rows (every group needs them) and the rows this
+        # call carries (rows that exited here, and exact rows whose layers ran here).
+        depth = torch.zeros(n, dtype=torch.int64)
+        depth[result.exited] = result.results.exit_layer
+        exited_here = SkippedRows(rows.slots, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
+        carried = SkippedRows.cat([exited_here, skipped]).select(_cat_long(exits.carry_ids, self.device).cpu())
+        carry = torch.cat(exits.carry_hidden) if exits.carry_hidden else h.new_empty(0, self.arch.hidden_size)
+        passed = (skipped.backfill != Backfill.EXACT).nonzero().flatten()
+        owed = SkippedRows.cat([skipped.select(passed), carried])
+        owed.index = torch.arange(len(owed))
+        owed_hidden = torch.cat([skipped_hidden[skipped.index[passed]], carry]) if len(passed) else carry
+        return result, Continuing(going_on, h, owed, owed_hidden)
 
-        exact_bf = torch.empty(0, dtype=torch.int64, device=self.device)
-        if bf is not None:
-            from_exit = (bf.backfill != Backfill.EXACT).nonzero().flatten()
+    def _run(
+        self, rows: Rows, hidden: torch.Tensor | None, skipped: SkippedRows, skipped_hidden: torch.Tensor | None
+    ) -> tuple[_Exits, torch.Tensor]:
+        """Back-fill the skipped rows, run the forward rows; returns what exited and the hidden states of
+        the forward rows that go on."""
+        n = len(rows)
+        h_skipped = skipped_hidden.to(self.device, self.dtype)[skipped.index] if len(skipped) else None
+        exact = torch.empty(0, dtype=torch.int64, device=self.device)
+        if len(skipped):
+            from_exit = (skipped.backfill != Backfill.EXACT).nonzero().flatten()
             if from_exit.numel():
-                self._kv_from_exit(h_bf[from_exit], bf.select(from_exit), first_layer=0)
-            exact_bf = (bf.backfill == Backfill.EXACT).nonzero().flatten()
+                self._kv_from_exit(h_skipped[from_exit], skipped.select(from_exit), first_layer=0)
+            exact = (skipped.backfill == Backfill.EXACT).nonzero().flatten()
 
         if n == 0:  # a back-fill-only call
             x = torch.empty(0, self.arch.hidden_size, device=self.device, dtype=self.dtype)
@@ -151,12 +178,13 @@ class LayerGroup:
             x = F.embedding(rows.token_ids, self.embed)
         else:
             x = hidden.to(self.device, self.dtype)
-        # The rows run through the layers: forward rows, then exact back-fill rows (which attend together
-        # with the forward rows, in position order, so neither sees a hole in the other).
-        h = torch.cat([x, h_bf[exact_bf]]) if exact_bf.numel() else x
-        ids = torch.cat([torch.arange(n, device=self.device), n + exact_bf])
-        slots = torch.cat([rows.slots, bf.slots[exact_bf]]) if exact_bf.numel() else rows.slots
-        positions = torch.cat([rows.positions, bf.positions[exact_bf]]) if exact_bf.numel() else rows.positions
+        # The rows run through the layers: forward rows, then exact skipped rows (which attend together with
+        # the forward rows, in position order, so neither sees a hole in the other). `ids` index the
+        # concatenation [forward rows, skipped rows].
+        h = torch.cat([x, h_skipped[exact]]) if exact.numel() else x
+        ids = torch.cat([torch.arange(n, device=self.device), n + exact])
+        slots = torch.cat([rows.slots, skipped.slots[exact]]) if exact.numel() else rows.slots
+        positions = torch.cat([rows.positions, skipped.positions[exact]]) if exact.numel() else rows.positions
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         can_exit_early = bool((rows.policy != Policy.NONE).any())
@@ -186,41 +214,7 @@ class LayerGroup:
             exact_done = ~deciding
             out.carry_ids.append(ids[exact_done])
             out.carry_hidden.append(h[exact_done])
-        result = StepResult(
-            exited=_cat_long(out.rows, self.device),
-            results=TokenResults.cat(out.results) if out.results else TokenResults.empty(0, top_k, self.device),
-            carry=_cat_long(out.carry_ids, self.device),
-        )
-        carry = torch.cat(out.carry_hidden) if out.carry_hidden else h.new_empty(0, self.arch.hidden_size)
-        return to_device(result, torch.device("cpu")), h[deciding], carry
-
-    def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
-        """A pipeline's call: Rows for the first group, the previous group's Continuing for the others.
-        Back-fills it carries land before the forward rows attend to them."""
-        started = time.time_ns()
-        if isinstance(batch, Rows):
-            rows, hidden, incoming, incoming_hidden = batch, None, BackfillRows.empty(), None
-        else:
-            rows, hidden, incoming, incoming_hidden = batch.rows, batch.hidden, batch.backfill, batch.backfill_hidden
-        backfills = [incoming] if len(incoming) else []
-        result, out, carry = self.step(StepCall(rows, backfills), hidden, *([incoming_hidden] if backfills else []))
-        result.timing = (started, time.time_ns())
-        keep = torch.ones(len(rows), dtype=torch.bool)
-        keep[result.exited] = False
-        going_on = rows.select(keep.nonzero().flatten())
-        if self.is_last:
-            return result, Continuing(going_on, out, BackfillRows.empty(), out[:0])
-        # Owed by deeper groups: incoming decoupled/mapped rows (every group needs them) and what this call
-        # carries (rows that exited here, and exact rows whose layers ran here).
-        depth = torch.zeros(len(rows), dtype=torch.int64)
-        depth[result.exited] = result.results.exit_layer
-        exited_here = BackfillRows(rows.slots, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
-        carried = BackfillRows.cat([exited_here, incoming]).select(result.carry)
-        passed = (incoming.backfill != Backfill.EXACT).nonzero().flatten()
-        owed = BackfillRows.cat([incoming.select(passed), carried])
-        owed.index = torch.arange(len(owed))
-        owed_hidden = torch.cat([incoming_hidden[incoming.index[passed]], carry]) if len(passed) else carry
-        return result, Continuing(going_on, out, owed, owed_hidden)
+        return out, h[deciding]
 
     def free(self, slots: torch.Tensor) -> None:
         self.cache.free(slots.to(self.device))
@@ -316,7 +310,7 @@ class LayerGroup:
                 out.carry_ids.append(row_ids[from_exit])
                 out.carry_hidden.append(h[leaving].clone())
             if depth < self.spec.end:
-                meta = BackfillRows(
+                meta = SkippedRows(
                     slots=sub.slots[from_exit],
                     positions=sub.positions[from_exit],
                     exit_layer=torch.full_like(leaving, depth),
@@ -326,7 +320,7 @@ class LayerGroup:
                 self._kv_from_exit(h[leaving], meta, first_layer=depth - self.spec.start)
         return leaving
 
-    def _kv_from_exit(self, h_exit: torch.Tensor, meta: BackfillRows, first_layer: int) -> None:
+    def _kv_from_exit(self, h_exit: torch.Tensor, meta: SkippedRows, first_layer: int) -> None:
         """Decoupled/mapped back-fill of this group's layers [first_layer, end) for rows that exited at or
         before them: one batched product over all those layers (per exit depth when maps apply)."""
         a = self.arch

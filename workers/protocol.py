@@ -45,7 +45,7 @@ def _select(obj, index: torch.Tensor):
 
 
 def to_device(obj, device: torch.device):
-    """A copy of a dataclass of tensors (Rows, BackfillRows, StepResult, ...) on `device`."""
+    """A copy of a dataclass of tensors (Rows, SkippedRows, StepResult, ...) on `device`."""
 
     def move(v: Any) -> Any:
         return v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, Tensors) else v
@@ -108,9 +108,10 @@ _ROW_DTYPES = {"threshold": torch.float32, "temperature": torch.float32, "top_p"
 
 
 @dataclass
-class BackfillRows(Tensors):
-    """Tokens that exited before this group; `index` picks each row's exit hidden state from the tensor
-    that travels beside this metadata."""
+class SkippedRows(Tensors):
+    """Tokens that exited before this group's layers, whose K/V this group still owes (how it fills them is
+    each row's back-fill mode); `index` picks each row's exit hidden state from the tensor that travels
+    beside this metadata."""
 
     slots: torch.Tensor  # int64
     positions: torch.Tensor  # int64
@@ -121,27 +122,17 @@ class BackfillRows(Tensors):
     def __len__(self) -> int:
         return self.slots.numel()
 
-    def select(self, index: torch.Tensor) -> BackfillRows:
+    def select(self, index: torch.Tensor) -> SkippedRows:
         return _select(self, index)
 
     @staticmethod
-    def cat(items: list[BackfillRows]) -> BackfillRows:
+    def cat(items: list[SkippedRows]) -> SkippedRows:
         return _cat(items)
 
     @staticmethod
-    def empty() -> BackfillRows:
+    def empty() -> SkippedRows:
         e = torch.empty(0, dtype=torch.int64)
-        return BackfillRows(e, e, e, e, e)
-
-
-@dataclass
-class StepCall:
-    """One call to a layer group: back-fills first (in effect), then the forward rows.
-
-    `backfills[i]` describes rows of the i-th back-fill hidden tensor passed with the call."""
-
-    rows: Rows
-    backfills: list[BackfillRows]
+        return SkippedRows(e, e, e, e, e)
 
 
 @dataclass
@@ -149,12 +140,12 @@ class Continuing(Tensors):
     """What one group hands the next within a step: the rows that did not exit, with their hidden states,
     and the back-fills deeper groups owe this step's early exits (decoupled/mapped: every deeper group,
     from the exit hidden state; exact: the next group, from this group's output). It travels worker to
-    worker (an ObjectRef between actors), never through the router."""
+    worker (an ObjectRef between actors), never through the pipeline replica."""
 
     rows: Rows
     hidden: torch.Tensor
-    backfill: BackfillRows
-    backfill_hidden: torch.Tensor  # row i of `backfill` back-fills from backfill_hidden[backfill.index[i]]
+    skipped: SkippedRows
+    skipped_hidden: torch.Tensor  # row i of `skipped` back-fills from skipped_hidden[skipped.index[i]]
 
 
 def _fill(dtype: torch.dtype, value: float, per_alternative: bool = False) -> dict[str, Any]:
@@ -207,13 +198,9 @@ class TokenResults(Tensors):
 
 @dataclass
 class StepResult(Tensors):
-    """The small part of a group's answer; hidden states travel separately (by reference between actors).
-
-    `carry` lists, in the order of the carried hidden tensor, the rows whose hidden state deeper groups need
-    for back-fill: ids below len(rows) are forward rows that exited here, ids from len(rows) on are the
-    exact back-fill rows this call ran (id - len(rows) indexes the call's concatenated back-fill rows)."""
+    """The small part of a group's answer, which the pipeline reads; hidden states travel separately (by
+    reference between actors)."""
 
     exited: torch.Tensor  # int64: indices into the call's rows
     results: TokenResults  # per exited row
-    carry: torch.Tensor  # int64
     timing: tuple[int, int] = (0, 0)  # wall clock (ns) when the call started and ended, for traces

@@ -1,6 +1,7 @@
-"""The import graph: no circle among the project's modules (module-level imports), `workers/` never imports
-`serving/`, and the light modules stay light: exception and message types import neither torch nor Ray,
-and the configuration not the engine, so the HTTP and gRPC side imports types without the engine."""
+"""Rules of the code's shape that would otherwise live only in comments. The import graph: no circle among
+the project's modules (module-level imports), `workers/` never imports `serving/`, and the light modules
+stay light (exception and message types import neither torch nor Ray, the configuration not the engine).
+The ingress module's two rules (see its docstring)."""
 
 import ast
 import subprocess
@@ -72,3 +73,13 @@ def test_light_modules_stay_light() -> None:
     heavy = ("torch", "ray", "serving.engine", "serving.scheduler", "serving.pipeline")
     assert _loaded_after("serving.exceptions, serving.messages, workers.modes", heavy) == []
     assert _loaded_after("serving.config", heavy[1:]) == []
+
+
+def test_ingress_rules() -> None:
+    tree = ast.parse((ROOT / "serving" / "ingress.py").read_text())
+    future = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    assert not future, "serving/ingress.py must not use `from __future__ import annotations`"
+    (ingress,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Ingress"]
+    below = [n for n in tree.body if n.lineno > ingress.lineno and not isinstance(n, ast.Import | ast.ImportFrom)]
+    names = [getattr(n, "name", None) or ast.unparse(n)[:40] for n in below]
+    assert not below, f"serving/ingress.py defines {names} below the Ingress class: move them above it"
