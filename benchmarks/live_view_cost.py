@@ -1,7 +1,7 @@
 """What the live view (`/`) costs the server. The page loads three static files and `/v1/models` once, then
 each run is one ordinary streamed chat completion (two with "compare with full depth"). This measures the
 page load (bytes, server time) and, per request, the server's CPU time (every Ray process: proxy, ingress,
-router, workers) and response bytes of the page's request (streamed, with usage) against the same request
+pipeline replica, workers) and response bytes of the page's request (streamed, with usage) against the same request
 unstreamed, on the application as `adept serve` runs it.
 
     python benchmarks/live_view_cost.py --json out.json
