@@ -244,17 +244,11 @@ def _add_calibrate(commands) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from serving import calibrate
 
+    same = ("model", "corpus", "output", "holdout", "window", "prompts", "generate_tokens", "target_agreement")
     job = calibrate.CalibrationJob(
-        model=args.model,
-        corpus=args.corpus,
-        output=args.output,
-        holdout=args.holdout,
-        window=args.window,
-        prompts=args.prompts,
-        generate_tokens=args.generate_tokens,
+        **{k: getattr(args, k) for k in same},
         exit_points=[int(d) for d in args.exit_points.split(",")] if args.exit_points else None,
         router_features=args.router_features.split(","),
-        target_agreement=args.target_agreement,
         settings={k: getattr(args, k) for k in CALIBRATION_FLAGS},
     )
     calibrate.run(job, lambda line: print(line, file=sys.stderr))
