@@ -1,7 +1,7 @@
 """Continuous batching: which rows (prompt chunks and decode tokens of many sequences) go into each step.
 
 The scheduler owns the KV slot allocation; workers only index their caches by slot. It knows nothing
-about how layer groups are called: the engine hands its batches to an executor."""
+about how layer groups are called: the engine hands its batches to a pipeline."""
 
 from __future__ import annotations
 

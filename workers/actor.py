@@ -1,8 +1,8 @@
 """A layer group as a Ray actor: it owns the group's weights (only its own layers) and KV cache.
 
-The actor is synchronous (one call at a time): Ray runs the calls of one submitter, the router, in
-submission order even when their ObjectRef arguments become ready out of order, which is the ordering
-invariant a back-fill needs to precede the forward that reads it."""
+The actor is synchronous (one call at a time): Ray runs the calls of one submitter, its pipeline replica,
+in submission order even when their ObjectRef arguments become ready out of order (the ordering rule in
+serving/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -62,13 +62,9 @@ class LayerGroupWorker:
         self.group.free(slots)
         self._report_slots()
 
-    def occupied(self) -> list[int]:
-        """Slots holding any K/V (after every request has finished: none)."""
-        return self.group.cache.occupied()
-
     def _report_slots(self) -> None:
         self._reported = time.monotonic()
-        used = len(self.occupied())
+        used = len(self.group.cache.occupied())
         self._used.set(used, tags=self._tags)
         self._free.set(self.spec.num_slots - used, tags=self._tags)
 
