@@ -107,7 +107,7 @@ class AppConfig(BaseModel):
     model_name: str | None = Field(
         None, description=f"the name clients ask for; default: {DEFAULT_MODEL!r} or the folder's name"
     )
-    num_pipelines: int = Field(1, ge=1, description="router replicas, each with its own layer-group workers")
+    num_pipelines: int = Field(1, ge=1, description="pipeline replicas, each with its own layer-group workers")
     ingress_replicas: int = Field(1, ge=1)
     accelerator: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="gpu: one GPU per layer-group worker; auto: gpu if the Ray cluster has GPUs when built"
@@ -119,9 +119,9 @@ class AppConfig(BaseModel):
         None, ge=1, description="torch threads per worker; default: Ray's, the worker's CPU share (at least 1)"
     )
     worker_max_restarts: int = Field(
-        3, ge=0, description="times Ray restarts a layer-group worker that died; the router rebuilds its cache"
+        3, ge=0, description="times Ray restarts a layer-group worker that died; its pipeline replica rebuilds its KV"
     )
-    router_cpus: float = Field(0.1, ge=0)
+    router_cpus: float = Field(0.1, ge=0, description="CPUs of a pipeline replica (the actor running the engine)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
     api_keys: list[SecretStr] = Field(
         default_factory=list,

@@ -8,7 +8,8 @@ distributed one differ only in the pipeline's group handles.
 Rule: every call to the workers is made in the engine's own context, never in a request's. On Ray, calls
 made while serving a request count as its children, and cancelling the request (its client left) would
 cancel them mid-pipeline, under every other request's feet. Methods that call the workers are marked
-`@_engine_context` (they raise when called from elsewhere) and are started with `_soon` or `_spawn`."""
+`@_engine_context` (they raise when run elsewhere) and are started with `_soon` or `_spawn`; the public
+calls that reach the workers (teacher_forced, workers, ping_workers, kv_slots) go through `_spawn`."""
 
 from __future__ import annotations
 
@@ -191,7 +192,9 @@ class Engine:
                 raise ValueError(f"{len(ids)} tokens do not fit the context of {self.plan.max_model_len}")
         resolved = self.admission.resolve_exit(exit)
         seqs = [Sequence(f"teacher-forced-{i}", list(ids), GREEDY, resolved, 0, 1) for i, ids in enumerate(token_ids)]
-        return await self._spawn(self._teacher_forced(seqs, chunk, exit_every))
+        self.scheduler.reserve(seqs)
+        # Shielded: a caller that gives up does not cancel worker calls mid-pipeline; the run ends and frees.
+        return await asyncio.shield(self._spawn(self._teacher_forced(seqs, chunk, exit_every)))
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -265,7 +268,6 @@ class Engine:
 
     @_engine_context
     async def _teacher_forced(self, seqs: list[Sequence], chunk: int, exit_every: int) -> list[TokenResults]:
-        self.scheduler.reserve(seqs)
         parts: list[list[TokenResults]] = [[] for _ in seqs]  # per sequence, per chunk
         try:
             while any(not s.prefill_done for s in seqs):
@@ -349,6 +351,10 @@ class Engine:
     async def workers(self) -> list[dict]:
         """Each layer group's layers, process id and occupied KV slots (for operators and the tests)."""
         return await self._spawn(self.pipeline.info())
+
+    async def ping_workers(self) -> None:
+        """Returns once every layer group has answered."""
+        await self._spawn(self.pipeline.ping())
 
     async def kv_slots(self) -> dict:
         """KV slots: the scheduler's capacity and free ones, and those holding K/V on each worker (None when

@@ -91,7 +91,7 @@ class PipelineReplica:
         """Every worker of the pipeline answers now (what /health reports)."""
         if self.engine.recovering:
             raise RuntimeError("a layer-group worker is being restarted; its sequences wait for it")
-        await asyncio.wait_for(self.engine.workers(), 10)
+        await asyncio.wait_for(self.engine.ping_workers(), 10)
 
     def _chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

@@ -238,6 +238,32 @@ def test_logprobs_are_reported(tiny_chat_dir):
         assert max(top, key=top.get) == out.token_ids[0] and top[out.token_ids[0]] == pytest.approx(lp)
 
 
+def test_logprobs_in_a_batch_whose_rows_exit_in_different_groups(tiny_chat_dir):
+    """One request asks for alternatives and exits in group 0, another asks for none and goes to the last
+    group: each group reports as many alternatives as its own rows asked for, and both streams are whole."""
+    early = {"policy": "static", "max_depth": 2}
+
+    async def main():
+        engine = make_engine(tiny_chat_dir, min_exit_depth=1)
+        alone = await collect(engine, PROMPTS[1], GREEDY, {"policy": "none"})
+        asking = engine.generate(PROMPTS[0], {**GREEDY, "logprobs": 3}, early)
+        together = await asyncio.gather(_outputs(asking), collect(engine, PROMPTS[1], GREEDY, {"policy": "none"}))
+        await assert_clean(engine)
+        await engine.shutdown()
+        return alone, together
+
+    alone, (outs, plain) = asyncio.run(main())
+    assert plain.tokens == alone.tokens and set(plain.exits) == {6}
+    assert len(outs) == GREEDY["max_tokens"] and all(o.exit_layers == [2] for o in outs)
+    for out in outs:
+        (lp,), (top,) = out.logprobs, out.top_logprobs
+        assert len(top) == 3 and top[out.token_ids[0]] == pytest.approx(lp)
+
+
+async def _outputs(stream) -> list:
+    return [o async for o in stream]
+
+
 def test_a_failing_worker_call_fails_only_its_batch(tiny_chat_dir):
     async def main():
         engine = make_engine(tiny_chat_dir)

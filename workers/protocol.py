@@ -191,9 +191,14 @@ class TokenResults(Tensors):
         return _cat(items)
 
     def put(self, index: torch.Tensor, values: TokenResults) -> None:
-        """Rows `index` of this take `values`' rows, in place."""
+        """Rows `index` of this take `values`' rows, in place. `values` may have fewer alternatives per row
+        (a group's K is the most its own rows asked for); the rest keep their fill."""
         for f in fields(self):
-            getattr(self, f.name)[index] = getattr(values, f.name)
+            target, value = getattr(self, f.name), getattr(values, f.name)
+            if f.metadata["per_alternative"]:
+                target[index, : value.shape[1]] = value
+            else:
+                target[index] = value
 
 
 @dataclass
