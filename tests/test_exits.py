@@ -162,3 +162,26 @@ def test_exit_cost_weighs_the_saving_against_the_token_and_the_harm():
     assert torch.allclose(ExitCost(30, weight=0.0).score(p, 8, modes), p)  # weight 0: the router's p itself
     scores = cost.score(torch.linspace(0, 1, 11), 8, torch.full((11,), int(Backfill.MAPPED)))
     assert bool((scores.diff() > 0).all())  # a more confident router never scores lower
+
+
+def test_one_lm_head_per_group_for_rows_exiting_at_several_points(tiny_llama_dir, monkeypatch):
+    """A batch whose rows exit at five points (2, 3 in group 0; 4, 5, 6 in group 1) pays one LM head per
+    group, not one per exit point; each row's token is the one it gets alone at its exit point."""
+    from workers.exits import ExitHead
+
+    heads: list[int] = []  # rows per LM head call
+    real = ExitHead.project
+    monkeypatch.setattr(ExitHead, "project", lambda self, h: heads.append(len(h)) or real(self, h))
+    depths = torch.tensor([2, 3, 4, 5, 6, 2, 4, 6])
+    # eight one-token sequences, each in its own slot
+    r = rows(torch.arange(8) + 7, torch.zeros(8), slot=torch.arange(8), policy=Policy.STATIC, max_depth=depths,
+             sample_all=True)  # fmt: skip
+    together = run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)), r)
+    assert together.exit_layer.tolist() == depths.tolist()
+    assert heads == [3, 5]  # group 0: the rows exiting at 2 and 3; group 1: those at 4, 5 and 6
+
+    alone = []
+    for i in range(8):
+        groups = load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)
+        alone.append(run(pipeline_of(groups), r.select(torch.tensor([i]))).tokens.item())
+    assert together.tokens.tolist() == alone

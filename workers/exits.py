@@ -138,9 +138,16 @@ class ExitHead:
         return cls(norm, lm_head, eps, adapters, routers, ExitCost.from_manifest(num_layers, cost))
 
     def logits(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        return self.project(self.adapt(h, depth))
+
+    def adapt(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        """The exit point's adapter (identity where it has none)."""
         adapter = self.adapters.get(depth)
-        if adapter is not None:
-            h = adapter(h)
+        return h if adapter is None else adapter(h)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: one call weighs as much as several decoder layers (the whole vocabulary's
+        weights), whatever the rows, so callers gather rows from several exit points into one."""
         return F.linear(rms_norm(h, self.norm, self.eps), self.lm_head).float()
 
     def decide(

@@ -36,8 +36,22 @@ class _Exits:
 
     rows: list[torch.Tensor] = field(default_factory=list)
     results: list[TokenResults] = field(default_factory=list)
+    scoring: list[_Scoring] = field(default_factory=list)
     carry_ids: list[torch.Tensor] = field(default_factory=list)
     carry_hidden: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Scoring:
+    """Exited rows whose logits are needed (to sample their token, to score a target), kept until the end
+    of the call so that one LM head serves every exit point of the group: the logits a confidence decision
+    already computed, or the adapted hidden state the head still has to project."""
+
+    results: TokenResults  # the exit point's results ...
+    at: torch.Tensor  # ... rows of it these are
+    rows: Rows
+    logits: torch.Tensor | None
+    adapted: torch.Tensor | None
 
 
 class LayerGroup:
@@ -214,7 +228,40 @@ class LayerGroup:
             exact_done = ~deciding
             out.carry_ids.append(ids[exact_done])
             out.carry_hidden.append(h[exact_done])
+        if out.scoring:
+            self._score(out.scoring, top_k)
         return out, h[deciding]
+
+    def _score(self, items: list[_Scoring], top_k: int) -> None:
+        """Sample the exited rows' tokens and score their targets, for every exit point of the call at once:
+        one LM head for all rows whose logits no decision computed (it weighs as much as several layers)."""
+        adapted = [i.adapted for i in items if i.logits is None]
+        projected = iter(self.head.project(torch.cat(adapted)).split([len(a) for a in adapted])) if adapted else None
+        logits = torch.cat([i.logits if i.logits is not None else next(projected) for i in items])
+        rows = Rows.cat([i.rows for i in items])
+        res = TokenResults.cat([i.results.select(i.at) for i in items])
+        scored = (rows.target >= 0).nonzero().flatten()
+        if scored.numel():
+            logp = torch.log_softmax(logits[scored], dim=-1)
+            res.target_logprobs[scored] = logp.gather(1, rows.target[scored, None]).squeeze(1)
+        sampling = rows.sample.nonzero().flatten()
+        if sampling.numel():
+            s, row_logits = rows.select(sampling), logits[sampling]
+            chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions)
+            res.tokens[sampling] = chosen
+            asked = (s.logprobs >= 0).nonzero().flatten()
+            if asked.numel():
+                chosen_lp, best_ids, best_lp = logprobs_of(row_logits[asked], chosen[asked], top_k)
+                at = sampling[asked]
+                res.logprobs[at] = chosen_lp
+                if top_k:  # each row keeps as many alternatives as it asked for
+                    keep = torch.arange(top_k, device=self.device)[None, :] < s.logprobs[asked][:, None]
+                    res.top_ids[at] = torch.where(keep, best_ids, -1)
+                    res.top_logprobs[at] = torch.where(keep, best_lp, float("-inf"))
+        start = 0
+        for i in items:
+            i.results.put(i.at, res.select(slice(start, start + len(i.at))))
+            start += len(i.at)
 
     def free(self, slots: torch.Tensor) -> None:
         self.cache.free(slots.to(self.device))
@@ -276,30 +323,12 @@ class LayerGroup:
             if logits is not None and bool(has_logits[exiting][need].all()):
                 # reuse what the confidence decision computed: logits rows follow has_logits' order
                 pos_in_logits = torch.cumsum(has_logits.long(), 0) - 1
-                need_logits = logits[pos_in_logits[exiting.nonzero().flatten()[need]]]
+                scoring = _Scoring(
+                    res, need, sub.select(need), logits[pos_in_logits[exiting.nonzero().flatten()[need]]], None
+                )
             else:
-                need_logits = self.head.logits(h[idx[need]], depth)
-            scored = (sub.target[need] >= 0).nonzero().flatten()
-            if scored.numel():
-                logp = torch.log_softmax(need_logits[scored], dim=-1)
-                res.target_logprobs[need[scored]] = logp.gather(1, sub.target[need[scored], None]).squeeze(1)
-            in_need = sub.sample[need].nonzero().flatten()
-            sampling, row_logits = need[in_need], need_logits[in_need]
-        else:
-            sampling, row_logits = need, None
-        if sampling.numel():
-            s = sub.select(sampling)
-            chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions)
-            res.tokens[sampling] = chosen
-            asked = (s.logprobs >= 0).nonzero().flatten()
-            if asked.numel():
-                chosen_lp, best_ids, best_lp = logprobs_of(row_logits[asked], chosen[asked], top_k)
-                at = sampling[asked]
-                res.logprobs[at] = chosen_lp
-                if top_k:  # each row keeps as many alternatives as it asked for
-                    keep = torch.arange(top_k, device=self.device)[None, :] < s.logprobs[asked][:, None]
-                    res.top_ids[at] = torch.where(keep, best_ids, -1)
-                    res.top_logprobs[at] = torch.where(keep, best_lp, float("-inf"))
+                scoring = _Scoring(res, need, sub.select(need), None, self.head.adapt(h[idx[need]], depth))
+            out.scoring.append(scoring)
         out.rows.append(row_ids)
         out.results.append(res)
 
