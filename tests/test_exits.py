@@ -164,24 +164,35 @@ def test_exit_cost_weighs_the_saving_against_the_token_and_the_harm():
     assert bool((scores.diff() > 0).all())  # a more confident router never scores lower
 
 
-def test_one_lm_head_per_group_for_rows_exiting_at_several_points(tiny_llama_dir, monkeypatch):
-    """A batch whose rows exit at five points (2, 3 in group 0; 4, 5, 6 in group 1) pays one LM head per
-    group, not one per exit point; each row's token is the one it gets alone at its exit point."""
+def test_one_lm_head_and_one_backfill_per_group_for_rows_exiting_at_several_points(tiny_llama_dir, monkeypatch):
+    """Decoding rows that exit at five points (2, 3 in group 0; 4, 5, 6 in group 1) pay one LM head per group
+    and one back-fill product per group for their own exits, not one per exit point; each row's token and
+    cached K/V are the ones it gets alone."""
+    import workers.layer_group as lg
     from workers.exits import ExitHead
 
     heads: list[int] = []  # rows per LM head call
     real = ExitHead.project
     monkeypatch.setattr(ExitHead, "project", lambda self, h: heads.append(len(h)) or real(self, h))
+    backfills: list[int] = []  # rows per back-fill product
+    real_kv = lg.decoupled_kv
+    monkeypatch.setattr(lg, "decoupled_kv", lambda h, *a: backfills.append(len(h)) or real_kv(h, *a))
     depths = torch.tensor([2, 3, 4, 5, 6, 2, 4, 6])
     # eight one-token sequences, each in its own slot
     r = rows(torch.arange(8) + 7, torch.zeros(8), slot=torch.arange(8), policy=Policy.STATIC, max_depth=depths,
              sample_all=True)  # fmt: skip
-    together = run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)), r)
+    groups = load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)
+    together = run(pipeline_of(groups), r)
     assert together.exit_layer.tolist() == depths.tolist()
     assert heads == [3, 5]  # group 0: the rows exiting at 2 and 3; group 1: those at 4, 5 and 6
+    # group 0: the two rows exiting at 2; group 1: the three that exited in group 0, then the three at 4 and 5
+    assert backfills == [2, 3, 3]
 
-    alone = []
     for i in range(8):
-        groups = load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)
-        alone.append(run(pipeline_of(groups), r.select(torch.tensor([i]))).tokens.item())
-    assert together.tokens.tolist() == alone
+        alone = load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)
+        assert run(pipeline_of(alone), r.select(torch.tensor([i]))).tokens.item() == together.tokens[i].item()
+        for layer in range(LAYERS):
+            g = layer // 3
+            k, v = group_kv(groups[g], layer, slot=i, length=1)
+            k_alone, v_alone = group_kv(alone[g], layer, slot=i, length=1)
+            assert torch.allclose(k, k_alone, atol=1e-5) and torch.allclose(v, v_alone, atol=1e-5), (i, layer)

@@ -34,9 +34,12 @@ class _Exits:
     [forward rows, skipped rows], see `_run`) and `carry_hidden` list, in one order, the rows whose hidden
     state deeper groups need for back-fill: rows that exited here, and exact skipped rows run here."""
 
+    last: torch.Tensor  # bool per forward row: no later row of its sequence is in the call
     rows: list[torch.Tensor] = field(default_factory=list)
     results: list[TokenResults] = field(default_factory=list)
     scoring: list[_Scoring] = field(default_factory=list)
+    # exited rows whose back-fill in this group waits for the end of the call (no later row of theirs in it)
+    deferred: list[tuple[torch.Tensor, SkippedRows]] = field(default_factory=list)
     carry_ids: list[torch.Tensor] = field(default_factory=list)
     carry_hidden: list[torch.Tensor] = field(default_factory=list)
 
@@ -181,7 +184,7 @@ class LayerGroup:
         if len(skipped):
             from_exit = (skipped.backfill != Backfill.EXACT).nonzero().flatten()
             if from_exit.numel():
-                self._kv_from_exit(h_skipped[from_exit], skipped.select(from_exit), first_layer=0)
+                self._kv_from_exit(h_skipped[from_exit], skipped.select(from_exit))
             exact = (skipped.backfill == Backfill.EXACT).nonzero().flatten()
 
         if n == 0:  # a back-fill-only call
@@ -202,7 +205,7 @@ class LayerGroup:
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         can_exit_early = bool((rows.policy != Policy.NONE).any())
-        out = _Exits()
+        out = _Exits(last=_last_of_each_sequence(rows.slots, rows.positions))
         top_k = max(int(rows.logprobs.max()), 0) if n else 0
 
         layout = None
@@ -228,6 +231,8 @@ class LayerGroup:
             exact_done = ~deciding
             out.carry_ids.append(ids[exact_done])
             out.carry_hidden.append(h[exact_done])
+        if out.deferred:
+            self._kv_from_exit(torch.cat([d[0] for d in out.deferred]), SkippedRows.cat([d[1] for d in out.deferred]))
         if out.scoring:
             self._score(out.scoring, top_k)
         return out, h[deciding]
@@ -346,35 +351,43 @@ class LayerGroup:
                     backfill=sub.backfill[from_exit],
                     index=torch.arange(leaving.numel(), device=self.device),
                 )
-                self._kv_from_exit(h[leaving], meta, first_layer=depth - self.spec.start)
+                # A row whose sequence has later rows in this call (a prompt chunk) needs its K/V before they
+                # reach the next layer: then these rows back-fill now, in one product. Otherwise (decoding)
+                # their back-fill joins one product for every exit point at the end of the call.
+                if bool(out.last[row_ids[from_exit]].all()):
+                    out.deferred.append((h[leaving], meta))
+                else:
+                    self._kv_from_exit(h[leaving], meta)
         return leaving
 
-    def _kv_from_exit(self, h_exit: torch.Tensor, meta: SkippedRows, first_layer: int) -> None:
-        """Decoupled/mapped back-fill of this group's layers [first_layer, end) for rows that exited at or
-        before them: one batched product over all those layers (per exit depth when maps apply)."""
+    def _kv_from_exit(self, h_exit: torch.Tensor, meta: SkippedRows) -> None:
+        """Decoupled/mapped back-fill of this group's layers that rows skipped (from each row's exit layer,
+        or all of them for rows that exited in earlier groups): one batched product over the layers from the
+        earliest exit on, for every row whatever its exit point (the weights are read once); each row's K/V
+        is written from its own exit layer on."""
         a = self.arch
-        layers = slice(first_layer, self.spec.end - self.spec.start)
-        groups = [(meta, h_exit, None)]
+        first = (meta.exit_layer - self.spec.start).clamp(min=0)
+        layers = slice(int(first.min()), self.spec.end - self.spec.start)
         mapped = meta.backfill == Backfill.MAPPED
+        inputs = None
         if self.pack is not None and bool(mapped.any()):
-            groups = [(meta.select(~mapped), h_exit[~mapped], None)]
+            inputs = h_exit[None].expand(layers.stop - layers.start, *h_exit.shape).clone()
             for e in meta.exit_layer[mapped].unique().tolist():
-                sel = mapped & (meta.exit_layer == e)
-                groups.append((meta.select(sel), h_exit[sel], self._maps(int(e), layers)))
-        for m, h, maps in groups:
-            if len(m) == 0:
-                continue
-            inputs = None if maps is None else mapped_inputs(h, *maps)
-            kv = decoupled_kv(
-                h,
-                self.ln1[layers],
-                self.wqkv[layers, a.q_size :],
-                None if self.bqkv is None else self.bqkv[layers, a.q_size :],
-                a.rms_norm_eps,
-                inputs,
-            )
-            k, v = split_rope(kv, a.num_kv_heads, a.head_dim, self.cos[m.positions], self.sin[m.positions])
-            self.cache.write(layers, m.slots, m.positions, k, v)
+                sel = (mapped & (meta.exit_layer == e)).nonzero().flatten()
+                inputs[:, sel] = mapped_inputs(h_exit[sel], *self._maps(int(e), layers))
+        kv = decoupled_kv(
+            h_exit,
+            self.ln1[layers],
+            self.wqkv[layers, a.q_size :],
+            None if self.bqkv is None else self.bqkv[layers, a.q_size :],
+            a.rms_norm_eps,
+            inputs,
+        )
+        k, v = split_rope(kv, a.num_kv_heads, a.head_dim, self.cos[meta.positions], self.sin[meta.positions])
+        for f in first.unique().tolist():
+            rows = (first == f).nonzero().flatten()
+            at = f - layers.start
+            self.cache.write(slice(f, layers.stop), meta.slots[rows], meta.positions[rows], k[at:, rows], v[at:, rows])
 
     def _maps(self, exit_depth: int, layers: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked maps from the exit depth to each layer's input: down [Lk, r, H], up [Lk, H, r], bias
@@ -395,3 +408,9 @@ class LayerGroup:
 
 def _cat_long(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(items) if items else torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _last_of_each_sequence(slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per row: no other row of the same slot (sequence) comes at a later position."""
+    later = (slots[None, :] == slots[:, None]) & (positions[None, :] > positions[:, None])
+    return ~later.any(dim=1)
