@@ -6,8 +6,9 @@ the deepest row's exit layer), which is what limits decoding when it is memory-b
 
     python benchmarks/exit_batching.py --concurrency 8 64 --rounds 5 --json out.json
 
-Prompts: the chat instructions in ../shared/data/chat/instructions.jsonl when present (as chat messages),
-else a few built-in ones, cycled.
+Prompts: eight short built-in ones, cycled (decoding dominates: the bounds, computed from generated tokens,
+apply); `--chat` takes the chat instructions in ../shared/data/chat/instructions.jsonl instead (long
+prompts: prefill, whose tokens exit too, weighs in).
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from workers.corpus import CorpusPart, chat_prompts
 from workers.model_store import DEFAULT_MODEL
 
 CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "instructions.jsonl"
-FALLBACK = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "Water boils at"]
+SHORT = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "The most important invention of the twentieth century was",
+    "To make a cup of tea, first",
+    "In machine learning, overfitting means",
+]
 FULL = {"policy": "none"}
 SETTINGS = {
     "pack default": {},
@@ -44,12 +54,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prompts_for(engine: Engine, n: int, longest: int) -> list[list[int]]:
+def prompts_for(engine: Engine, n: int, longest: int, chat: bool) -> list[list[int]]:
     """`n` prompts of at most `longest` tokens."""
-    if CHAT.is_file():
+    if chat:
+        if not CHAT.is_file():
+            raise SystemExit(f"--chat needs {CHAT} (the shared data folder beside the checkout)")
         found = [engine.chat_prompt(messages) for messages in chat_prompts(CorpusPart.of(CHAT))]
     else:
-        found = [engine.admission.prompt_ids(p) for p in FALLBACK]
+        found = [engine.admission.prompt_ids(p) for p in SHORT]
     found = [p for p in found if len(p) <= longest][:n]
     return [found[i % len(found)] for i in range(n)]
 
@@ -90,11 +102,12 @@ async def main(args: argparse.Namespace) -> dict:
         "layer_groups": args.layer_groups,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
+        "prompts": "chat instructions" if args.chat else "short",
         "default_exit": engine.exit_defaults.model_dump(exclude_none=True),
         "results": {},
     }
     for n in args.concurrency:
-        prompts = prompts_for(engine, n, args.max_model_len - args.max_tokens - 1)
+        prompts = prompts_for(engine, n, args.max_model_len - args.max_tokens - 1, args.chat)
         await run(engine, prompts[:2], 4, FULL)  # warm-up
         speeds: dict[str, list[float]] = {name: [] for name in ["full depth", *SETTINGS]}
         seen: dict[str, list[list[int]]] = {}
@@ -129,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--chat", action="store_true", help="long chat prompts instead of short ones")
     p.add_argument("--json", help="also write the report to this file")
     return p.parse_args(argv)
 
