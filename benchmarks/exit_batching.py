@@ -20,11 +20,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from engine_speed import PROMPTS as SHORT  # benchmarks/ is on sys.path
+from engine_speed import log
 
 from serving.config import EngineConfig
 from serving.engine import Engine
@@ -32,26 +33,12 @@ from workers.corpus import CorpusPart, chat_prompts
 from workers.model_store import DEFAULT_MODEL
 
 CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "instructions.jsonl"
-SHORT = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea,",
-    "The three primary colors are",
-    "Water boils at a temperature of",
-    "The most important invention of the twentieth century was",
-    "To make a cup of tea, first",
-    "In machine learning, overfitting means",
-]
 FULL = {"policy": "none"}
 SETTINGS = {
     "pack default": {},
     "learned 0.3, mapped": {"policy": "learned", "threshold": 0.3, "backfill": "mapped"},
     "static 16, decoupled": {"policy": "static", "max_depth": 16, "backfill": "decoupled"},
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def prompts_for(engine: Engine, n: int, longest: int, chat: bool) -> list[list[int]]:
