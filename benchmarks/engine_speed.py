@@ -173,14 +173,27 @@ async def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def engine_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every in-process engine benchmark takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--layer-groups", type=int, default=1)
+    p.add_argument("--json", help="also write the report to this file")
+    return p
+
+
+def publish(report: dict, path: str | None) -> None:
+    """The report on stdout, and in `path` if given."""
+    print(json.dumps(report, indent=2))
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = engine_parser(__doc__)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per speed prompt")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 tokens per prompt")
-    p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.max_tokens = 8
@@ -189,7 +202,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     args = parse_args()
-    report = asyncio.run(main(args))
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    publish(asyncio.run(main(args)), args.json)

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 from engine_speed import PROMPTS as SHORT  # benchmarks/ is on sys.path
-from engine_speed import log
+from engine_speed import engine_parser, log, publish
 
 from serving.config import EngineConfig
 from serving.engine import Engine
 from workers.corpus import CorpusPart, chat_prompts
-from workers.model_store import DEFAULT_MODEL
 
 CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "instructions.jsonl"
 FULL = {"policy": "none"}
@@ -122,21 +121,15 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--layer-groups", type=int, default=1)
+    p = engine_parser(__doc__)
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--chat", action="store_true", help="long chat prompts instead of short ones")
-    p.add_argument("--json", help="also write the report to this file")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    report = asyncio.run(main(args))
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    publish(asyncio.run(main(args)), args.json)

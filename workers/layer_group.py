@@ -34,7 +34,8 @@ class _Exits:
     [forward rows, skipped rows], see `_run`) and `carry_hidden` list, in one order, the rows whose hidden
     state deeper groups need for back-fill: rows that exited here, and exact skipped rows run here."""
 
-    last: torch.Tensor  # bool per forward row: no later row of its sequence is in the call
+    last: torch.Tensor | None  # bool per forward row: no later row of its sequence is in the call (None: no
+    # row can exit before the last layer, so nothing is back-filled here)
     rows: list[torch.Tensor] = field(default_factory=list)
     results: list[TokenResults] = field(default_factory=list)
     scoring: list[_Scoring] = field(default_factory=list)
@@ -150,8 +151,9 @@ class LayerGroup:
         else:
             rows, hidden, skipped, skipped_hidden = batch.rows, batch.hidden, batch.skipped, batch.skipped_hidden
         n = len(rows)
-        exits, h = self._run(to_device(rows, self.device), hidden, to_device(skipped, self.device), skipped_hidden)
-        top_k = max(int(rows.logprobs.max()), 0) if n else 0
+        top_k = max(int(rows.logprobs.max()), 0) if n else 0  # alternatives: the most any row asked for
+        on_device = to_device(rows, self.device), hidden, to_device(skipped, self.device), skipped_hidden
+        exits, h = self._run(*on_device, top_k)
         results = TokenResults.cat(exits.results) if exits.results else TokenResults.empty(0, top_k, self.device)
         result = StepResult(_cat_long(exits.rows, self.device).cpu(), to_device(results, torch.device("cpu")))
         result.timing = (started, time.time_ns())
@@ -174,7 +176,12 @@ class LayerGroup:
         return result, Continuing(going_on, h, owed, owed_hidden)
 
     def _run(
-        self, rows: Rows, hidden: torch.Tensor | None, skipped: SkippedRows, skipped_hidden: torch.Tensor | None
+        self,
+        rows: Rows,
+        hidden: torch.Tensor | None,
+        skipped: SkippedRows,
+        skipped_hidden: torch.Tensor | None,
+        top_k: int,
     ) -> tuple[_Exits, torch.Tensor]:
         """Back-fill the skipped rows, run the forward rows; returns what exited and the hidden states of
         the forward rows that go on."""
@@ -205,8 +212,7 @@ class LayerGroup:
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         can_exit_early = bool((rows.policy != Policy.NONE).any())
-        out = _Exits(last=_last_of_each_sequence(rows.slots, rows.positions))
-        top_k = max(int(rows.logprobs.max()), 0) if n else 0
+        out = _Exits(last=_last_of_each_sequence(rows.slots, rows.positions) if can_exit_early else None)
 
         layout = None
         for i in range(self.spec.end - self.spec.start):
@@ -412,5 +418,7 @@ def _cat_long(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 
 def _last_of_each_sequence(slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Per row: no other row of the same slot (sequence) comes at a later position."""
-    later = (slots[None, :] == slots[:, None]) & (positions[None, :] > positions[:, None])
-    return ~later.any(dim=1)
+    unique, inverse = torch.unique(slots, return_inverse=True)
+    latest = torch.full((unique.numel(),), -1, dtype=positions.dtype, device=positions.device)
+    latest.scatter_reduce_(0, inverse, positions, reduce="amax")
+    return positions == latest[inverse]
