@@ -145,7 +145,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=300, help="seconds of load (clients start no request after)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--layer-groups", type=int, default=3)
-    p.add_argument("--max-num-seqs", type=int, default=8, help="KV slots (adept serve's default: 8)")
+    p.add_argument(
+        "--max-num-seqs", type=int, default=128, help="running sequences at most (adept serve's default: 128)"
+    )
     p.add_argument("--tracing", action="store_true", help="trace every request, exported to a local OTLP sink")
     p.add_argument("--kill-worker-at", type=float, help="SIGKILL the middle layer-group worker at this second")
     p.add_argument("--json", help="write the results here")
@@ -231,7 +233,7 @@ def main() -> int:
             times = sorted(t for t in run.token_times if t > kill["time"] - 1)
             gaps = [b - a for a, b in itertools.pairwise(times) if b > kill["time"]]
             result["longest_pause_after_kill_s"] = round(max(gaps), 2) if gaps else None
-            result["slots_after"] = replica.kv_slots.remote().result()
+            result["blocks_after"] = replica.kv_blocks.remote().result()
         text = json.dumps(result, indent=2)
         print(text)
         if args.json:

@@ -21,6 +21,7 @@ from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
 from workers.corpus import CorpusPart, text_windows
 from workers.exit_pack import ExitPack, resolve_pack
+from workers.kv_cache import kv_bytes_per_token
 from workers.model_store import DEFAULT_MODEL, load_config, load_tokenizer, resolve_model
 
 log = logging.getLogger("adept")
@@ -297,16 +298,19 @@ def _eval(args: argparse.Namespace) -> int:
     trained_on = pack.manifest.get("training", {}).get("data", {}).get("corpus") if pack else None
     part = _held_out(args.corpus, trained_on)
     windows = list(itertools.islice(text_windows(part, tokenizer, args.window), -(-args.max_tokens // args.window)))
+    arch = ModelArch.from_config(load_config(path))
+    seqs, max_len = max(len(windows), len(evaluation.CHAT_PROMPTS)), max(args.window + 1, 256)
     config = EngineConfig(
         model=args.model,
         num_layer_groups=1,
         exit_pack=args.exit_pack,
-        max_num_seqs=max(len(windows), len(evaluation.CHAT_PROMPTS)),
-        max_model_len=max(args.window + 1, 256),
+        max_num_seqs=seqs,
+        max_model_len=max_len,
+        # every window at once (teacher forcing reserves whole sequences); float32's size is the most it takes
+        kv_cache_memory=seqs * max_len * kv_bytes_per_token(arch.num_layers, arch.num_kv_heads, arch.head_dim),
     )
     chats = evaluation.CHAT_PROMPTS if args.chat_tokens else []
     policies = args.policies.split(",")
-    arch = ModelArch.from_config(load_config(path))
     points = pack.exit_points if pack else config.exit_points or []
     settings = evaluation.sweep(
         points, arch.num_layers, policies, args.backfills.split(","),

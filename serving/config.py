@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from serving.params import ExitParams
 from workers.model_store import DEFAULT_MODEL
 
-# The default context per sequence: every slot preallocates K/V for this many positions.
+# The default context per sequence (the model's, if shorter).
 DEFAULT_MAX_MODEL_LEN = 2048
 APP_NAME = "adept"
 GRPC_SERVICE = "adept.v1.AdeptService"
@@ -51,7 +51,19 @@ class EngineConfig(BaseSettings):
         description="early-exit controls of requests that leave them unset; unset here too: the exit pack's "
         "tuned defaults (the shipped pack: policy learned), else policy none",
     )
-    max_num_seqs: int = Field(8, ge=1, description="KV cache slots: sequences in progress at once")
+    max_num_seqs: int = Field(
+        128, ge=1, description="sequences in the running batch at most; KV memory usually limits it first"
+    )
+    kv_cache_memory: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of K/V for one pipeline (all its layer groups); default: 1 GiB on CPUs, and on GPUs "
+        "kv_cache_fraction of the memory each worker has left after its weights",
+    )
+    kv_cache_fraction: float = Field(
+        0.9, gt=0, le=1, description="on GPUs without kv_cache_memory: the share of free memory for K/V"
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="positions per KV block (paged attention)")
     max_model_len: int | None = Field(
         None,
         ge=2,

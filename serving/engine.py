@@ -9,7 +9,7 @@ Rule: every call to the workers is made in the engine's own context, never in a 
 made while serving a request count as its children, and cancelling the request (its client left) would
 cancel them mid-pipeline, under every other request's feet. Methods that call the workers are marked
 `@_engine_context` (they raise when run elsewhere) and are started with `_soon` or `_spawn`; the public
-calls that reach the workers (teacher_forced, workers, ping_workers, kv_slots) go through `_spawn`."""
+calls that reach the workers (teacher_forced, workers, ping_workers, kv_blocks) go through `_spawn`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from serving.scheduler import ScheduledBatch, Scheduler, Sequence, rows_for
 from workers.arch import ModelArch
 from workers.device import resolve_device, resolve_dtype
 from workers.exit_pack import ExitPack, load_pack
+from workers.kv_cache import BlockPool, blocks_for
 from workers.layer_group import LayerGroup
 from workers.model_store import load_config, load_tokenizer, resolve_model
 from workers.modes import Policy
@@ -91,7 +92,14 @@ class Engine:
         self.config, self.plan, self.pipeline, self.tokenizer = config, plan, pipeline, tokenizer
         self.arch, self.pack, self.stats = arch, pack, pipeline.stats
         self.admission = Admission(config, plan, tokenizer, arch, pack)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting_requests)
+        self.scheduler = Scheduler(
+            BlockPool(min(g.num_blocks for g in pipeline.groups)),
+            config.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_waiting_requests,
+        )
+        self._check_pool()
         self.outputs = OutputProcessor(tokenizer, arch.eos_token_ids, plan.num_layers, plan.max_model_len, self.stats)
         self._inflight: set[asyncio.Task] = set()  # one task per micro-batch in the pipeline
         self._context = contextvars.Context()
@@ -216,6 +224,7 @@ class Engine:
             return
         while len(self._inflight) < self.config.max_inflight_batches:
             batch = self.scheduler.schedule(self._batch_seqs())
+            self._free(self.scheduler.take_freed())  # preempted: cleared before any call reuses the blocks
             self._report_scheduler()
             if batch is None:
                 return
@@ -255,16 +264,19 @@ class Engine:
 
     @_engine_context
     def _release(self, seqs: list[Sequence]) -> None:
-        """Drop finished sequences and clear their slots on every worker."""
-        slots = [s for s in (self.scheduler.remove(seq) for seq in seqs) if s is not None]
-        if slots:
-            self._spawn(self._confirm_free(self.pipeline.free(slots)))
+        """Drop finished sequences and clear their blocks on every worker."""
+        self._free([b for seq in seqs for b in self.scheduler.remove(seq)])
+
+    @_engine_context
+    def _free(self, blocks: list[int]) -> None:
+        if blocks:
+            self._spawn(self._confirm_free(self.pipeline.free(blocks)))
 
     async def _confirm_free(self, calls) -> None:
         try:
             await Pipeline.confirm(calls)
         except Exception as e:  # a lost worker's cache is gone anyway; recovery clears the others
-            log.warning("freeing slots failed: %s", str(e).splitlines()[0])
+            log.warning("freeing KV blocks failed: %s", str(e).splitlines()[0])
 
     @_engine_context
     async def _teacher_forced(self, seqs: list[Sequence], chunk: int, exit_every: int) -> list[TokenResults]:
@@ -282,14 +294,30 @@ class Engine:
                     at += n
                     s.num_computed += n
         finally:
-            slots = [s for s in (self.scheduler.remove(seq) for seq in seqs) if s is not None]
-            await Pipeline.confirm(self.pipeline.free(slots))
+            await Pipeline.confirm(self.pipeline.free([b for seq in seqs for b in self.scheduler.remove(seq)]))
         return [TokenResults.cat(p) for p in parts]
 
     def _report_scheduler(self) -> None:
-        slots = self.scheduler.slots
-        running = len(self.scheduler.running)
-        self.stats.scheduler(running, len(self.scheduler.waiting), slots.capacity - slots.num_free, slots.num_free)
+        s, pool = self.scheduler, self.scheduler.pool
+        self.stats.scheduler(
+            len(s.running), len(s.waiting), pool.capacity - pool.num_free, pool.num_free, s.preemptions
+        )
+
+    def _check_pool(self) -> None:
+        """The pool must hold one sequence of max_model_len; say at start-up how much it holds."""
+        pool, size = self.scheduler.pool, self.config.block_size
+        tokens, need = pool.capacity * size, blocks_for(self.plan.max_model_len, size)
+        per_token = sum(g.block_bytes for g in self.pipeline.groups) // size
+        log.info(
+            "KV cache: %d blocks of %d positions, %d tokens (%.0f MiB of K/V per pipeline, %d bytes per token)",
+            pool.capacity, size, tokens, tokens * per_token / 2**20, per_token,
+        )  # fmt: skip
+        if pool.capacity < need:
+            raise ValueError(
+                f"the KV cache holds {tokens} tokens, fewer than one sequence of max_model_len "
+                f"{self.plan.max_model_len}: raise kv_cache_memory (it needs at least {need * size * per_token} "
+                "bytes) or lower max_model_len"
+            )
 
     def _batch_seqs(self) -> int:
         """Sequences per micro-batch: the work split evenly over the micro-batches in flight, so that while
@@ -311,16 +339,16 @@ class Engine:
     @_engine_context
     async def _recover(self, error: BaseException) -> None:
         """A worker died: wait for the other micro-batches to end, for Ray to restart the worker (with its
-        layers, without its cache), clear every running sequence's slot on every worker, and let the
+        layers, without its cache), clear every running sequence's blocks on every worker, and let the
         scheduler feed each one's prompt and generated tokens again; its next token continues the stream."""
         started = time.monotonic()
         log.warning("a layer-group worker was lost (%s); waiting for its restart", str(error).splitlines()[0])
         await asyncio.gather(*self._inflight, return_exceptions=True)
         try:
             await self.pipeline.ready(self.config.worker_restart_timeout_s)
-            running = [s for s in self.scheduler.running if s.slot is not None]
-            if running:
-                await Pipeline.confirm(self.pipeline.free([s.slot for s in running]))
+            held = [b for s in self.scheduler.running for b in s.blocks]
+            if held:
+                await Pipeline.confirm(self.pipeline.free(held))
         except Exception as e:
             self._give_up(f"a layer-group worker did not come back: {str(e).splitlines()[0]}")
             return
@@ -337,7 +365,7 @@ class Engine:
         self._launch()
 
     def _give_up(self, reason: str) -> None:
-        """No way back for this pipeline: every admitted request ends with a retryable error, every slot is
+        """No way back for this pipeline: every admitted request ends with a retryable error, every block is
         released, and the replica reports itself unhealthy so that Serve replaces it."""
         log.error("%s: failing %d requests", reason, len(self.outputs))
         self.broken = reason
@@ -349,22 +377,22 @@ class Engine:
     # ---- operations ----------------------------------------------------------------------------------
 
     async def workers(self) -> list[dict]:
-        """Each layer group's layers, process id and occupied KV slots (for operators and the tests)."""
+        """Each layer group's layers, process id, KV pool size and occupied blocks (operators, the tests)."""
         return await self._spawn(self.pipeline.info())
 
     async def ping_workers(self) -> None:
         """Returns once every layer group has answered."""
         await self._spawn(self.pipeline.ping())
 
-    async def kv_slots(self) -> dict:
-        """KV slots: the scheduler's capacity and free ones, and those holding K/V on each worker (None when
+    async def kv_blocks(self) -> dict:
+        """KV blocks: the pool's capacity and free ones, and those holding K/V on each worker (None when
         the pipeline lost a worker for good: it has nothing to report)."""
-        allocator = self.scheduler.slots
+        pool = self.scheduler.pool
         workers = None if self.broken else [w["occupied"] for w in await self.workers()]
-        return {"capacity": allocator.capacity, "free": allocator.num_free, "workers": workers}
+        return {"capacity": pool.capacity, "free": pool.num_free, "workers": workers}
 
     async def drain(self) -> None:
-        """Wait until every admitted request has finished and every slot is cleared on the workers."""
+        """Wait until every admitted request has finished and every block is cleared on the workers."""
         while self.scheduler.has_work or self._background:
             await asyncio.sleep(0.01)
 

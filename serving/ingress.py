@@ -31,6 +31,7 @@ from serving.config import GRPC_SERVICE, AppConfig
 from serving.errors import ApiError
 from serving.exceptions import RequestError
 from serving.grpc_service import MalformedRequest
+from serving.health import unhealthy
 from serving.messages import Admitted, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.metrics import ApiStats, node_metrics
 from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
@@ -115,6 +116,8 @@ class Ingress:
         self._keys = [k.encode() for k in config.accepted_keys()]
         self._info: ModelInfo | None = None
         self.stats = ApiStats()
+        self.app_name = serve.get_replica_context().app_name
+        self.num_groups = config.engine.num_layer_groups
         log.info("ingress: %s, API keys %s", self.model, f"required ({len(self._keys)})" if self._keys else "off")
 
     # ---- HTTP ----------------------------------------------------------------------------------------
@@ -200,18 +203,14 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        """200 when every worker of a pipeline answers, else 503 (open to all: load balancers and probes)."""
+        """200 while some pipeline has every worker answering, else 503 (open to all: load balancers, probes)."""
         problem = await self._unhealthy()
         if problem:
             return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def _unhealthy(self) -> str | None:
-        try:
-            await asyncio.wait_for(self.replica.workers_answer.remote(), timeout=15)
-        except Exception as e:
-            return (str(e).splitlines() or [type(e).__name__])[0]
-        return None
+        return await unhealthy(self.app_name, self.num_groups)
 
     def _refused(self, error: ApiError) -> JSONResponse:
         self.stats.outcome("http", error.kind)

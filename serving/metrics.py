@@ -28,8 +28,8 @@ class EngineStats:
         """A request ended (stop, length, abort): its latency, time per output token after the first, and the
         layers its tokens ran against what full depth would have run."""
 
-    def scheduler(self, running: int, waiting: int, slots_used: int, slots_free: int) -> None:
-        """The scheduler's state after a batch was formed or returned."""
+    def scheduler(self, running: int, waiting: int, blocks_used: int, blocks_free: int, preemptions: int) -> None:
+        """The scheduler's state after a batch was formed: `preemptions` so far."""
 
     def backfill(self, seconds: float | None, pending: int) -> None:
         """A back-fill call finished `seconds` after its batch's critical path (None: one was queued);
@@ -61,10 +61,12 @@ class RayStats(EngineStats):
         self.finishes = metrics.Counter("adept_requests_finished", "requests ended, by reason", tag_keys=("reason",))
         self.computed = metrics.Counter("adept_layers_computed", "decoder layers run, prompt and generated tokens")
         self.full = metrics.Counter("adept_layers_full_depth", "decoder layers full depth would have run")
-        self.running = metrics.Gauge("adept_running_requests", "sequences holding a KV slot")
-        self.waiting = metrics.Gauge("adept_waiting_requests", "admitted requests waiting for a slot (the queue)")
-        self.slots_used = metrics.Gauge("adept_pipeline_kv_slots_used", "KV slots allocated in this pipeline")
-        self.slots_free = metrics.Gauge("adept_pipeline_kv_slots_free", "KV slots free in this pipeline")
+        self.running = metrics.Gauge("adept_running_requests", "sequences in the running batch")
+        self.waiting = metrics.Gauge("adept_waiting_requests", "admitted requests waiting to run (the queue)")
+        self.blocks_used = metrics.Gauge("adept_pipeline_kv_blocks_used", "KV blocks allocated in this pipeline")
+        self.blocks_free = metrics.Gauge("adept_pipeline_kv_blocks_free", "KV blocks free in this pipeline")
+        self.preemptions = metrics.Counter("adept_preemptions", "sequences preempted for KV blocks (recomputed later)")
+        self._preempted = 0
         self.backfill_pending = metrics.Gauge("adept_backfill_pending", "back-fill calls off the critical path")
         self.recoveries = metrics.Histogram(
             "adept_worker_recovery_seconds", "a lost worker's restart, until its pipeline resumed", LATENCY_BUCKETS
@@ -89,11 +91,14 @@ class RayStats(EngineStats):
             self.computed.inc(computed)
             self.full.inc(full)
 
-    def scheduler(self, running: int, waiting: int, slots_used: int, slots_free: int) -> None:
+    def scheduler(self, running: int, waiting: int, blocks_used: int, blocks_free: int, preemptions: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
-        self.slots_used.set(slots_used)
-        self.slots_free.set(slots_free)
+        self.blocks_used.set(blocks_used)
+        self.blocks_free.set(blocks_free)
+        if preemptions > self._preempted:
+            self.preemptions.inc(preemptions - self._preempted)
+            self._preempted = preemptions
 
     def recovered(self, seconds: float) -> None:
         self.recoveries.observe(seconds)

@@ -35,13 +35,15 @@ class GroupHandle(Protocol):
     """A layer group as the pipeline sees it. Calls to one group take effect in submission order."""
 
     pipeline: Pipeline | None  # the one pipeline that calls it
+    num_blocks: int  # KV blocks in the group's pool
+    block_bytes: int  # bytes of one block (K and V of block_size positions of the group's layers)
 
     def forward(self, batch: Any) -> tuple[Any, Any]: ...
 
-    def free(self, slots: torch.Tensor) -> Any: ...
+    def free(self, blocks: torch.Tensor) -> Any: ...
 
     def info(self) -> Any:
-        """The group's layers, process id and occupied KV slots."""
+        """The group's layers, process id, KV pool size and occupied blocks."""
         ...
 
     def ping(self) -> Any:
@@ -130,10 +132,10 @@ class Pipeline:
             self.stats.backfill(None, len(self._trailing))
         return BatchResult(out, timings)
 
-    def free(self, slots: list[int]) -> list[tuple[GroupHandle, Any]]:
-        """Clear the slots on every group. Submitted at once, so it follows the back-fills already sent
-        for these slots and precedes any later call that reuses them; returns what `confirm` awaits."""
-        freed = torch.tensor(slots, dtype=torch.int64)
+    def free(self, blocks: list[int]) -> list[tuple[GroupHandle, Any]]:
+        """Clear KV blocks on every group. Submitted at once, so it follows the back-fills already sent
+        for these blocks and precedes any later call that reuses them; returns what `confirm` awaits."""
+        freed = torch.tensor(blocks, dtype=torch.int64)
         return [(group, group.free(freed)) for group in self.groups]
 
     @staticmethod
@@ -179,14 +181,16 @@ class LocalGroup:
     def __init__(self, group: LayerGroup) -> None:
         self.group = group
         self.pipeline: Pipeline | None = None
+        self.num_blocks = group.cache.num_blocks
+        self.block_bytes = group.cache.nbytes // group.cache.num_blocks
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"layer-group-{group.spec.start}")
 
     def forward(self, batch: Any) -> tuple[Any, Any]:
         future = self._thread.submit(lambda: self.group.forward(_value(batch)))
         return _Part(future, 0), _Part(future, 1)
 
-    def free(self, slots: torch.Tensor) -> Any:
-        return _Part(self._thread.submit(self.group.free, slots), None)
+    def free(self, blocks: torch.Tensor) -> Any:
+        return _Part(self._thread.submit(self.group.free, blocks), None)
 
     def info(self) -> Any:
         return _Part(self._thread.submit(self.group.info), None)

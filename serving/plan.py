@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from serving.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from serving.params import ExitLimits
 from workers.arch import ModelArch
+from workers.kv_cache import blocks_for
 from workers.protocol import GroupSpec
 
 
@@ -52,8 +53,11 @@ def plan_pipeline(config: EngineConfig, arch: ModelArch, pack_points: list[int] 
             start=a,
             end=b,
             exit_points=tuple(p for p in points if a < p <= b),
-            num_slots=config.max_num_seqs,
             max_len=max_len,
+            block_size=config.block_size,
+            kv_cache_memory=config.kv_cache_memory,
+            kv_cache_fraction=config.kv_cache_fraction,
+            max_blocks=config.max_num_seqs * blocks_for(max_len, config.block_size),
         )
         for a, b in itertools.pairwise(bounds)
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -25,15 +26,17 @@ from workers.actor import LayerGroupWorker
 class RayGroup:
     """A layer-group actor. Its pipeline replica is its only caller, so Ray runs its calls in submission order."""
 
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
+    def __init__(self, actor: ray.actor.ActorHandle, info: dict) -> None:
         self.actor = actor
         self.pipeline: Pipeline | None = None
+        self.num_blocks = info["num_blocks"]
+        self.block_bytes = info["kv_cache_bytes"] // info["num_blocks"]
 
     def forward(self, batch: Any) -> tuple[Any, Any]:
         return self.actor.forward.remote(batch)
 
-    def free(self, slots: torch.Tensor) -> Any:
-        return self.actor.free.remote(slots)
+    def free(self, blocks: torch.Tensor) -> Any:
+        return self.actor.free.remote(blocks)
 
     def info(self) -> Any:
         return self.actor.info.remote()
@@ -84,12 +87,12 @@ def ray_groups(
     plan: PipelinePlan,
     resources: dict[str, float],
     threads: int | None,
-    name: str,
+    name: Callable[[int], str],
     max_restarts: int,
     first_bundle: int = 1,
 ) -> list[RayGroup]:
     """Start one worker per layer group (in bundles first_bundle, first_bundle + 1, ... of the current
-    placement group, if there is one), named `{name}-group-{i}`, and wait until every one has loaded its
+    placement group, if there is one), named `name(i)`, and wait until every one has loaded its
     layers."""
     placement = get_current_placement_group()
     resources = dict(resources)
@@ -108,9 +111,9 @@ def ray_groups(
                 num_gpus=gpus,
                 resources=resources,
                 scheduling_strategy=strategy,
-                name=f"{name}-group-{i}",
+                name=name(i),
                 max_restarts=max_restarts,  # a restarted worker has an empty cache: the engine rebuilds it
             ).remote(config.model, spec, config.exit_pack, config.device, config.dtype, threads)
         )
-    ray.get([a.ping.remote() for a in actors])  # raises here if a worker cannot load its layers
-    return [RayGroup(a) for a in actors]
+    infos = ray.get([a.info.remote() for a in actors])  # raises here if a worker cannot load its layers
+    return [RayGroup(a, info) for a, info in zip(actors, infos, strict=True)]

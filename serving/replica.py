@@ -4,7 +4,7 @@ groups through Ray."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -16,6 +16,7 @@ from serving.config import AppConfig
 from serving.engine import Engine
 from serving.errors import ApiError
 from serving.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
+from serving.health import worker_name
 from serving.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.metrics import RayStats
 from serving.ray_groups import RayGroup, ray_groups
@@ -30,8 +31,8 @@ class PipelineReplica:
         engine_config = config.engine
 
         def make_groups(_path: Path, plan, _pack: ExitPack | None) -> list[RayGroup]:
-            replica = serve.get_replica_context().replica_id.unique_id
-            name = f"adept-{replica}"
+            context = serve.get_replica_context()
+            name = functools.partial(worker_name, context.app_name, context.replica_id.unique_id)
             return ray_groups(
                 engine_config, plan, worker_resources, config.worker_threads, name, config.worker_max_restarts
             )
@@ -47,7 +48,7 @@ class PipelineReplica:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         """Admitted (or Rejected), then one RequestOutput per step of the request, the last one finished.
-        Cancelling the call (the client went away) aborts the request and frees its slots."""
+        Cancelling the call (the client went away) aborts the request and frees its KV blocks."""
         try:
             prompt = request.prompt if request.messages is None else self._chat(request.messages)
             stream = self.engine.submit(prompt, request.sampling, request.exit, request.request_id)
@@ -72,13 +73,13 @@ class PipelineReplica:
             self.engine.exit_defaults.model_dump(exclude_none=True),
         )  # fmt: skip
 
-    async def kv_slots(self) -> dict:
-        """Slots in use, by the scheduler and on every worker (after all requests ended: none)."""
+    async def kv_blocks(self) -> dict:
+        """KV blocks in use, by the scheduler and on every worker (after all requests ended: none)."""
         await self.engine.drain()
-        return await self.engine.kv_slots()
+        return await self.engine.kv_blocks()
 
     async def workers(self) -> list[dict]:
-        """Each layer-group worker's layers, process id and occupied slots."""
+        """Each layer-group worker's layers, process id, KV pool size and occupied blocks."""
         return await self.engine.workers()
 
     async def check_health(self) -> None:
@@ -86,12 +87,6 @@ class PipelineReplica:
         engine gave up on a lost worker; while it rebuilds, the replica is healthy."""
         if self.engine.broken:
             raise RuntimeError(f"this pipeline lost a worker for good: {self.engine.broken}")
-
-    async def workers_answer(self) -> None:
-        """Every worker of the pipeline answers now (what /health reports)."""
-        if self.engine.recovering:
-            raise RuntimeError("a layer-group worker is being restarted; its sequences wait for it")
-        await asyncio.wait_for(self.engine.ping_workers(), 10)
 
     def _chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

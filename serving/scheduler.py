@@ -1,7 +1,11 @@
 """Continuous batching: which rows (prompt chunks and decode tokens of many sequences) go into each step.
 
-The scheduler owns the KV slot allocation; workers only index their caches by slot. It knows nothing
-about how layer groups are called: the engine hands its batches to a pipeline."""
+The scheduler owns the KV blocks (workers/kv_cache.py): each sequence's block table grows as its tokens are
+fed, and a new sequence is admitted only while free blocks stay above a watermark. When a running sequence
+needs a block and none is free, the newest sequences are preempted, as vLLM does by default: their blocks
+are freed and they wait at the head of the queue, to be recomputed (prompt and generated tokens) when
+blocks free up. It knows nothing about how layer groups are called: the engine hands its batches, and the
+blocks to clear, to a pipeline."""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ import torch
 
 from serving.exceptions import QueueFullError
 from serving.params import ResolvedExit, SamplingParams
-from workers.kv_cache import SlotAllocator
+from workers.kv_cache import BlockPool, blocks_for
 from workers.protocol import Rows, TokenResults
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself, not its contents
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -27,7 +31,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # per generated token
     layers_computed: int = 0  # sum of exit depths of every token fed through the model
-    slot: int | None = None
+    blocks: list[int] = field(default_factory=list)  # its KV blocks, in position order
     num_computed: int = 0  # positions fed through the model
     in_flight: bool = False
     aborted: bool = False
@@ -59,28 +63,42 @@ class SequenceUpdate:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int) -> None:
-        self.slots = SlotAllocator(max_num_seqs)
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_waiting: int,
+        watermark: float = 0.01,
+    ) -> None:
+        self.pool, self.block_size = pool, block_size
+        self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
+        # Free blocks kept back when admitting (vLLM's watermark): room for running sequences to grow
+        # before anything has to be preempted.
+        self.watermark = int(watermark * pool.capacity)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
+        self._freed: list[int] = []  # blocks of preempted sequences that the workers still hold
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        # Waiting requests beyond the free slots are the real queue.
-        if len(self.waiting) - self.slots.num_free >= self.max_waiting:
+        # Waiting requests beyond the free places of the running batch are the real queue.
+        if len(self.waiting) - (self.max_num_seqs - len(self.running)) >= self.max_waiting:
             raise QueueFullError(
-                f"the admission queue is full ({self.max_waiting} requests waiting for {self.slots.capacity} "
-                "slots); retry later"
+                f"the admission queue is full ({self.max_waiting} requests waiting for {self.max_num_seqs} "
+                "places); retry later"
             )
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
-        """Marks the sequence aborted; returns it if it holds no slot work in flight (free it now)."""
+        """Marks the sequence aborted; returns it if it has no work in flight (free it now)."""
         for seq in self.waiting:
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -93,49 +111,66 @@ class Scheduler:
         return None
 
     def rebuild(self) -> list[Sequence]:
-        """Every sequence holding a slot starts over from position 0 (prompt and generated tokens are fed
-        again, the last one sampling the next token): after a worker lost its KV cache. Returns them."""
+        """Every running sequence starts over from position 0 in the blocks it holds (prompt and generated
+        tokens are fed again, the last one sampling the next token): after a worker lost its KV cache."""
         for seq in self.running:
             seq.num_computed = 0
             seq.in_flight = False
         return list(self.running)
 
     def reserve(self, seqs: list[Sequence]) -> None:
-        """KV slots for sequences the caller feeds itself (teacher forcing), outside the running batch."""
-        if len(seqs) > self.slots.num_free:
-            raise RuntimeError(f"{len(seqs)} sequences need as many free KV slots: raise max_num_seqs")
-        for seq in seqs:
-            seq.slot = self.slots.allocate()
+        """KV blocks for the whole of sequences the caller feeds itself (teacher forcing), outside the
+        running batch."""
+        need = [blocks_for(len(s.tokens), self.block_size) for s in seqs]
+        if sum(need) > self.pool.num_free:
+            raise RuntimeError(
+                f"{len(seqs)} sequences need {sum(need)} KV blocks, {self.pool.num_free} are free: raise "
+                "kv_cache_memory or feed fewer sequences at once"
+            )
+        for seq, n in zip(seqs, need, strict=True):
+            seq.blocks = self.pool.allocate(n)
 
-    def remove(self, seq: Sequence) -> int | None:
-        """Drop a finished or aborted sequence; returns its slot, which the caller frees on every worker."""
+    def remove(self, seq: Sequence) -> list[int]:
+        """Drop a finished or aborted sequence; returns its blocks, which the caller clears on every worker."""
         if seq in self.running:
             self.running.remove(seq)
-        slot, seq.slot = seq.slot, None
-        if slot is not None:
-            self.slots.free(slot)
-        return slot
+        blocks, seq.blocks = seq.blocks, []
+        self.pool.free(blocks)
+        return blocks
+
+    def take_freed(self) -> list[int]:
+        """Blocks of sequences preempted since the last call: clear them on every worker before the next
+        batch is submitted (a later call may reuse them)."""
+        freed, self._freed = self._freed, []
+        return freed
 
     def schedule(self, max_seqs: int | None = None) -> ScheduledBatch | None:
         """The next batch: at most `max_seqs` sequences and the token budget's worth of rows."""
         budget = self.token_budget
-        room = max_seqs or self.slots.capacity
+        room = max_seqs or self.max_num_seqs
         picked: list[tuple[Sequence, int]] = []
-        # Decode rows first (one token each), then unfinished prompts, then new sequences.
+        # Decode rows first (one token each), then unfinished prompts, then new sequences; the oldest first.
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
         # Unfed tokens: 1 for a decoding sequence; more for a prompt in chunks, or for a sequence whose K/V is
         # rebuilt (prompt and generated tokens) after a worker was lost.
         for seq in sorted(ready, key=lambda s: len(s.tokens) - s.num_computed > 1):
             if budget == 0 or len(picked) == room:
                 break
+            if seq not in self.running:  # preempted this step for an older one
+                continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            picked.append((seq, n))
-            budget -= n
-        while self.waiting and budget > 0 and self.slots.num_free > 0 and len(picked) < room:
-            seq = self.waiting.popleft()
-            seq.slot = self.slots.allocate()
+            if self._grow(seq, n, picked):
+                picked.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(picked) < room:
+            seq = self.waiting[0]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            need = blocks_for(n, self.block_size)
+            if self.pool.num_free - need < (self.watermark if self.running else 0):
+                break
+            self.waiting.popleft()
+            seq.blocks = self.pool.allocate(need)
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
             picked.append((seq, n))
             budget -= n
         if not picked:
@@ -143,6 +178,30 @@ class Scheduler:
         for seq, _ in picked:
             seq.in_flight = True
         return ScheduledBatch([s for s, _ in picked], [n for _, n in picked], rows_for(picked))
+
+    def _grow(self, seq: Sequence, n: int, picked: list[tuple[Sequence, int]]) -> bool:
+        """Blocks for `seq`'s next `n` tokens, preempting the newest sequences not in flight if none are
+        free; False if `seq` cannot run this step (it was preempted itself, or every candidate is busy)."""
+        need = max(blocks_for(seq.num_computed + n, self.block_size) - len(seq.blocks), 0)
+        while self.pool.num_free < need:
+            busy = {id(s) for s, _ in picked}
+            victim = next((s for s in reversed(self.running) if not s.in_flight and id(s) not in busy), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.blocks += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it waits at the head of the queue and is recomputed from position 0."""
+        self.running.remove(seq)
+        self._freed += seq.blocks
+        self.pool.free(seq.blocks)
+        seq.blocks, seq.num_computed = [], 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     def update(self, batch: ScheduledBatch, results: TokenResults) -> list[SequenceUpdate]:
         """Apply a step's results (per row) to its sequences."""
@@ -166,12 +225,13 @@ class Scheduler:
 def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -> Rows:
     """The next `n` unfed tokens of each (sequence, n). Teacher-forced, every row samples (greedy, at its
     exit) and scores the sequence's actual next token; otherwise only a sequence's last token samples."""
-    slots, positions, token_ids, sample, target = [], [], [], [], []
+    width = max(len(seq.blocks) for seq, _ in picked)
+    tables, positions, token_ids, sample, target = [], [], [], [], []
     per_seq: list[tuple[Sequence, int]] = []
     for seq, n in picked:
         tokens = seq.tokens
         start = seq.num_computed
-        slots += [seq.slot] * n
+        tables += [seq.blocks + [-1] * (width - len(seq.blocks))] * n
         positions += range(start, start + n)
         token_ids += tokens[start : start + n]
         if teacher_forced:
@@ -186,7 +246,7 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
         return torch.tensor([value_of(s) for s, n in per_seq for _ in range(n)], dtype=dtype)
 
     return Rows(
-        slots=torch.tensor(slots, dtype=torch.int64),
+        block_table=torch.tensor(tables, dtype=torch.int64).view(-1, width),
         positions=torch.tensor(positions, dtype=torch.int64),
         token_ids=torch.tensor(token_ids, dtype=torch.int64),
         policy=each(lambda s: int(s.exit.policy), torch.int64),

@@ -123,7 +123,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SERVED_ENGINE = dict(max_num_seqs=8, max_model_len=1024, max_inflight_batches=2)
+SERVED_ENGINE = dict(max_model_len=1024, max_inflight_batches=2)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,12 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from serving.pipeline import LocalGroup, Pipeline
 from workers.exit_pack import ExitPack
+from workers.kv_cache import blocks_for
 from workers.layer_group import LayerGroup
 from workers.modes import Backfill, Policy
 from workers.protocol import GroupSpec, Rows, TokenResults
+
+BLOCK_SIZE = 16
 
 
 def load_groups(
@@ -24,11 +27,20 @@ def load_groups(
     slots: int = 4,
     max_len: int = 128,
 ) -> list[LayerGroup]:
+    """Groups whose KV pools hold `slots` sequences of `max_len` (see `slot_table`)."""
+    blocks = slots * blocks_for(max_len, BLOCK_SIZE)
     specs = [
-        GroupSpec(a, b, tuple(p for p in exit_points if a < p <= b), slots, max_len)
+        GroupSpec(a, b, tuple(p for p in exit_points if a < p <= b), max_len, BLOCK_SIZE, num_blocks=blocks)
         for a, b in itertools.pairwise(bounds)
     ]
     return [LayerGroup.load(path, s, pack) for s in specs]
+
+
+def slot_table(slot: int, max_len: int = 128) -> list[int]:
+    """Below the scheduler, tests give sequence `slot` the blocks [slot * k, (slot + 1) * k) of a pool
+    sized by `load_groups`: k blocks hold `max_len` positions."""
+    k = blocks_for(max_len, BLOCK_SIZE)
+    return list(range(slot * k, (slot + 1) * k))
 
 
 def pipeline_of(groups: list[LayerGroup], sync_backfill: bool = False) -> Pipeline:
@@ -47,6 +59,7 @@ def rows(
     logprobs: int = -1,
     sample_last: bool = True,
     sample_all: bool = False,
+    max_len: int = 128,
 ) -> Rows:
     token_ids = torch.as_tensor(token_ids, dtype=torch.int64)
     n = token_ids.numel()
@@ -60,7 +73,7 @@ def rows(
     elif sample_last:
         sample[-1] = True
     return Rows(
-        slots=full(slot),
+        block_table=torch.tensor([slot_table(int(s), max_len) for s in full(slot)], dtype=torch.int64),
         positions=torch.as_tensor(positions, dtype=torch.int64),
         token_ids=token_ids,
         policy=full(int(policy) if not isinstance(policy, torch.Tensor) else policy),
@@ -106,5 +119,6 @@ def hf_cache(model, token_ids: torch.Tensor) -> DynamicCache:
 
 def group_kv(group: LayerGroup, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A group's cached K, V of global `layer` as [kv_heads, length, head_dim], HF's per-sequence layout."""
-    i = layer - group.spec.start
-    return group.cache.k[i, slot, :, :length], group.cache.v[i, slot, :, :length]
+    table = torch.tensor([slot_table(slot, group.spec.max_len)])
+    k, v = group.cache.gather(layer - group.spec.start, table, length)
+    return k[0], v[0]

@@ -44,7 +44,7 @@ def test_default_plan_splits_layers_evenly_with_exit_points_per_group():
     assert plan.exit_points == (8, 12, 16, 20, 24, 28, 30)
     assert [g.exit_points for g in plan.groups] == [(8,), (12, 16, 20), (24, 28, 30)]
     assert plan.min_exit_depth == 7
-    assert all(g.num_slots == 8 and g.max_len == 4096 for g in plan.groups)
+    assert all(g.max_len == 4096 and g.block_size == 16 and g.kv_cache_memory is None for g in plan.groups)
 
 
 def test_explicit_boundaries_and_exit_points_always_include_the_last_layer():

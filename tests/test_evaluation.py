@@ -17,17 +17,17 @@ def evaluate(path, token_ids, exit, **config) -> tuple:
     async def main():
         engine = Engine.local(EngineConfig(model=str(path), **{"num_layer_groups": 3, "max_num_seqs": 2, **config}))
         got = await teacher_forced(engine, [token_ids], exit, chunk=16)
-        slots = await engine.kv_slots()
-        free, occupied = slots["free"], slots["workers"]
+        blocks = await engine.kv_blocks()
+        held, occupied = blocks["capacity"] - blocks["free"], blocks["workers"]
         await engine.shutdown()
-        return got, free, occupied
+        return got, held, occupied
 
     return asyncio.run(main())
 
 
 def test_full_depth_predictions_are_the_models_argmax(tiny_chat_dir):
     ids = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(3))
-    got, free, occupied = evaluate(tiny_chat_dir, ids.tolist(), {"policy": "none"}, min_exit_depth=1)
+    got, held, occupied = evaluate(tiny_chat_dir, ids.tolist(), {"policy": "none"}, min_exit_depth=1)
     with torch.no_grad():
         logits = hf_model(tiny_chat_dir)(ids[None]).logits[0]
     assert torch.equal(got.predictions, logits.argmax(-1))
@@ -35,7 +35,7 @@ def test_full_depth_predictions_are_the_models_argmax(tiny_chat_dir):
     scored = torch.log_softmax(logits, -1)[torch.arange(39), ids[1:]]
     assert torch.allclose(got.target_logprobs, scored, atol=1e-4)
     assert set(got.exit_layers.tolist()) == {6}
-    assert free == 2 and occupied == [[], [], []]  # its slot is returned and cleared
+    assert held == 0 and occupied == [[], [], []]  # its blocks are returned and cleared
 
 
 def test_static_exit_with_exact_backfill_predicts_from_that_layer(tiny_chat_dir):

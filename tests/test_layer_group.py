@@ -154,7 +154,7 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
         return result, Continuing(out.rows, out.hidden, SkippedRows.empty(), out.hidden[:0])
 
     groups[0].forward = lossy
-    with pytest.raises(KVHoleError, match="layer 3: slot 0 has no K/V at position 0"):
+    with pytest.raises(KVHoleError, match="layer 3: the sequence in KV block 0 has no K/V at position 0"):
         run(pipeline_of(groups), rows(ids, torch.arange(6), policy=policy, max_depth=2))
 
 
@@ -188,7 +188,7 @@ def test_loads_only_its_own_layers(tiny_llama_dir, monkeypatch):
 
     def loaded(start: int, end: int, points: tuple[int, ...]) -> tuple[set[str], set[str]]:
         read.clear()
-        lg.LayerGroup.load(tiny_llama_dir, GroupSpec(start, end, points, 2, 16))
+        lg.LayerGroup.load(tiny_llama_dir, GroupSpec(start, end, points, 16, num_blocks=2))
         layers = {n.split(".")[2] for n in read if n.startswith("model.layers.")}
         return layers, {n for n in read if not n.startswith("model.layers.")}
 

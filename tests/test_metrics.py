@@ -84,6 +84,6 @@ def test_metrics_parse_and_count_what_was_served(served):
     assert 0 < delta("adept_layers_computed") <= delta("adept_layers_full_depth")
     # every exit layer is within the model's 30 layers: the +Inf bucket adds nothing beyond le=30
     assert total(after, "adept_exit_layer_bucket", le="30.0") == total(after, "adept_exit_layer_bucket", le="+Inf")
-    workers = {labels["layers"] for labels, _ in after["ray_adept_worker_kv_slots_free"]}
+    workers = {labels["layers"] for labels, _ in after["ray_adept_worker_kv_blocks_free"]}
     assert workers == {"0-10", "10-20", "20-30"}
-    assert after["ray_adept_pipeline_kv_slots_free"] and after["ray_adept_waiting_requests"]
+    assert after["ray_adept_pipeline_kv_blocks_free"] and after["ray_adept_waiting_requests"]

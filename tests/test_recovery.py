@@ -1,7 +1,7 @@
 """A layer-group worker killed (SIGKILL, as when its process or node is lost) in the middle of streams: Ray
 restarts it, the pipeline replica rebuilds the KV cache of every running sequence, and each stream goes on where it
 stopped with the text a run without the failure gives. When restarts are used up, streams end with a
-retryable error (never a hang), no slot stays allocated, and Serve replaces the pipeline."""
+retryable error (never a hang), no KV block stays allocated, and Serve replaces the pipeline."""
 
 from __future__ import annotations
 
@@ -75,10 +75,10 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: lis
 def _wait_clean(replica, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        slots = replica.kv_slots.remote().result()
-        if slots["free"] == slots["capacity"] and all(not w for w in slots["workers"] or []):
-            return slots
-        assert time.monotonic() < deadline, f"slots still allocated: {slots}"
+        blocks = replica.kv_blocks.remote().result()
+        if blocks["free"] == blocks["capacity"] and all(not w for w in blocks["workers"] or []):
+            return blocks
+        assert time.monotonic() < deadline, f"KV blocks still allocated: {blocks}"
         time.sleep(0.5)
 
 
@@ -153,8 +153,8 @@ def test_when_restarts_are_used_up_streams_end_with_a_retryable_error(served):
         assert kinds[-2].startswith("error: service_unavailable_error") and "retry" in kinds[-2], kinds[-2:]
         assert kinds[-1] == "done" and len(kinds) - 2 < TOKENS
         assert code == grpc.StatusCode.UNAVAILABLE and "retry" in details, (code, details)
-        slots = replica.kv_slots.remote().result()
-        assert slots["free"] == slots["capacity"]  # nothing held by the broken pipeline
+        blocks = replica.kv_blocks.remote().result()
+        assert blocks["free"] == blocks["capacity"]  # nothing held by the broken pipeline
         # Serve's health check fails for the broken pipeline replica, and Serve replaces it with a new pipeline
         deadline = time.monotonic() + 120
         while httpx.get(f"{url}/health", timeout=60).status_code != 200:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_serve_http import PROMPTS, wait_for_clean_slots
+from tests.test_serve_http import PROMPTS, wait_for_clean_blocks
 
 # JSON of any shape, and values that are wrong in interesting ways for a field.
 scalars = st.one_of(
@@ -199,7 +199,7 @@ def test_fuzzed_grpc_messages(served, workers_before):
 
 def test_no_worker_restarted_and_the_server_still_serves(served, workers_before, http):
     """Runs after the fuzzing above (file order): same worker processes, no slot left, a normal answer."""
-    wait_for_clean_slots(served)
+    wait_for_clean_blocks(served)
     assert [w["pid"] for w in served.replica().workers.remote().result()] == [w["pid"] for w in workers_before]
     body = {"model": served.model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
     r = http.post("/v1/completions", json=body)
@@ -229,6 +229,6 @@ def test_two_hundred_clients_that_leave_mid_stream_leave_no_slot(served):
             return await asyncio.gather(*(leave_early(client, i) for i in range(200)))
 
     assert asyncio.run(run()) == [200] * 200
-    wait_for_clean_slots(served, timeout=60)
+    wait_for_clean_blocks(served, timeout=60)
     r = httpx.post(f"{served.http}/v1/completions", json={**body, "prompt": PROMPTS[0], "stream": False}, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64

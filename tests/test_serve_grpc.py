@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.adept.v1 import adept_pb2 as pb
 from protos.adept.v1 import adept_pb2_grpc
 from serving.engine import Engine
-from tests.test_serve_http import PROMPTS, wait_for_clean_slots
+from tests.test_serve_http import PROMPTS, wait_for_clean_blocks
 
 
 @pytest.fixture
@@ -139,4 +139,4 @@ def test_a_cancelled_stream_leaves_no_slot_allocated(stub, served):
     got = [next(call), next(call)]
     call.cancel()
     assert all(m.token_id for m in got)
-    wait_for_clean_slots(served)
+    wait_for_clean_blocks(served)

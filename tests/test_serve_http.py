@@ -32,11 +32,11 @@ def exits_of(chunks) -> list[int]:
     return [d for c in chunks if c.choices for d in c.model_extra["adept"]["exit_layers"]]
 
 
-def wait_for_clean_slots(served, timeout: float = 30.0) -> dict:
+def wait_for_clean_blocks(served, timeout: float = 30.0) -> dict:
     """Poll the router until every slot is free in the scheduler and on every worker."""
     deadline = time.monotonic() + timeout
     while True:
-        slots = served.replica().kv_slots.remote().result()
+        slots = served.replica().kv_blocks.remote().result()
         if slots["free"] == slots["capacity"] and all(not w for w in slots["workers"]):
             return slots
         if time.monotonic() > deadline:
@@ -150,7 +150,7 @@ def test_eight_concurrent_streams_match_their_runs_alone(served):
 
     together = asyncio.run(main())
     assert together == alone
-    wait_for_clean_slots(served)
+    wait_for_clean_blocks(served)
 
 
 def test_a_client_that_disconnects_leaves_no_slot_allocated(served):
@@ -162,7 +162,7 @@ def test_a_client_that_disconnects_leaves_no_slot_allocated(served):
             if len(got) == 3:
                 break  # leave mid-stream: the connection closes here
     assert all(json.loads(line[6:])["choices"][0]["finish_reason"] is None for line in got)
-    wait_for_clean_slots(served)
+    wait_for_clean_blocks(served)
     after = client(served).completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=2, temperature=0)
     assert after.usage.completion_tokens == 2
 
@@ -202,7 +202,7 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(served, content, status
         assert param in error["message"]
     ok = client(served).completions.create(model=served.model, prompt="Hello", max_tokens=2, temperature=0)
     assert ok.usage.completion_tokens == 2
-    wait_for_clean_slots(served)
+    wait_for_clean_blocks(served)
 
 
 def test_the_openai_client_raises_its_own_errors(served):

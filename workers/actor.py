@@ -41,12 +41,14 @@ class LayerGroupWorker:
         self.group = LayerGroup.load(path, spec, pack, where, resolve_dtype(dtype, where))
         self.spec = spec
         self._tags = {"layers": f"{spec.start}-{spec.end}"}
-        self._used = metrics.Gauge("adept_worker_kv_slots_used", "slots holding K/V on a worker", ("layers",))
-        self._free = metrics.Gauge("adept_worker_kv_slots_free", "slots without K/V on a worker", ("layers",))
-        self._report_slots()
+        self._used = metrics.Gauge("adept_worker_kv_blocks_used", "KV blocks holding K/V on a worker", ("layers",))
+        self._free = metrics.Gauge("adept_worker_kv_blocks_free", "KV blocks without K/V on a worker", ("layers",))
+        self._report_blocks()
+        cache = self.group.cache
         log.info(
-            "layer group [%d, %d) ready on %s (pid %d, %d threads)",
+            "layer group [%d, %d) ready on %s (pid %d, %d threads), KV cache %d blocks of %d positions (%.0f MiB)",
             spec.start, spec.end, where, os.getpid(), torch.get_num_threads(),
+            cache.num_blocks, cache.block_size, cache.nbytes / 2**20,
         )  # fmt: skip
 
     @ray.method(num_returns=2)
@@ -54,19 +56,19 @@ class LayerGroupWorker:
         """Back-fills the batch carries, then its rows: (small result, what the next group needs). Tensors
         leave on the CPU: Ray copies them to host memory anyway."""
         result, out = self.group.forward(batch)
-        if time.monotonic() - self._reported > 1.0:  # counting slots reads the whole fill map (a GPU sync)
-            self._report_slots()
+        if time.monotonic() - self._reported > 1.0:  # counting blocks reads the whole fill map (a GPU sync)
+            self._report_blocks()
         return result, Continuing(out.rows, out.hidden.cpu(), out.skipped, out.skipped_hidden.cpu())
 
-    def free(self, slots: torch.Tensor) -> None:
-        self.group.free(slots)
-        self._report_slots()
+    def free(self, blocks: torch.Tensor) -> None:
+        self.group.free(blocks)
+        self._report_blocks()
 
-    def _report_slots(self) -> None:
+    def _report_blocks(self) -> None:
         self._reported = time.monotonic()
         used = len(self.group.cache.occupied())
         self._used.set(used, tags=self._tags)
-        self._free.set(self.spec.num_slots - used, tags=self._tags)
+        self._free.set(self.group.cache.num_blocks - used, tags=self._tags)
 
     def ping(self) -> tuple[int, int]:
         return self.spec.start, self.spec.end

@@ -19,12 +19,22 @@ from transformers.activations import ACT2FN
 from workers.arch import ModelArch, rope_tables
 from workers.exit_pack import ExitPack
 from workers.exits import ExitHead
-from workers.kv_cache import KVCache
+from workers.kv_cache import KVCache, pool_size
 from workers.kv_projection import decoupled_kv, mapped_inputs, split_rope
 from workers.layers import AttentionLayout, apply_rope, rms_norm
 from workers.model_store import load_config, load_tensors
 from workers.modes import Backfill, Policy
-from workers.protocol import Continuing, GroupSpec, Rows, SkippedRows, StepResult, TokenResults, to_device
+from workers.protocol import (
+    Continuing,
+    GroupSpec,
+    Rows,
+    SkippedRows,
+    StepResult,
+    TokenResults,
+    pad_cat,
+    sequence_keys,
+    to_device,
+)
 from workers.sampling import logprobs_of, sample
 
 
@@ -109,7 +119,11 @@ class LayerGroup:
         self.cos, self.sin = rope
         self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         n_layers = spec.end - spec.start
-        self.cache = KVCache(n_layers, spec.num_slots, spec.max_len, arch.num_kv_heads, arch.head_dim, dtype, device)
+        num_blocks = spec.num_blocks or pool_size(
+            arch.num_layers, n_layers, arch.num_kv_heads, arch.head_dim, dtype, device,
+            spec.block_size, spec.kv_cache_memory, spec.kv_cache_fraction, spec.max_blocks,
+        )  # fmt: skip
+        self.cache = KVCache(n_layers, num_blocks, spec.block_size, arch.num_kv_heads, arch.head_dim, dtype, device)
 
     @classmethod
     def load(
@@ -166,7 +180,7 @@ class LayerGroup:
         # call carries (rows that exited here, and exact rows whose layers ran here).
         depth = torch.zeros(n, dtype=torch.int64)
         depth[result.exited] = result.results.exit_layer
-        exited_here = SkippedRows(rows.slots, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
+        exited_here = SkippedRows(rows.block_table, rows.positions, depth, rows.backfill, torch.zeros_like(depth))
         carried = SkippedRows.cat([exited_here, skipped]).select(_cat_long(exits.carry_ids, self.device).cpu())
         carry = torch.cat(exits.carry_hidden) if exits.carry_hidden else h.new_empty(0, self.arch.hidden_size)
         passed = (skipped.backfill != Backfill.EXACT).nonzero().flatten()
@@ -207,20 +221,20 @@ class LayerGroup:
         # concatenation [forward rows, skipped rows].
         h = torch.cat([x, h_skipped[exact]]) if exact.numel() else x
         ids = torch.cat([torch.arange(n, device=self.device), n + exact])
-        slots = torch.cat([rows.slots, skipped.slots[exact]]) if exact.numel() else rows.slots
+        tables = pad_cat([rows.block_table, skipped.block_table[exact]]) if exact.numel() else rows.block_table
         positions = torch.cat([rows.positions, skipped.positions[exact]]) if exact.numel() else rows.positions
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         can_exit_early = bool((rows.policy != Policy.NONE).any())
-        out = _Exits(last=_last_of_each_sequence(rows.slots, rows.positions) if can_exit_early else None)
+        out = _Exits(last=_last_of_each_sequence(rows.block_table, rows.positions) if can_exit_early else None)
 
         layout = None
         for i in range(self.spec.end - self.spec.start):
             if h.shape[0] == 0:
                 break
             if layout is None:
-                layout = AttentionLayout.build(slots, positions, self.cos, self.sin)
-            h = self._layer(i, h, slots, positions, layout)
+                layout = AttentionLayout.build(tables, positions, self.cos, self.sin, self.spec.block_size)
+            h = self._layer(i, h, tables, positions, layout)
             depth = self.spec.start + i + 1
             if depth not in self.spec.exit_points or not (can_exit_early or depth == self.arch.num_layers):
                 continue
@@ -230,7 +244,7 @@ class LayerGroup:
             if leaving is not None:  # decoupled/mapped rows leave; exact rows keep running this group's layers
                 keep = torch.ones(h.shape[0], dtype=torch.bool, device=self.device)
                 keep[leaving] = False
-                h, ids, slots, positions, deciding = h[keep], ids[keep], slots[keep], positions[keep], deciding[keep]
+                h, ids, tables, positions, deciding = h[keep], ids[keep], tables[keep], positions[keep], deciding[keep]
                 layout = None
 
         if not self.is_last:
@@ -274,17 +288,23 @@ class LayerGroup:
             i.results.put(i.at, res.select(slice(start, start + len(i.at))))
             start += len(i.at)
 
-    def free(self, slots: torch.Tensor) -> None:
-        self.cache.free(slots.to(self.device))
+    def free(self, blocks: torch.Tensor) -> None:
+        self.cache.free(blocks.to(self.device))
 
     def info(self) -> dict:
-        """Which layers, which process, which slots hold K/V: for operators (and the tests)."""
-        return {"layers": [self.spec.start, self.spec.end], "pid": os.getpid(), "occupied": self.cache.occupied()}
+        """Which layers, which process, its pool's size, which blocks hold K/V: for operators (and the tests)."""
+        return {
+            "layers": [self.spec.start, self.spec.end],
+            "pid": os.getpid(),
+            "num_blocks": self.cache.num_blocks,
+            "kv_cache_bytes": self.cache.nbytes,
+            "occupied": self.cache.occupied(),
+        }
 
     # ---- internals -----------------------------------------------------------------------------------
 
     def _layer(
-        self, i: int, h: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout
+        self, i: int, h: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout
     ) -> torch.Tensor:
         a = self.arch
         p = h.shape[0]
@@ -293,11 +313,11 @@ class LayerGroup:
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = apply_rope(q.view(p, a.num_heads, a.head_dim), layout.cos, layout.sin)
         k = apply_rope(k.view(p, a.num_kv_heads, a.head_dim), layout.cos, layout.sin)
-        self.cache.write(i, slots, positions, k, v.view(p, a.num_kv_heads, a.head_dim))
+        self.cache.write(i, tables, positions, k, v.view(p, a.num_kv_heads, a.head_dim))
 
         mask, needed = layout.masks(self.windows[i])
-        self.cache.check_complete(i, layout.slots, needed, self.spec.start + i)
-        keys, values = self.cache.gather(i, layout.slots, layout.length, layout.run)
+        self.cache.check_complete(i, layout.tables, needed, self.spec.start + i)
+        keys, values = self.cache.gather(i, layout.tables, layout.length)
         queries = q[layout.query_index].transpose(1, 2)  # [S, heads, Qmax, head_dim]
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask[:, None], enable_gqa=True)
         attn = attn.transpose(1, 2).reshape(-1, a.q_size)[layout.row_index]
@@ -351,7 +371,7 @@ class LayerGroup:
                 out.carry_hidden.append(h[leaving].clone())
             if depth < self.spec.end:
                 meta = SkippedRows(
-                    slots=sub.slots[from_exit],
+                    block_table=sub.block_table[from_exit],
                     positions=sub.positions[from_exit],
                     exit_layer=torch.full_like(leaving, depth),
                     backfill=sub.backfill[from_exit],
@@ -393,7 +413,8 @@ class LayerGroup:
         for f in first.unique().tolist():
             rows = (first == f).nonzero().flatten()
             at = f - layers.start
-            self.cache.write(slice(f, layers.stop), meta.slots[rows], meta.positions[rows], k[at:, rows], v[at:, rows])
+            table, positions = meta.block_table[rows], meta.positions[rows]
+            self.cache.write(slice(f, layers.stop), table, positions, k[at:, rows], v[at:, rows])
 
     def _maps(self, exit_depth: int, layers: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked maps from the exit depth to each layer's input: down [Lk, r, H], up [Lk, H, r], bias
@@ -416,9 +437,9 @@ def _cat_long(items: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(items) if items else torch.empty(0, dtype=torch.int64, device=device)
 
 
-def _last_of_each_sequence(slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Per row: no other row of the same slot (sequence) comes at a later position."""
-    unique, inverse = torch.unique(slots, return_inverse=True)
+def _last_of_each_sequence(block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Per row: no other row of the same sequence comes at a later position."""
+    unique, inverse = torch.unique(sequence_keys(block_table), return_inverse=True)
     latest = torch.full((unique.numel(),), -1, dtype=positions.dtype, device=positions.device)
     latest.scatter_reduce_(0, inverse, positions, reduce="amax")
     return positions == latest[inverse]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.protocol import sequence_keys
+
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """As HF's LlamaRMSNorm: normalize in float32, scale in the model dtype."""
@@ -25,9 +27,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class AttentionLayout:
     """How P rows (from S sequences) are laid out for batched attention: queries padded to [S, Qmax],
-    keys are positions [0, T) of each sequence's slot. Built once per set of rows, reused by every layer."""
+    keys are positions [0, T) of each sequence, read from its KV blocks. Built once per set of rows, reused
+    by every layer."""
 
-    slots: torch.Tensor  # [S] the distinct slots
+    tables: torch.Tensor  # [S, nb] each sequence's KV blocks covering [0, T) (-1 pads)
     query_index: torch.Tensor  # [S, Qmax] row of each padded query (padding points at row 0)
     row_index: torch.Tensor  # [P] position of each row in the flattened [S * Qmax] queries
     query_pos: torch.Tensor  # [S, Qmax] (padding: 0)
@@ -35,37 +38,41 @@ class AttentionLayout:
     cos: torch.Tensor  # [P, 1, head_dim]
     sin: torch.Tensor
     length: int  # T
-    run: tuple[int, int] | None  # (first, last) slot when the slots are consecutive: the cache is read as a view
     _masks: dict
 
     @classmethod
-    def build(cls, slots: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        n = slots.numel()
-        unique, inverse = torch.unique(slots, return_inverse=True)
+    def build(
+        cls, block_table: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int
+    ) -> AttentionLayout:
+        n = positions.numel()
+        device = positions.device
+        unique, inverse = torch.unique(sequence_keys(block_table), return_inverse=True)
         counts = torch.bincount(inverse, minlength=unique.numel())
         q_max = int(counts.max())
         order = torch.argsort(inverse, stable=True)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(n, device=slots.device) - (torch.cumsum(counts, 0) - counts)[inverse[order]]
+        rank[order] = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[inverse[order]]
         row_index = inverse * q_max + rank
         flat = unique.numel() * q_max
-        query_index = torch.zeros(flat, dtype=torch.int64, device=slots.device)
-        query_index[row_index] = torch.arange(n, device=slots.device)
-        query_pos = torch.zeros(flat, dtype=torch.int64, device=slots.device)
+        query_index = torch.zeros(flat, dtype=torch.int64, device=device)
+        query_index[row_index] = torch.arange(n, device=device)
+        query_pos = torch.zeros(flat, dtype=torch.int64, device=device)
         query_pos[row_index] = positions
-        valid = torch.zeros(flat, dtype=torch.bool, device=slots.device)
+        valid = torch.zeros(flat, dtype=torch.bool, device=device)
         valid[row_index] = True
         shape = (unique.numel(), q_max)
+        length = int(positions.max()) + 1
+        first_row = query_index.view(shape)[:, 0]  # rank 0 of each sequence is a real row
+        tables = block_table[first_row, : -(-length // block_size)]
         return cls(
-            slots=unique,
+            tables=tables,
             query_index=query_index.view(shape),
             row_index=row_index,
             query_pos=query_pos.view(shape),
             valid=valid.view(shape),
             cos=cos[positions][:, None, :],
             sin=sin[positions][:, None, :],
-            length=int(positions.max()) + 1,
-            run=(first, last) if (last := int(unique[-1])) - (first := int(unique[0])) + 1 == unique.numel() else None,
+            length=length,
             _masks={},
         )
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class Tensors:
@@ -54,26 +55,41 @@ def to_device(obj, device: torch.device):
 
 
 def _cat(items: list):
+    """Row-wise concatenation; [rows, K] fields of different widths are padded with the field's fill (-1
+    unless its metadata says otherwise)."""
     cls = type(items[0])
-    return cls(**{f.name: torch.cat([getattr(i, f.name) for i in items]) for f in fields(cls)})
+    values = {f.name: pad_cat([getattr(i, f.name) for i in items], f.metadata.get("fill", -1)) for f in fields(cls)}
+    return cls(**values)
+
+
+def pad_cat(parts: list[torch.Tensor], fill: float = -1) -> torch.Tensor:
+    """torch.cat along rows; [rows, K] parts of different widths are padded with `fill` first."""
+    if parts[0].dim() == 2 and len({p.shape[1] for p in parts}) > 1:
+        width = max(p.shape[1] for p in parts)
+        parts = [F.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """Which part of the model a worker holds, and how big its cache is."""
+    """Which part of the model a worker holds, and how its KV cache is sized (see workers/kv_cache.py)."""
 
     start: int
     end: int
     exit_points: tuple[int, ...]  # depths in (start, end]
-    num_slots: int
-    max_len: int
+    max_len: int  # positions per sequence
+    block_size: int = 16  # positions per KV block
+    kv_cache_memory: int | None = None  # bytes of K/V for the whole pipeline (every layer)
+    kv_cache_fraction: float = 0.9  # on a GPU without kv_cache_memory: share of the memory left after weights
+    max_blocks: int | None = None  # never more than this (what the pipeline's sequences could fill)
+    num_blocks: int | None = None  # exactly this many blocks (tests); overrides the three above
 
 
 @dataclass
 class Rows(Tensors):
     """Rows of a forward call: tokens of many sequences, each at its own position. 1-D tensors, one length."""
 
-    slots: torch.Tensor  # int64: KV slot of the row's sequence
+    block_table: torch.Tensor  # int64 [rows, W]: the KV blocks of the row's sequence, in order; -1 pads
     positions: torch.Tensor  # int64
     token_ids: torch.Tensor  # int64: read by the group that holds the embeddings
     policy: torch.Tensor  # int64 (Policy)
@@ -90,7 +106,7 @@ class Rows(Tensors):
     target: torch.Tensor  # int64: a token whose log-probability the row reports at its exit (scoring); -1 none
 
     def __len__(self) -> int:
-        return self.slots.numel()
+        return self.positions.numel()
 
     def select(self, index: torch.Tensor) -> Rows:
         return _select(self, index)
@@ -101,10 +117,16 @@ class Rows(Tensors):
 
     @staticmethod
     def empty() -> Rows:
-        return Rows(**{f.name: torch.empty(0, dtype=_ROW_DTYPES.get(f.name, torch.int64)) for f in fields(Rows)})
+        values = {f.name: torch.empty(0, dtype=_ROW_DTYPES.get(f.name, torch.int64)) for f in fields(Rows)}
+        return Rows(**{**values, "block_table": torch.empty(0, 0, dtype=torch.int64)})
 
 
 _ROW_DTYPES = {"threshold": torch.float32, "temperature": torch.float32, "top_p": torch.float32, "sample": torch.bool}
+
+
+def sequence_keys(block_table: torch.Tensor) -> torch.Tensor:
+    """One key per row, equal for the rows of one sequence: its first block (a block has one owner)."""
+    return block_table[:, 0]
 
 
 @dataclass
@@ -113,14 +135,14 @@ class SkippedRows(Tensors):
     each row's back-fill mode); `index` picks each row's exit hidden state from the tensor that travels
     beside this metadata."""
 
-    slots: torch.Tensor  # int64
+    block_table: torch.Tensor  # int64 [rows, W], as in Rows
     positions: torch.Tensor  # int64
     exit_layer: torch.Tensor  # int64
     backfill: torch.Tensor  # int64 (Backfill)
     index: torch.Tensor  # int64: row of the accompanying hidden-state tensor
 
     def __len__(self) -> int:
-        return self.slots.numel()
+        return self.positions.numel()
 
     def select(self, index: torch.Tensor) -> SkippedRows:
         return _select(self, index)
@@ -132,7 +154,7 @@ class SkippedRows(Tensors):
     @staticmethod
     def empty() -> SkippedRows:
         e = torch.empty(0, dtype=torch.int64)
-        return SkippedRows(e, e, e, e, e)
+        return SkippedRows(torch.empty(0, 0, dtype=torch.int64), e, e, e, e)
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""KV memory in pages, in-process on the default model (three layer groups, as `adept serve` runs it).
+
+1. Memory per cached token at N concurrent streams: after every step, the bytes of the blocks the pool has
+   handed out (blocks used x bytes of one block over every layer) over the positions that hold K/V
+   (each running sequence's fed tokens), against the model's K/V size per token; the mean over the steps
+   where all N streams run.
+2. Memory pressure: N streams with a KV budget that holds a quarter of their tokens, against the same
+   streams with room for all, in interleaved rounds: every stream must finish; at full depth the greedy
+   texts must be identical; preemptions and the throughput ratio are reported, and for the shipped
+   pack's default exits how many texts differ (recompute in prefill shapes may flip a threshold decision).
+
+    python benchmarks/kv_memory.py --streams 16 64 --rounds 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import time
+
+import torch
+from engine_speed import PROMPTS, engine_parser, log, publish  # benchmarks/ is on sys.path
+
+from serving.config import EngineConfig
+from serving.engine import Engine
+from workers.kv_cache import blocks_for, kv_bytes_per_token
+
+FULL = {"policy": "none"}
+
+
+def make(args, **config) -> Engine:
+    return Engine.local(EngineConfig(model=args.model, num_layer_groups=args.layer_groups, max_model_len=256, **config))
+
+
+async def run(engine: Engine, n: int, max_tokens: int, exit: dict) -> dict:
+    """`n` greedy streams of exactly `max_tokens` at once; K/V bytes per cached token after every step."""
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    block_bytes = sum(g.block_bytes for g in engine.pipeline.groups)
+    per_cached: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            running = engine.scheduler.running
+            cached = sum(s.num_computed for s in running)
+            if len(running) == n and cached:
+                used = engine.scheduler.pool.capacity - engine.scheduler.pool.num_free
+                per_cached.append(used * block_bytes / cached)
+            await asyncio.sleep(0.01)
+
+    async def one(i: int) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(PROMPTS[i % len(PROMPTS)], sampling, exit):
+            tokens += out.token_ids
+        return tokens
+
+    watcher = asyncio.create_task(watch())
+    preempted = engine.scheduler.preemptions
+    started = time.perf_counter()
+    outputs = await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = time.perf_counter() - started
+    watcher.cancel()
+    return {
+        "tokens_per_s": sum(map(len, outputs)) / elapsed,
+        "outputs": outputs,
+        "preemptions": engine.scheduler.preemptions - preempted,
+        "bytes_per_cached_token": statistics.fmean(per_cached) if per_cached else None,
+    }
+
+
+async def main(args) -> dict:
+    report: dict = {
+        "model": args.model,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "layer_groups": args.layer_groups,
+        "max_tokens": args.max_tokens,
+    }
+    roomy = make(args)
+    arch = roomy.arch
+    model_bytes = kv_bytes_per_token(arch.num_layers, arch.num_kv_heads, arch.head_dim)
+    report["model_kv_bytes_per_token"] = model_bytes
+    log(f"[1/2] K/V bytes per cached token (the model's: {model_bytes})")
+    memory = {}
+    for n in args.streams:
+        got = await run(roomy, n, args.max_tokens, FULL)
+        ratio = got["bytes_per_cached_token"] / model_bytes
+        memory[n] = {"bytes_per_cached_token": round(got["bytes_per_cached_token"]), "vs_model": round(ratio, 3)}
+        log(f"  {n} streams: {memory[n]}")
+    report["memory_per_token"] = memory
+
+    n = max(args.streams)
+    prompt_tokens = [len(roomy.admission.prompt_ids(PROMPTS[i % len(PROMPTS)])) for i in range(n)]
+    blocks = sum(blocks_for(p + args.max_tokens, 16) for p in prompt_tokens)
+    block_bytes = sum(g.block_bytes for g in roomy.pipeline.groups)
+    tight = make(args, kv_cache_memory=max(blocks // 4, blocks_for(256, 16)) * block_bytes)
+    log(f"[2/2] {n} streams, {tight.scheduler.pool.capacity} blocks for the {blocks} they fill, {args.rounds} rounds")
+    pressure = {}
+    for name, exit in {"full depth": FULL, "pack default": {}}.items():
+        ratios, preemptions, differ = [], [], []
+        for r in range(args.rounds):
+            free = await run(roomy, n, args.max_tokens, exit)
+            pressed = await run(tight, n, args.max_tokens, exit)
+            assert all(len(o) == args.max_tokens for o in pressed["outputs"]), "a stream did not finish"
+            ratios.append(pressed["tokens_per_s"] / free["tokens_per_s"])
+            preemptions.append(pressed["preemptions"])
+            differ.append(sum(a != b for a, b in zip(free["outputs"], pressed["outputs"], strict=True)))
+            log(f"  {name} round {r + 1}: {pressed['tokens_per_s']:.1f} vs {free['tokens_per_s']:.1f} tok/s, "
+                f"{preemptions[-1]} preemptions, {differ[-1]} of {n} texts differ")  # fmt: skip
+        pressure[name] = {
+            "throughput_vs_unpressured": [round(x, 3) for x in ratios],
+            "median": round(statistics.median(ratios), 3),
+            "preemptions": preemptions,
+            "texts_differing": differ,
+        }
+    report["pressure"] = {"streams": n, "blocks": tight.scheduler.pool.capacity, "blocks_filled": blocks, **pressure}
+    await roomy.shutdown()
+    await tight.shutdown()
+    return report
+
+
+if __name__ == "__main__":
+    p = engine_parser(__doc__)
+    p.set_defaults(layer_groups=3)
+    p.add_argument("--streams", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    publish(asyncio.run(main(args)), args.json)
