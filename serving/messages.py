@@ -32,6 +32,24 @@ class RequestOutput:
     usage: Usage | None = None
     token_texts: dict[int, str] | None = None  # each token's text, for logprobs (filled by the replica)
 
+    def merged(self, later: RequestOutput) -> RequestOutput:
+        """This output and a later one of the same request as one."""
+
+        def join(a: list | None, b: list | None) -> list | None:
+            return None if a is None and b is None else (a or []) + (b or [])
+
+        return RequestOutput(
+            request_id=self.request_id,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            exit_layers=self.exit_layers + later.exit_layers,
+            logprobs=join(self.logprobs, later.logprobs),
+            top_logprobs=join(self.top_logprobs, later.top_logprobs),
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+            usage=later.usage,
+        )
+
 
 @dataclass
 class GenerateRequest:

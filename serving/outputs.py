@@ -30,12 +30,15 @@ class _Stream:
 
 
 class RequestStream:
-    """An admitted request: iterate for its outputs; closing it early aborts the request."""
+    """An admitted request: iterate for its outputs; closing it early aborts the request. A reader that
+    falls behind the engine gets what queued up meanwhile as one output (fewer, larger chunks down the
+    stream, as vLLM's output processor does), never a backlog of one-token messages."""
 
     def __init__(self, request_id: str, queue: asyncio.Queue, prompt_tokens: int, abort: Callable[[str], None]):
         self.request_id, self._queue, self.prompt_tokens = request_id, queue, prompt_tokens
         self._abort = abort
         self._done = False
+        self._error: Exception | None = None  # queued behind outputs that were merged
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -44,10 +47,17 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            item = await self._queue.get()
+            item = self._error or await self._queue.get()
         except asyncio.CancelledError:  # the client went away
             self.abort()
             raise
+        self._error = None
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, Exception):
+                self._error = later
+                break
+            item = item.merged(later)
         if isinstance(item, Exception):
             self._done = True
             raise item

@@ -232,10 +232,12 @@ def test_logprobs_are_reported(tiny_chat_dir):
         await engine.shutdown()
         return outs
 
-    for out in asyncio.run(main()):
-        (lp,), (top,) = out.logprobs, out.top_logprobs
-        assert len(top) == 3 and lp <= 0.0
-        assert max(top, key=top.get) == out.token_ids[0] and top[out.token_ids[0]] == pytest.approx(lp)
+    outs = asyncio.run(main())
+    assert sum(len(o.token_ids) for o in outs) == 4
+    for out in outs:
+        for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True):
+            assert len(top) == 3 and lp <= 0.0
+            assert max(top, key=top.get) == token and top[token] == pytest.approx(lp)
 
 
 def test_logprobs_in_a_batch_whose_rows_exit_in_different_groups(tiny_chat_dir):
@@ -254,10 +256,34 @@ def test_logprobs_in_a_batch_whose_rows_exit_in_different_groups(tiny_chat_dir):
 
     alone, (outs, plain) = asyncio.run(main())
     assert plain.tokens == alone.tokens and set(plain.exits) == {6}
-    assert len(outs) == GREEDY["max_tokens"] and all(o.exit_layers == [2] for o in outs)
+    assert [e for o in outs for e in o.exit_layers] == [2] * GREEDY["max_tokens"]
     for out in outs:
-        (lp,), (top,) = out.logprobs, out.top_logprobs
-        assert len(top) == 3 and top[out.token_ids[0]] == pytest.approx(lp)
+        for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True):
+            assert len(top) == 3 and top[token] == pytest.approx(lp)
+
+
+def test_a_reader_that_falls_behind_gets_what_queued_up_as_one_output(tiny_chat_dir):
+    """Read after the request has finished: one output holding every token, its text, exit layers and
+    logprobs, the same as reading along."""
+
+    async def main():
+        engine = make_engine(tiny_chat_dir)
+        sampling = {**GREEDY, "logprobs": 2}
+        along = [o async for o in engine.generate(PROMPTS[1], sampling)]
+        stream = engine.submit(PROMPTS[1], sampling)
+        await asyncio.wait_for(engine.drain(), 30)  # the request ends before it is read
+        behind = [o async for o in stream]
+        await engine.shutdown()
+        return along, behind
+
+    along, behind = asyncio.run(main())
+    (one,) = behind
+    assert one.finished and one.finish_reason == "length" and one.usage == along[-1].usage
+    assert one.token_ids == [t for o in along for t in o.token_ids]
+    assert one.text == "".join(o.text for o in along)
+    assert one.exit_layers == [e for o in along for e in o.exit_layers]
+    assert one.logprobs == [x for o in along for x in o.logprobs]
+    assert one.top_logprobs == [x for o in along for x in o.top_logprobs]
 
 
 async def _outputs(stream) -> list:
