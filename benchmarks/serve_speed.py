@@ -1,15 +1,15 @@
 """Serving speed through Ray Serve against the in-process engine, on one machine.
 
-1. One stream: time to first token and tokens/s through HTTP (streaming) against the in-process engine with
-   the same engine configuration.
-2. Aggregate tokens/s with 1, 4 and 16 concurrent HTTP streams, for the default configuration (one
-   micro-batch in flight, back-fill off the critical path), with layer-group pipelining (several
-   micro-batches in flight), and with back-fill awaited synchronously.
+N concurrent greedy streams (64 tokens each) through HTTP against the application as `adept serve` runs
+it (three layer groups, one worker actor each), and the same N streams through the in-process engine
+configured alike (three layer groups), in interleaved rounds (in-process, Serve, in-process, ...): the
+aggregate tokens/s of each and their ratio, and the median time to first token, for each exit setting.
 
-Each variant runs at full depth and with confidence exit (decoupled back-fill), where back-fill matters.
-
-    python benchmarks/serve_speed.py --json out.json            # ~10 min on 2 cores
+    python benchmarks/serve_speed.py --streams 1 16 64 --rounds 2 --json out.json   # ~20 min on 2 cores
     python benchmarks/serve_speed.py --quick
+
+`--max-inflight-batches` and `--sync-backfill` apply to both sides (layer-group pipelining, and the
+reference that awaits every back-fill); `--stream-interval` to the application.
 """
 
 from __future__ import annotations
@@ -20,28 +20,25 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import torch
-from engine_speed import PROMPTS  # the same prompts as the engine benchmark (benchmarks/ is on sys.path)
-from ray import serve
+from engine_speed import PROMPTS, log, publish  # benchmarks/ is on sys.path
 
 from serving import server
 from serving.config import AppConfig, EngineConfig, Listener
 from serving.engine import Engine
 
-EXITS = {"full depth": {"policy": "none"}, "confidence 0.5": {"policy": "confidence", "threshold": 0.5}}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+EXITS = {
+    "full depth": {"policy": "none"},
+    "pack default": {},
+    "static 16": {"policy": "static", "max_depth": 16, "backfill": "decoupled"},
+}
 
 
 async def http_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, tokens: int, exit: dict):
-    """(seconds to the first token, seconds in all, tokens) of one streamed completion."""
+    """(seconds to the first token, tokens) of one streamed completion."""
     body = {
         "model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
         "stream": True, "adept": exit,
@@ -57,112 +54,99 @@ async def http_stream(client: httpx.AsyncClient, url: str, model: str, prompt: s
             if n and first is None:
                 first = time.perf_counter() - started
             count += n
-    return first, time.perf_counter() - started, count
+    return first, count
 
 
-async def http_load(url: str, model: str, streams: int, tokens: int, exit: dict, rounds: int) -> dict:
-    """`streams` concurrent streams, `rounds` requests each: aggregate tokens/s and mean TTFT."""
-    async with httpx.AsyncClient(timeout=600) as client:
-        await http_stream(client, url, model, PROMPTS[0], 4, exit)  # warm-up
-        started = time.perf_counter()
-
-        async def worker(i: int):
-            return [
-                await http_stream(client, url, model, PROMPTS[(i + r) % len(PROMPTS)], tokens, exit)
-                for r in range(rounds)
-            ]
-
-        results = [x for per in await asyncio.gather(*(worker(i) for i in range(streams))) for x in per]
-        elapsed = time.perf_counter() - started
-    return {
-        "tokens_per_s": round(sum(r[2] for r in results) / elapsed, 1),
-        "ttft_ms": round(1000 * statistics.fmean(r[0] for r in results), 1),
-        "stream_tokens_per_s": round(statistics.fmean(r[2] / r[1] for r in results), 1),
-    }
-
-
-async def in_process(config: EngineConfig, tokens: int, exit: dict, rounds: int) -> dict:
-    engine = Engine.local(config)
+async def engine_stream(engine: Engine, prompt: str, tokens: int, exit: dict):
     sampling = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
-    async for _ in engine.generate(PROMPTS[0], {**sampling, "max_tokens": 4}, exit):
-        pass
-    ttfts, rates = [], []
-    for r in range(rounds):
-        started = time.perf_counter()
-        first, count = None, 0
-        async for out in engine.generate(PROMPTS[r % len(PROMPTS)], sampling, exit):
-            first = first or time.perf_counter() - started
-            count += len(out.token_ids)
-        ttfts.append(first)
-        rates.append(count / (time.perf_counter() - started))
-    await engine.shutdown()
+    started = time.perf_counter()
+    first, count = None, 0
+    async for out in engine.generate(prompt, sampling, exit):
+        first = first or time.perf_counter() - started
+        count += len(out.token_ids)
+    return first, count
+
+
+async def load(stream, n: int) -> dict:
+    """`n` streams at once: aggregate tokens/s and median time to first token."""
+    started = time.perf_counter()
+    results = await asyncio.gather(*(stream(PROMPTS[i % len(PROMPTS)]) for i in range(n)))
+    elapsed = time.perf_counter() - started
     return {
-        "ttft_ms": round(1000 * statistics.fmean(ttfts), 1),
-        "stream_tokens_per_s": round(statistics.fmean(rates), 1),
+        "tokens_per_s": sum(r[1] for r in results) / elapsed,
+        "ttft_p50_s": statistics.median(r[0] for r in results),
     }
 
 
 def main(args: argparse.Namespace) -> dict:
-    base = EngineConfig(max_num_seqs=max(args.streams), max_model_len=512)
-    variants = {
-        "default": base,
-        f"pipelined ({args.micro_batches} micro-batches)": base.model_copy(
-            update={"max_inflight_batches": args.micro_batches}
-        ),
-        "synchronous back-fill": base.model_copy(update={"sync_backfill": True}),
-    }
-    report: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, cpu",
-        "engine": base.model_dump(include={"num_layer_groups", "max_num_seqs", "max_inflight_batches"}),
-        "max_tokens": args.max_tokens,
-    }
-    log("[1/2] one stream, in-process engine")
-    report["in_process"] = {
-        name: asyncio.run(in_process(base, args.max_tokens, exit, args.rounds)) for name, exit in EXITS.items()
-    }
-    log(f"  {report['in_process']}")
+    engine = EngineConfig(
+        num_layer_groups=3,
+        max_model_len=512,
+        max_inflight_batches=args.max_inflight_batches,
+        sync_backfill=args.sync_backfill,
+    )
     config = AppConfig(
-        engine=base,
+        engine=engine,
+        stream_interval=args.stream_interval,
         http=Listener(host="127.0.0.1", port=args.http_port),
         grpc=Listener(host="127.0.0.1", port=args.grpc_port),
     )
+    report: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, cpu",
+        "engine": engine.model_dump(include={"num_layer_groups", "max_inflight_batches", "sync_backfill"}),
+        "max_tokens": args.max_tokens,
+        "stream_interval": args.stream_interval,
+    }
     server.init_ray(config, num_cpus=os.cpu_count())
     url = f"http://127.0.0.1:{args.http_port}"
-    report["serve"] = {}
     try:
-        for v, (variant, engine) in enumerate(variants.items()):
-            log(f"[2/2] through Ray Serve ({v + 1}/{len(variants)}): {variant}")
-            variant_config = config.model_copy(update={"engine": engine})
-            server.start(variant_config)
-            rows = {}
-            for name, exit in EXITS.items():
-                for streams in args.streams:
-                    rounds = max(1, args.rounds * args.streams[0] // streams) if streams > 1 else args.rounds
-                    row = asyncio.run(http_load(url, config.served_name(), streams, args.max_tokens, exit, rounds))
-                    rows[f"{name}, {streams} streams"] = row
-                    log(f"  {name}, {streams} streams: {row}")
-            report["serve"][variant] = rows
-            serve.delete("adept")
+        local = Engine.local(engine)
+        server.start(config)
+        model = config.served_name()
+
+        async def measure(side: str, n: int, exit: dict) -> dict:
+            async with httpx.AsyncClient(timeout=1200, limits=httpx.Limits(max_connections=n + 8)) as client:
+
+                def stream(prompt: str):
+                    if side == "in-process":
+                        return engine_stream(local, prompt, args.max_tokens, exit)
+                    return http_stream(client, url, model, prompt, args.max_tokens, exit)
+
+                await stream(PROMPTS[0])  # warm-up
+                return await load(stream, n)
+
+        for name in args.exits:
+            exit, rows = EXITS[name], {}
+            for n in args.streams:
+                runs: dict[str, list[dict]] = {"in-process": [], "Serve": []}
+                for r in range(args.rounds):
+                    for side in runs:
+                        runs[side].append(asyncio.run(measure(side, n, exit)))
+                    log(f"  {name}, {n} streams, round {r + 1}: "
+                        + ", ".join(f"{s} {v[-1]['tokens_per_s']:.1f} tok/s" for s, v in runs.items()))  # fmt: skip
+                ratios = [s["tokens_per_s"] / i["tokens_per_s"] for i, s in zip(*runs.values(), strict=True)]
+                rows[n] = {
+                    side: {
+                        "tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in v), 1),
+                        "ttft_p50_s": round(statistics.median(x["ttft_p50_s"] for x in v), 3),
+                    }
+                    for side, v in runs.items()
+                } | {"serve_vs_in_process": [round(x, 3) for x in ratios]}
+            report[name] = rows
     finally:
         server.stop()
-    for name in EXITS:
-        one = report["serve"]["default"][f"{name}, 1 streams"]
-        many = report["serve"]["default"][f"{name}, {max(args.streams)} streams"]
-        report.setdefault("targets", {})[name] = {
-            "one_stream_vs_in_process": round(
-                one["stream_tokens_per_s"] / report["in_process"][name]["stream_tokens_per_s"], 2
-            ),
-            f"{max(args.streams)}_streams_vs_one": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
-        }
     return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--rounds", type=int, default=4, help="requests per stream at 1 stream")
-    p.add_argument("--micro-batches", type=int, default=3, help="micro-batches in flight when pipelined")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-inflight-batches", type=int, default=1)
+    p.add_argument("--sync-backfill", action="store_true")
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk after the first")
+    p.add_argument("--exits", nargs="+", choices=list(EXITS), default=list(EXITS))
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--quick", action="store_true", help="a smoke run")
@@ -176,7 +160,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    report = main(args)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    publish(main(args), args.json)

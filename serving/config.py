@@ -135,6 +135,12 @@ class AppConfig(BaseModel):
     )
     router_cpus: float = Field(0.1, ge=0, description="CPUs of a pipeline replica (the actor running the engine)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="tokens per streamed chunk after the first (vLLM's --stream-interval): under heavy load, "
+        "fewer and larger chunks cost the serving processes less per token",
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description=f"keys clients must send (Authorization: Bearer KEY); also {API_KEYS_ENV}, comma-separated, "

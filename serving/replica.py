@@ -39,6 +39,7 @@ class PipelineReplica:
 
         self.engine = Engine.build(engine_config, make_groups, lambda plan: RayStats(plan.num_layers))
         self.name = config.served_name()
+        self.stream_interval = config.stream_interval
         plan = self.engine.plan
         log.info(
             "pipeline replica (pid %d): %s, %d layers in %d layer groups %s, exit points %s",
@@ -47,7 +48,8 @@ class PipelineReplica:
         )  # fmt: skip
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """Admitted (or Rejected), then one RequestOutput per step of the request, the last one finished.
+        """Admitted (or Rejected), then the request's RequestOutputs (one per step, or per `stream_interval`
+        tokens after the first), the last one finished.
         Cancelling the call (the client went away) aborts the request and frees its KV blocks."""
         try:
             prompt = request.prompt if request.messages is None else self._chat(request.messages)
@@ -57,7 +59,7 @@ class PipelineReplica:
             return
         yield Admitted(prompt_tokens=stream.prompt_tokens)
         try:
-            async for out in stream:
+            async for out in stream.chunks(self.stream_interval):
                 if request.sampling.logprobs is not None:
                     out.token_texts = self._texts(out)
                 yield out

@@ -262,6 +262,21 @@ def test_logprobs_in_a_batch_whose_rows_exit_in_different_groups(tiny_chat_dir):
             assert len(top) == 3 and top[token] == pytest.approx(lp)
 
 
+def test_a_stream_interval_sends_the_first_token_alone_then_chunks(tiny_chat_dir):
+    async def main():
+        engine = make_engine(tiny_chat_dir)
+        along = [o async for o in engine.generate(PROMPTS[2], GREEDY)]
+        chunks = [o async for o in engine.submit(PROMPTS[2], GREEDY).chunks(4)]
+        await engine.shutdown()
+        return along, chunks
+
+    along, chunks = asyncio.run(main())
+    sizes = [len(c.token_ids) for c in chunks]  # (a reader that falls behind may get larger chunks)
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 4
+    assert [t for c in chunks for t in c.token_ids] == [t for o in along for t in o.token_ids]
+    assert "".join(c.text for c in chunks) == "".join(o.text for o in along) and chunks[-1].finished
+
+
 def test_a_reader_that_falls_behind_gets_what_queued_up_as_one_output(tiny_chat_dir):
     """Read after the request has finished: one output holding every token, its text, exit layers and
     logprobs, the same as reading along."""
