@@ -120,8 +120,7 @@ async def main(args: argparse.Namespace) -> dict:
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     report: dict = {
         "model": args.model,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "machine": machine(),
         "max_tokens": args.max_tokens,
         "prompts": len(prompts),
     }
@@ -180,6 +179,15 @@ def engine_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--layer-groups", type=int, default=1)
     p.add_argument("--json", help="also write the report to this file")
     return p
+
+
+def machine(device: str | None = None) -> str:
+    """What a report was measured on."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {device}"
+    )
 
 
 def publish(report: dict, path: str | None) -> None:

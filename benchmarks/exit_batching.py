@@ -17,15 +17,12 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
 from engine_speed import PROMPTS as SHORT  # benchmarks/ is on sys.path
-from engine_speed import engine_parser, log, publish
+from engine_speed import engine_parser, log, machine, publish
 
 from serving.config import EngineConfig
 from serving.engine import Engine
@@ -83,8 +80,7 @@ async def main(args: argparse.Namespace) -> dict:
     num_layers = engine.plan.num_layers
     report: dict = {
         "model": args.model,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "layer_groups": args.layer_groups,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,

@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import gc
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from engine_speed import engine_warmup, hf_speed, log, publish  # benchmarks/ is on sys.path
+from engine_speed import engine_warmup, hf_speed, log, machine, publish  # benchmarks/ is on sys.path
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -331,7 +330,7 @@ async def run_check(args: argparse.Namespace) -> dict:
     prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.prompt_len)] for _ in range(c)]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}",
+        "machine": machine(gpu),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "model": {**shape, "rope_theta": ROPE["rope_theta"]},

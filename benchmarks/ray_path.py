@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,13 +30,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import ray
-import torch
-from engine_speed import PROMPTS, engine_parser, log, publish  # benchmarks/ is on sys.path
+from engine_speed import PROMPTS, engine_parser, log, machine, publish  # benchmarks/ is on sys.path
 from ray import serve
 from ray.dag import InputNode, MultiOutputNode
+from serve_speed import local_app
 
 from serving import server
-from serving.config import APP_NAME, AppConfig, EngineConfig, Listener
+from serving.config import APP_NAME, EngineConfig
 from serving.engine import Engine
 from serving.messages import GenerateRequest, RequestOutput
 from serving.params import ExitParams, SamplingParams
@@ -148,6 +147,7 @@ def call_floor(steps: int) -> dict:
                 await ref
         return 1000 * (time.perf_counter() - started) / steps
 
+    actor_calls = asyncio.run(plain())
     with InputNode() as given:
         outputs, x = [], given
         for h in hops:
@@ -163,19 +163,14 @@ def call_floor(steps: int) -> dict:
         graph.teardown()
     for h in hops:
         ray.kill(h)
-    return {"actor_calls_ms_per_step": round(asyncio.run(plain()), 2), "compiled_graph_ms_per_step": round(compiled, 2)}
+    return {"actor_calls_ms_per_step": round(actor_calls, 2), "compiled_graph_ms_per_step": round(compiled, 2)}
 
 
 def main(args) -> dict:
     engine_config = EngineConfig(num_layer_groups=3, max_model_len=512, max_num_seqs=8)
-    config = AppConfig(
-        engine=engine_config,
-        worker_threads=args.worker_threads,
-        http=Listener(host="127.0.0.1", port=args.http_port),
-        grpc=Listener(host="127.0.0.1", port=args.grpc_port),
-    )
+    config = local_app(args, engine_config, worker_threads=args.worker_threads)
     report: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": machine(),
         "layer_groups": 3,
         "max_tokens": args.max_tokens,
         "worker_threads": args.worker_threads,

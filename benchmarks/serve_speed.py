@@ -18,13 +18,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import time
 
 import httpx
-import torch
-from engine_speed import PROMPTS, log, publish  # benchmarks/ is on sys.path
+from engine_speed import PROMPTS, log, machine, publish  # benchmarks/ is on sys.path
 
 from serving import server
 from serving.config import AppConfig, EngineConfig, Listener
@@ -78,6 +76,13 @@ async def load(stream, n: int) -> dict:
     }
 
 
+def local_app(args: argparse.Namespace, engine: EngineConfig, **fields: object) -> AppConfig:
+    """The application on loopback, on the ports `--http-port` and `--grpc-port` say."""
+    listeners = {"http": Listener(host="127.0.0.1", port=args.http_port)}
+    listeners["grpc"] = Listener(host="127.0.0.1", port=args.grpc_port)
+    return AppConfig(engine=engine, **listeners, **fields)
+
+
 def main(args: argparse.Namespace) -> dict:
     engine = EngineConfig(
         num_layer_groups=3,
@@ -85,14 +90,9 @@ def main(args: argparse.Namespace) -> dict:
         max_inflight_batches=args.max_inflight_batches,
         sync_backfill=args.sync_backfill,
     )
-    config = AppConfig(
-        engine=engine,
-        stream_interval=args.stream_interval,
-        http=Listener(host="127.0.0.1", port=args.http_port),
-        grpc=Listener(host="127.0.0.1", port=args.grpc_port),
-    )
+    config = local_app(args, engine, stream_interval=args.stream_interval)
     report: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, cpu",
+        "machine": machine(),
         "engine": engine.model_dump(include={"num_layer_groups", "max_inflight_batches", "sync_backfill"}),
         "max_tokens": args.max_tokens,
         "stream_interval": args.stream_interval,

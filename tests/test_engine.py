@@ -1,5 +1,5 @@
 """The in-process engine on a tiny random Llama with the default model's real tokenizer: continuous batching,
-slots, aborts, capacity, sampling, stop strings and parameter validation."""
+KV blocks, aborts, capacity, sampling, stop strings and parameter validation."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_usage_counts_layers(tiny_chat_dir):
     assert set(early.exits) == {3} and early.usage.layers_computed < early.usage.layers_total
 
 
-def test_abort_frees_slots_and_spares_other_requests(tiny_chat_dir):
+def test_abort_frees_blocks_and_spares_other_requests(tiny_chat_dir):
     async def main():
         engine = make_engine(tiny_chat_dir)
         reference = await collect(engine, PROMPTS[0], {**GREEDY, "max_tokens": 20})
@@ -136,7 +136,7 @@ def test_capacity_queues_then_refuses_without_disturbing_others(tiny_chat_dir):
     async def main():
         engine = make_engine(tiny_chat_dir, max_num_seqs=2, max_waiting_requests=1)
         alone = [await collect(engine, p) for p in PROMPTS[:3]]
-        streams = [engine.submit(p, GREEDY) for p in PROMPTS[:3]]  # two get slots, one waits
+        streams = [engine.submit(p, GREEDY) for p in PROMPTS[:3]]  # two run (max_num_seqs 2), one waits
         with pytest.raises(QueueFullError, match="admission queue is full"):
             engine.submit(PROMPTS[3], GREEDY)
         together = []

@@ -178,7 +178,7 @@ def test_one_lm_head_and_one_backfill_per_group_for_rows_exiting_at_several_poin
     real_kv = lg.decoupled_kv
     monkeypatch.setattr(lg, "decoupled_kv", lambda h, *a: backfills.append(len(h)) or real_kv(h, *a))
     depths = torch.tensor([2, 3, 4, 5, 6, 2, 4, 6])
-    # eight one-token sequences, each in its own slot
+    # eight one-token sequences, each in its own blocks
     r = rows(torch.arange(8) + 7, torch.zeros(8), slot=torch.arange(8), policy=Policy.STATIC, max_depth=depths,
              sample_all=True)  # fmt: skip
     groups = load_groups(tiny_llama_dir, [0, 3, 6], POINTS, slots=8)

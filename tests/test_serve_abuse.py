@@ -1,6 +1,6 @@
 """Misbehaving clients against the real server: over a thousand generated malformed or hostile HTTP requests
 and malformed gRPC messages (hypothesis), and 200 clients that leave mid-stream. None may cause a 5xx,
-restart a worker or leave a KV slot allocated, and a normal request still succeeds afterwards."""
+restart a worker or leave a KV block allocated, and a normal request still succeeds afterwards."""
 
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def test_fuzzed_grpc_messages(served, workers_before):
 
 
 def test_no_worker_restarted_and_the_server_still_serves(served, workers_before, http):
-    """Runs after the fuzzing above (file order): same worker processes, no slot left, a normal answer."""
+    """Runs after the fuzzing above (file order): same worker processes, no KV block left, a normal answer."""
     wait_for_clean_blocks(served)
     assert [w["pid"] for w in served.replica().workers.remote().result()] == [w["pid"] for w in workers_before]
     body = {"model": served.model, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
@@ -206,8 +206,8 @@ def test_no_worker_restarted_and_the_server_still_serves(served, workers_before,
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
-def test_two_hundred_clients_that_leave_mid_stream_leave_no_slot(served):
-    """200 streams at once (8 slots: most wait in the queue); each client leaves after reading 0 to 3 events."""
+def test_two_hundred_clients_that_leave_mid_stream_leave_no_kv_block(served):
+    """200 streams at once (up to 128 run, the rest wait); each client leaves after reading 0 to 3 events."""
     body = {"model": served.model, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
     rng = random.Random(7)
 

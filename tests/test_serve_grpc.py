@@ -134,7 +134,7 @@ def test_bad_requests_are_refused_by_field(stub, served, fields, code, named):
     assert len(tokens) == 2
 
 
-def test_a_cancelled_stream_leaves_no_slot_allocated(stub, served):
+def test_a_cancelled_stream_leaves_no_kv_block_allocated(stub, served):
     call = stub.Generate(pb.GenerateRequest(prompt=PROMPTS[4], max_tokens=500, temperature=0), timeout=120)
     got = [next(call), next(call)]
     call.cancel()

@@ -33,14 +33,14 @@ def exits_of(chunks) -> list[int]:
 
 
 def wait_for_clean_blocks(served, timeout: float = 30.0) -> dict:
-    """Poll the router until every slot is free in the scheduler and on every worker."""
+    """Poll the pipeline replica until every KV block is free in the scheduler and on every worker."""
     deadline = time.monotonic() + timeout
     while True:
-        slots = served.replica().kv_blocks.remote().result()
-        if slots["free"] == slots["capacity"] and all(not w for w in slots["workers"]):
-            return slots
+        blocks = served.replica().kv_blocks.remote().result()
+        if blocks["free"] == blocks["capacity"] and all(not w for w in blocks["workers"]):
+            return blocks
         if time.monotonic() > deadline:
-            raise AssertionError(f"slots still allocated: {slots}")
+            raise AssertionError(f"KV blocks still allocated: {blocks}")
         time.sleep(0.2)
 
 
@@ -153,7 +153,30 @@ def test_eight_concurrent_streams_match_their_runs_alone(served):
     wait_for_clean_blocks(served)
 
 
-def test_a_client_that_disconnects_leaves_no_slot_allocated(served):
+def test_more_than_eight_streams_run_at_once(served):
+    """Memory, not a count of slots, sets concurrency: twelve streams all have their first token before
+    any of them ends (with eight slots the other four would wait for one to finish)."""
+
+    async def stream(client: httpx.AsyncClient, prompt: str) -> tuple[float, float]:
+        body = {"model": served.model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        first = None
+        async with client.stream("POST", served.http + "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.monotonic()
+        return first, time.monotonic()
+
+    async def main() -> list[tuple[float, float]]:
+        async with httpx.AsyncClient(timeout=300) as c:
+            return await asyncio.gather(*(stream(c, PROMPTS[i % len(PROMPTS)]) for i in range(12)))
+
+    times = asyncio.run(main())
+    assert max(first for first, _ in times) < min(end for _, end in times)
+    wait_for_clean_blocks(served)
+
+
+def test_a_client_that_disconnects_leaves_no_kv_block_allocated(served):
     body = {"model": served.model, "prompt": PROMPTS[3], "max_tokens": 500, "temperature": 0, "stream": True}
     got = []
     with httpx.stream("POST", served.http + "/v1/completions", json=body, timeout=60) as response:

@@ -25,7 +25,7 @@ LIMITS = dict(max_num_seqs=2, max_waiting_requests=2, max_prompt_tokens=48, max_
 
 @pytest.fixture(scope="module")
 def guarded(served):
-    """An application with an API key, 2 KV slots, 2 waiting places and small prompt/output caps."""
+    """An application with an API key, 2 running sequences, 2 waiting places and small prompt/output caps."""
     config = AppConfig(engine=EngineConfig(**LIMITS), api_keys=[KEY], max_request_bytes=4096)
     serve.run(build_app(config), name=GUARDED, route_prefix=f"/{GUARDED}")
     yield f"{served.http}/{GUARDED}", config.served_name()
@@ -85,7 +85,7 @@ def test_limits_are_refused_by_name(guarded, body, status, says):
 
 
 def test_overload_is_refused_at_once_and_admitted_requests_complete(guarded, served):
-    """Ten streams at once against 2 slots + 2 waiting places: the rest get 429 with Retry-After within
+    """Ten streams at once against 2 running + 2 waiting places: the rest get 429 with Retry-After within
     seconds (and a gRPC call meanwhile RESOURCE_EXHAUSTED); every admitted stream completes."""
     url, model = guarded
     body = _chat(model, "Count to fifty.", max_tokens=40, ignore_eos=True, stream=True)
