@@ -194,12 +194,13 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning(
             "ADEPT Serve is up: model %r, %d layers in %d layer groups, exit points %s, %d pipeline(s)\n"
             "  default early exit: %s\n"
+            "  KV cache: %d tokens per pipeline (all sequences together; engine.kv_cache_memory sets it)\n"
             "  Live view of early exit: http://%s:%d/\n"
             "  HTTP  http://%s:%d  (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health, /metrics)\n"
             "  gRPC  %s:%d  (%s, server reflection on)\n"
             "Ctrl-C stops it.",
             info.name, info.num_layers, info.num_layer_groups, info.exit_points, config.num_pipelines,
-            default_exit, config.http.host, config.http.port, config.http.host, config.http.port,
+            default_exit, info.kv_cache_tokens, config.http.host, config.http.port, config.http.host, config.http.port,
             config.grpc.host, config.grpc.port, GRPC_SERVICE,
         )  # fmt: skip
         # Stop on Ctrl-C and on SIGTERM, even where the shell started us with SIGINT ignored (background).

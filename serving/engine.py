@@ -138,6 +138,10 @@ class Engine:
         return self.admission.exit_defaults
 
     @property
+    def kv_cache_tokens(self) -> int:
+        return self.scheduler.pool.capacity * self.config.block_size
+
+    @property
     def recovering(self) -> bool:
         return self._recovery is not None
 

@@ -179,6 +179,7 @@ class Ingress:
                             "exit_points": info.exit_points,
                             "num_layer_groups": info.num_layer_groups,
                             "default_exit": info.default_exit,  # what requests get for unset controls
+                            "kv_cache_tokens": info.kv_cache_tokens,
                         },
                     }
                 ],

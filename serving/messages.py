@@ -84,6 +84,7 @@ class ModelInfo:
     num_layer_groups: int
     max_model_len: int
     default_exit: dict  # requests' default exit controls (the exit pack's tuned ones unless configured)
+    kv_cache_tokens: int  # positions the pipeline's KV blocks hold, all sequences together
 
 
 Event = Admitted | Rejected | RequestOutput

@@ -72,7 +72,7 @@ class PipelineReplica:
         plan = self.engine.plan
         return ModelInfo(
             self.name, plan.num_layers, list(plan.exit_points), len(plan.groups), plan.max_model_len,
-            self.engine.exit_defaults.model_dump(exclude_none=True),
+            self.engine.exit_defaults.model_dump(exclude_none=True), self.engine.kv_cache_tokens,
         )  # fmt: skip
 
     async def kv_blocks(self) -> dict:

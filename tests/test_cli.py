@@ -97,6 +97,7 @@ def test_adept_serve_starts_answers_and_stops_on_ctrl_c():
         banner = "".join(log)
         assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
         assert "30 layers in 3 layer groups" in banner and "default early exit: policy learned" in banner
+        assert f"KV cache: {(1 << 30) // (16 * 46_080) * 16} tokens per pipeline" in banner
         body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
                 "adept": {"policy": "none"}}  # fmt: skip
         r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=120)

@@ -246,6 +246,8 @@ def test_models_and_health(served):
         "exit_points": [8, 12, 16, 20, 24, 28, 30],
         "num_layer_groups": 3,
         "default_exit": {"policy": "learned", "threshold": 0.45, "backfill": "mapped"},  # the shipped pack's
+        # the default 1 GiB of K/V in blocks of 16 positions, 46,080 bytes a position (30 layers, float32)
+        "kv_cache_tokens": (1 << 30) // (16 * 46_080) * 16,
     }
     health = httpx.get(served.http + "/health", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
