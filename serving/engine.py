@@ -9,7 +9,7 @@ Rule: every call to the workers is made in the engine's own context, never in a 
 made while serving a request count as its children, and cancelling the request (its client left) would
 cancel them mid-pipeline, under every other request's feet. Methods that call the workers are marked
 `@_engine_context` (they raise when run elsewhere) and are started with `_soon` or `_spawn`; the public
-calls that reach the workers (teacher_forced, workers, ping_workers, kv_blocks) go through `_spawn`."""
+calls that reach the workers (teacher_forced, workers, kv_blocks) go through `_spawn`."""
 
 from __future__ import annotations
 
@@ -140,10 +140,6 @@ class Engine:
     @property
     def kv_cache_tokens(self) -> int:
         return self.scheduler.pool.capacity * self.config.block_size
-
-    @property
-    def recovering(self) -> bool:
-        return self._recovery is not None
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -383,10 +379,6 @@ class Engine:
     async def workers(self) -> list[dict]:
         """Each layer group's layers, process id, KV pool size and occupied blocks (operators, the tests)."""
         return await self._spawn(self.pipeline.info())
-
-    async def ping_workers(self) -> None:
-        """Returns once every layer group has answered."""
-        await self._spawn(self.pipeline.ping())
 
     async def kv_blocks(self) -> dict:
         """KV blocks: the pool's capacity and free ones, and those holding K/V on each worker (None when

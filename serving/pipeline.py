@@ -46,10 +46,6 @@ class GroupHandle(Protocol):
         """The group's layers, process id, KV pool size and occupied blocks."""
         ...
 
-    def ping(self) -> Any:
-        """A call that only answers (health checks)."""
-        ...
-
     async def fetch(self, ref: Any) -> Any: ...
 
     def lost(self, error: BaseException) -> bool:
@@ -146,9 +142,6 @@ class Pipeline:
     async def info(self) -> list[dict]:
         return list(await asyncio.gather(*(group.fetch(group.info()) for group in self.groups)))
 
-    async def ping(self) -> None:
-        await asyncio.gather(*(group.fetch(group.ping()) for group in self.groups))
-
     def lost_worker(self, error: BaseException) -> bool:
         return any(group.lost(error) for group in self.groups)
 
@@ -194,9 +187,6 @@ class LocalGroup:
 
     def info(self) -> Any:
         return _Part(self._thread.submit(self.group.info), None)
-
-    def ping(self) -> Any:
-        return _Part(self._thread.submit(lambda: None), None)
 
     async def fetch(self, ref: _Part) -> Any:
         value = await asyncio.wrap_future(ref.future)

@@ -41,9 +41,6 @@ class RayGroup:
     def info(self) -> Any:
         return self.actor.info.remote()
 
-    def ping(self) -> Any:
-        return self.actor.ping.remote()
-
     async def fetch(self, ref: ray.ObjectRef) -> Any:
         return await ref
 

@@ -156,7 +156,7 @@ class Scheduler:
         for seq in sorted(ready, key=lambda s: len(s.tokens) - s.num_computed > 1):
             if budget == 0 or len(picked) == room:
                 break
-            if seq not in self.running:  # preempted this step for an older one
+            if not seq.blocks:  # preempted this step for an older one (a running sequence holds blocks)
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
             if self._grow(seq, n, picked):
@@ -196,10 +196,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits at the head of the queue and is recomputed from position 0."""
-        self.running.remove(seq)
-        self._freed += seq.blocks
-        self.pool.free(seq.blocks)
-        seq.blocks, seq.num_computed = [], 0
+        self._freed += self.remove(seq)
+        seq.num_computed = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
 

@@ -34,12 +34,12 @@ def test_cache_reads_a_sequence_across_scattered_blocks_and_finds_holes_at_any_p
     table = torch.tensor([[5, 2, 7]])  # positions 0-3 in block 5, 4-7 in block 2, 8-11 in block 7
     written = [p for p in range(10) if p != 6]
     values = torch.tensor(written, dtype=torch.float32)[:, None, None].expand(-1, 2, 3)
-    cache.write(0, table.expand(len(written), -1), torch.tensor(written), values, -values)
+    cache.write(0, cache.locate(table.expand(len(written), -1), torch.tensor(written)), values, -values)
     needed = torch.zeros(1, 1, 10, dtype=torch.bool)
     needed[0, 0, :10] = True
     with pytest.raises(KVHoleError, match="no K/V at position 6"):
         cache.check_complete(0, table, needed, 0)
-    cache.write(0, table, torch.tensor([6]), torch.full((1, 2, 3), 6.0), torch.full((1, 2, 3), -6.0))
+    cache.write(0, cache.locate(table, torch.tensor([6])), torch.full((1, 2, 3), 6.0), torch.full((1, 2, 3), -6.0))
     cache.check_complete(0, table, needed, 0)
     k, v = cache.gather(0, table, 10)
     assert k.shape == (1, 2, 10, 3)
@@ -48,7 +48,7 @@ def test_cache_reads_a_sequence_across_scattered_blocks_and_finds_holes_at_any_p
     cache.free(torch.tensor([2]))
     assert cache.occupied() == [5, 7]
     with pytest.raises(ValueError, match="past its sequence's KV blocks"):
-        cache.write(0, table, torch.tensor([12]), values[:1], values[:1])
+        cache.write(0, cache.locate(table, torch.tensor([12])), values[:1], values[:1])
 
 
 @pytest.mark.parametrize("backfill", [Backfill.DECOUPLED, Backfill.MAPPED, Backfill.EXACT])

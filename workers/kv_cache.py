@@ -9,8 +9,13 @@ attention over a hole (a missing back-fill) fails loudly, across block boundarie
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # types only: the scheduler imports this module
+    from workers.arch import ModelArch
+    from workers.protocol import GroupSpec
 
 # The pipeline's K/V budget on a CPU when `kv_cache_memory` is not given.
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
@@ -75,7 +80,8 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     def locate(self, block_table: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset in block) of each row's position."""
+        """(block, offset in block) of each row's position: where `write` puts its K/V. Computed once per set
+        of rows, for all the layers that write them."""
         column = positions // self.block_size
         if column.numel() and int(column.max()) >= block_table.shape[1]:
             raise ValueError(f"position {int(positions.max())} is past its sequence's KV blocks")
@@ -84,9 +90,10 @@ class KVCache:
             raise ValueError("a position has no KV block: the block table does not cover it")
         return blocks, positions % self.block_size
 
-    def write(self, layers: int | slice, block_table: torch.Tensor, positions: torch.Tensor, k, v) -> None:
-        """k, v: [n, kv_heads, head_dim] for one layer, or [layers, n, kv_heads, head_dim] for a slice."""
-        blocks, offsets = self.locate(block_table, positions)
+    def write(self, layers: int | slice, at: tuple[torch.Tensor, torch.Tensor], k, v) -> None:
+        """K/V of n rows at `at` (from `locate`): k, v [n, kv_heads, head_dim] for one layer, or
+        [layers, n, kv_heads, head_dim] for a slice."""
+        blocks, offsets = at
         # Indexing [layers, :, blocks, offsets] yields [(layers,) kv_heads, n, head_dim].
         k, v = k.transpose(-3, -2), v.transpose(-3, -2)
         self.k[layers, :, blocks, offsets] = k
@@ -129,27 +136,21 @@ class KVCache:
         return self.filled.any(dim=2).any(dim=0).nonzero().flatten().tolist()
 
 
-def pool_size(
-    num_layers_total: int,
-    group_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    block_size: int,
-    kv_cache_memory: int | None,
-    kv_cache_fraction: float,
-    max_blocks: int | None,
-) -> int:
-    """Blocks of one group's pool. With `kv_cache_memory` (bytes for the whole pipeline): what it buys for
-    every layer of the model, the same count on every group. Without it: on a GPU, `kv_cache_fraction` of
-    the memory still free there (after this group's weights) for this group's layers; on a CPU, the
-    default budget. Never more than `max_blocks`."""
-    if kv_cache_memory is None and device.type == "cuda":
+def pool_size(spec: GroupSpec, arch: ModelArch, dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks of one group's pool: `spec.num_blocks` if set. With `kv_cache_memory` (bytes for the whole
+    pipeline): what it buys for every layer of the model, the same count on every group. Without it: on a
+    GPU, `kv_cache_fraction` of the memory still free there (after this group's weights) for this group's
+    layers; on a CPU, the default budget. Never more than `max_blocks`."""
+    if spec.num_blocks:
+        return spec.num_blocks
+
+    def per_block(layers: int) -> int:
+        return spec.block_size * kv_bytes_per_token(layers, arch.num_kv_heads, arch.head_dim, dtype)
+
+    if spec.kv_cache_memory is None and device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        per_block = block_size * kv_bytes_per_token(group_layers, num_kv_heads, head_dim, dtype)
-        blocks = int(free * kv_cache_fraction) // per_block
+        blocks = int(free * spec.kv_cache_fraction) // per_block(spec.end - spec.start)
     else:
-        budget = DEFAULT_CPU_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
-        blocks = budget // (block_size * kv_bytes_per_token(num_layers_total, num_kv_heads, head_dim, dtype))
-    return blocks if max_blocks is None else min(blocks, max_blocks)
+        budget = DEFAULT_CPU_KV_CACHE_MEMORY if spec.kv_cache_memory is None else spec.kv_cache_memory
+        blocks = budget // per_block(arch.num_layers)
+    return blocks if spec.max_blocks is None else min(blocks, spec.max_blocks)

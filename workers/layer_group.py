@@ -119,10 +119,7 @@ class LayerGroup:
         self.cos, self.sin = rope
         self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         n_layers = spec.end - spec.start
-        num_blocks = spec.num_blocks or pool_size(
-            arch.num_layers, n_layers, arch.num_kv_heads, arch.head_dim, dtype, device,
-            spec.block_size, spec.kv_cache_memory, spec.kv_cache_fraction, spec.max_blocks,
-        )  # fmt: skip
+        num_blocks = pool_size(spec, arch, dtype, device)
         self.cache = KVCache(n_layers, num_blocks, spec.block_size, arch.num_kv_heads, arch.head_dim, dtype, device)
 
     @classmethod
@@ -232,9 +229,10 @@ class LayerGroup:
         for i in range(self.spec.end - self.spec.start):
             if h.shape[0] == 0:
                 break
-            if layout is None:
+            if layout is None:  # built once per set of rows, read by every layer
                 layout = AttentionLayout.build(tables, positions, self.cos, self.sin, self.spec.block_size)
-            h = self._layer(i, h, tables, positions, layout)
+                at = self.cache.locate(tables, positions)
+            h = self._layer(i, h, at, layout)
             depth = self.spec.start + i + 1
             if depth not in self.spec.exit_points or not (can_exit_early or depth == self.arch.num_layers):
                 continue
@@ -304,7 +302,7 @@ class LayerGroup:
     # ---- internals -----------------------------------------------------------------------------------
 
     def _layer(
-        self, i: int, h: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout
+        self, i: int, h: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor], layout: AttentionLayout
     ) -> torch.Tensor:
         a = self.arch
         p = h.shape[0]
@@ -313,7 +311,7 @@ class LayerGroup:
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = apply_rope(q.view(p, a.num_heads, a.head_dim), layout.cos, layout.sin)
         k = apply_rope(k.view(p, a.num_kv_heads, a.head_dim), layout.cos, layout.sin)
-        self.cache.write(i, tables, positions, k, v.view(p, a.num_kv_heads, a.head_dim))
+        self.cache.write(i, at, k, v.view(p, a.num_kv_heads, a.head_dim))
 
         mask, needed = layout.masks(self.windows[i])
         self.cache.check_complete(i, layout.tables, needed, self.spec.start + i)
@@ -412,9 +410,8 @@ class LayerGroup:
         k, v = split_rope(kv, a.num_kv_heads, a.head_dim, self.cos[meta.positions], self.sin[meta.positions])
         for f in first.unique().tolist():
             rows = (first == f).nonzero().flatten()
-            at = f - layers.start
-            table, positions = meta.block_table[rows], meta.positions[rows]
-            self.cache.write(slice(f, layers.stop), table, positions, k[at:, rows], v[at:, rows])
+            where = self.cache.locate(meta.block_table[rows], meta.positions[rows])
+            self.cache.write(slice(f, layers.stop), where, k[f - layers.start :, rows], v[f - layers.start :, rows])
 
     def _maps(self, exit_depth: int, layers: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked maps from the exit depth to each layer's input: down [Lk, r, H], up [Lk, H, r], bias
