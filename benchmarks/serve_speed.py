@@ -145,7 +145,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-inflight-batches", type=int, default=1)
     p.add_argument("--sync-backfill", action="store_true")
-    p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk after the first")
+    p.add_argument(
+        "--stream-interval",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="tokens per streamed chunk after the first, or auto (the application's default)",
+    )
     p.add_argument("--exits", nargs="+", choices=list(EXITS), default=list(EXITS))
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -135,10 +135,10 @@ class AppConfig(BaseModel):
     )
     router_cpus: float = Field(0.1, ge=0, description="CPUs of a pipeline replica (the actor running the engine)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
-    stream_interval: int = Field(
-        1,
-        ge=1,
-        description="tokens per streamed chunk after the first (vLLM's --stream-interval): under heavy load, "
+    stream_interval: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="tokens per streamed chunk after the first (vLLM's --stream-interval); 'auto': 1 while a "
+        "pipeline runs up to 16 sequences, beyond that one more per 16 (at most 8), since under heavy load "
         "fewer and larger chunks cost the serving processes less per token",
     )
     api_keys: list[SecretStr] = Field(

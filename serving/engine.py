@@ -138,6 +138,11 @@ class Engine:
         return self.admission.exit_defaults
 
     @property
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self.scheduler.running)
+
+    @property
     def kv_cache_tokens(self) -> int:
         return self.scheduler.pool.capacity * self.config.block_size
 

@@ -5,6 +5,7 @@ RequestOutputs with usage, and reports each request's end to metrics and to its 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -64,15 +65,17 @@ class RequestStream:
         self._done = item.finished
         return item
 
-    async def chunks(self, interval: int) -> AsyncIterator[RequestOutput]:
+    async def chunks(self, interval: int | Callable[[], int]) -> AsyncIterator[RequestOutput]:
         """The outputs, at least `interval` tokens to a chunk after the first token (vLLM's stream
-        interval): each chunk crossing processes costs about the same, so fewer, larger ones cost less per
-        token under load. The first token and the end go out at once."""
+        interval; a callable is asked again for each chunk): each chunk crossing processes costs about the
+        same, so fewer, larger ones cost less per token under load. The first token and the end go out at
+        once."""
+        size = interval if callable(interval) else lambda: interval
         pending: RequestOutput | None = None
         first = True
         async for out in self:
             pending = out if pending is None else pending.merged(out)
-            if first or pending.finished or len(pending.token_ids) >= interval:
+            if first or pending.finished or len(pending.token_ids) >= size():
                 first = False
                 yield pending
                 pending = None
@@ -84,6 +87,19 @@ class RequestStream:
 
     async def aclose(self) -> None:
         self.abort()
+
+
+# stream_interval "auto": one token a chunk while a pipeline runs up to this many sequences, beyond that
+# enough tokens a chunk to keep about this many chunks per step (at most AUTO_MAX_INTERVAL tokens).
+AUTO_CHUNKS_PER_STEP = 16
+AUTO_MAX_INTERVAL = 8
+
+
+def auto_interval(running: int) -> int:
+    """The stream interval "auto" picks with `running` sequences in the pipeline: every token streams as
+    it exists at light load; under heavy load the chunks grow, because each one costs the replica, the
+    ingress and the proxy a message whatever it holds."""
+    return min(AUTO_MAX_INTERVAL, max(1, math.ceil(running / AUTO_CHUNKS_PER_STEP)))
 
 
 class OutputProcessor:

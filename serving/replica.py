@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ray import serve
@@ -19,6 +19,7 @@ from serving.exceptions import EngineError, EngineUnavailable, QueueFullError, R
 from serving.health import worker_name
 from serving.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.metrics import RayStats
+from serving.outputs import auto_interval
 from serving.ray_groups import RayGroup, ray_groups
 from workers.exit_pack import ExitPack
 
@@ -59,7 +60,7 @@ class PipelineReplica:
             return
         yield Admitted(prompt_tokens=stream.prompt_tokens)
         try:
-            async for out in stream.chunks(self.stream_interval):
+            async for out in stream.chunks(self._interval()):
                 if request.sampling.logprobs is not None:
                     out.token_texts = self._texts(out)
                 yield out
@@ -67,6 +68,11 @@ class PipelineReplica:
             yield Rejected(ApiError("unavailable" if isinstance(e, EngineUnavailable) else "internal", str(e)))
         finally:
             stream.abort()
+
+    def _interval(self) -> int | Callable[[], int]:
+        if self.stream_interval == "auto":
+            return lambda: auto_interval(self.engine.num_running)
+        return self.stream_interval
 
     async def info(self) -> ModelInfo:
         plan = self.engine.plan

@@ -7,10 +7,12 @@ import asyncio
 from dataclasses import dataclass
 
 import pytest
+from pydantic import ValidationError
 
-from serving.config import EngineConfig
+from serving.config import AppConfig, EngineConfig
 from serving.engine import Engine
 from serving.exceptions import EngineError, QueueFullError, RequestError
+from serving.outputs import auto_interval
 
 PROMPTS = [
     "The quick brown fox",
@@ -324,3 +326,31 @@ def test_a_failing_worker_call_fails_only_its_batch(tiny_chat_dir):
         return after
 
     assert len(asyncio.run(main()).tokens) == GREEDY["max_tokens"]
+
+
+def test_stream_interval_auto_grows_with_the_running_batch(tiny_chat_dir):
+    """'auto' (the application's default) streams every token at light load and grows the chunks with the
+    running batch; a callable interval is asked again for each chunk."""
+    assert [auto_interval(n) for n in (0, 1, 16, 17, 32, 64, 128, 1000)] == [1, 1, 1, 2, 2, 4, 8, 8]
+    assert AppConfig().stream_interval == "auto" and AppConfig(stream_interval=3).stream_interval == 3
+    with pytest.raises(ValidationError):
+        AppConfig(stream_interval=0)
+
+    async def main():
+        engine = make_engine(tiny_chat_dir)
+        asked = []
+
+        def interval():
+            asked.append(engine.num_running)
+            return auto_interval(engine.num_running) + 2  # one sequence running: 3
+
+        along = [o async for o in engine.generate(PROMPTS[2], GREEDY)]
+        chunks = [o async for o in engine.submit(PROMPTS[2], GREEDY).chunks(interval)]
+        await engine.shutdown()
+        return along, chunks, asked
+
+    along, chunks, asked = asyncio.run(main())
+    assert len(asked) >= len(chunks) - 1 and 1 in asked
+    sizes = [len(c.token_ids) for c in chunks]
+    assert sizes[0] == 1 and all(n >= 3 for n in sizes[1:-1])
+    assert [t for c in chunks for t in c.token_ids] == [t for o in along for t in o.token_ids]

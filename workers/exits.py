@@ -72,6 +72,7 @@ class ExitCost:
     num_layers: int
     weight: float = 1.0
     harm: dict[str, dict[int, float]] = field(default_factory=dict)  # back-fill mode -> depth -> harm
+    _tables: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_manifest(cls, num_layers: int, cost: dict) -> ExitCost:
@@ -82,12 +83,17 @@ class ExitCost:
 
     def score(self, p: torch.Tensor, depth: int, backfill: torch.Tensor) -> torch.Tensor:
         w = ((self.num_layers - depth) / self.num_layers) ** self.weight
-        harm = torch.zeros_like(p)
-        for mode in Backfill:
-            h = self.harm.get(mode.name.lower(), {}).get(depth, 0.0)
-            if h:
-                harm[backfill == mode] = h
+        harm = self._harm_at(depth, p.device)[backfill]
         return p * w / (p * w + 1 - p + harm)
+
+    def _harm_at(self, depth: int, device: torch.device) -> torch.Tensor:
+        """Harm per back-fill mode (indexed by Backfill) at `depth`: one lookup per decision, not one
+        masked write per mode."""
+        key = (depth, device)
+        if key not in self._tables:
+            harm = [self.harm.get(mode.name.lower(), {}).get(depth, 0.0) for mode in Backfill]
+            self._tables[key] = torch.tensor(harm, dtype=torch.float32, device=device)
+        return self._tables[key]
 
 
 def confidence_features(logits: torch.Tensor) -> torch.Tensor:
@@ -160,31 +166,31 @@ class ExitHead:
         if is_last:
             return torch.ones(n, dtype=torch.bool, device=h.device), has_logits, None
         policy = rows.policy
-        open_ = depth >= rows.min_depth
         exit_ = (policy != Policy.NONE) & (depth >= rows.max_depth)
-        conf = (policy == Policy.CONFIDENCE) & open_ & ~exit_
-        learned = (policy == Policy.LEARNED) & open_ & ~exit_
+        open_ = (depth >= rows.min_depth) & ~exit_
+        conf = (policy == Policy.CONFIDENCE) & open_
+        learned = (policy == Policy.LEARNED) & open_
         router = self.routers.get(depth)
-        if bool(learned.any()) and router is None:
+        any_conf, any_learned = torch.stack([conf.any(), learned.any()]).tolist()  # one sync, not two
+        if any_learned and router is None:
             raise ExitPackError(f"exit policy 'learned' needs a router at exit point {depth}: load an exit pack")
-        if router is not None and router.uses_confidence:
-            conf = conf | learned
+        if any_learned and router.uses_confidence:
+            conf, any_conf = conf | learned, True
         logits = None
-        if bool(conf.any()):
+        if any_conf:
             has_logits = conf
             logits = self.logits(h[conf], depth)
             probs_max = torch.softmax(logits, dim=-1).max(dim=-1).values
             hit = torch.zeros(n, dtype=torch.bool, device=h.device)
             hit[conf] = probs_max >= rows.threshold[conf]
             exit_ |= hit & (policy == Policy.CONFIDENCE)
-        if bool(learned.any()):
+        if any_learned:
             features = None
             if router.uses_confidence:
                 features = torch.zeros(n, 3, device=h.device)
                 features[conf] = confidence_features(logits)
-                features = features[learned]
-            scores = self.cost.score(router(h[learned], features), depth, rows.backfill[learned])
-            hit = torch.zeros(n, dtype=torch.bool, device=h.device)
-            hit[learned] = scores >= rows.threshold[learned]
-            exit_ |= hit
+            # Every row through the router (a few small products) rather than gathering the learned ones:
+            # at decode batch sizes the indexing costs more than the rows it saves.
+            scores = self.cost.score(router(h, features), depth, rows.backfill)
+            exit_ |= learned & (scores >= rows.threshold)
         return exit_, has_logits, logits

@@ -337,10 +337,14 @@ class LayerGroup:
     ) -> torch.Tensor | None:
         """Decide exits at `depth`; record exited rows (sampling those that produce a token) and back-fill
         their remaining layers in this group. Returns the positions in `h` of rows that leave the batch."""
-        idx = deciding.nonzero().flatten()
-        row_ids = ids[idx]
-        sub = rows.select(row_ids)
-        exiting, has_logits, logits = self.head.decide(depth, depth == self.arch.num_layers, h[idx], sub)
+        if len(ids) == len(rows) and bool(deciding.all()):  # every forward row, in order: nothing to gather
+            idx = row_ids = ids
+            sub, h_deciding = rows, h
+        else:
+            idx = deciding.nonzero().flatten()
+            row_ids = ids[idx]
+            sub, h_deciding = rows.select(row_ids), h[idx]
+        exiting, has_logits, logits = self.head.decide(depth, depth == self.arch.num_layers, h_deciding, sub)
         if not bool(exiting.any()):
             return None
         idx, row_ids, sub = idx[exiting], row_ids[exiting], sub.select(exiting.nonzero().flatten())
