@@ -233,17 +233,18 @@ class Engine:
             self._report_scheduler()
             if batch is None:
                 return
-            task = asyncio.get_running_loop().create_task(self._step(batch, self.pipeline.submit(batch.rows)))
+            trace = self._trace(batch)
+            submitted = self.pipeline.submit(batch.rows, trace.trailing_call if trace else None)
+            task = asyncio.get_running_loop().create_task(self._step(batch, submitted, trace))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
     @_engine_context
-    async def _step(self, batch: ScheduledBatch, submitted: Submitted) -> None:
+    async def _step(self, batch: ScheduledBatch, submitted: Submitted, trace: tracing.StepTrace | None) -> None:
         """Collect a batch's results, update its sequences and streams, release the finished ones, and
         schedule the next batch."""
-        trace = self._trace(batch)
         try:
-            result = await self.pipeline.collect(submitted, trace.trailing_call if trace else None)
+            result = await self.pipeline.collect(submitted)
         except Exception as e:
             self._failed(batch, e)
         else:
@@ -351,6 +352,7 @@ class Engine:
         await asyncio.gather(*self._inflight, return_exceptions=True)
         try:
             await self.pipeline.ready(self.config.worker_restart_timeout_s)
+            self.pipeline.discard_owed()  # every running sequence's K/V is cleared and rebuilt anyway
             held = [b for s in self.scheduler.running for b in s.blocks]
             if held:
                 await Pipeline.confirm(self.pipeline.free(held))

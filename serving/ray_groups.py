@@ -21,19 +21,20 @@ from serving.config import EngineConfig
 from serving.pipeline import Pipeline
 from serving.plan import PipelinePlan
 from workers.actor import LayerGroupWorker
+from workers.protocol import GroupSpec
 
 
 class RayGroup:
     """A layer-group actor. Its pipeline replica is its only caller, so Ray runs its calls in submission order."""
 
-    def __init__(self, actor: ray.actor.ActorHandle, info: dict) -> None:
-        self.actor = actor
+    def __init__(self, actor: ray.actor.ActorHandle, spec: GroupSpec, info: dict) -> None:
+        self.actor, self.spec = actor, spec
         self.pipeline: Pipeline | None = None
         self.num_blocks = info["num_blocks"]
         self.block_bytes = info["kv_cache_bytes"] // info["num_blocks"]
 
-    def forward(self, batch: Any) -> tuple[Any, Any]:
-        return self.actor.forward.remote(batch)
+    def forward(self, batch: Any, owed: list[Any]) -> tuple[Any, Any]:
+        return self.actor.forward.remote(batch, *owed)
 
     def free(self, blocks: torch.Tensor) -> Any:
         return self.actor.free.remote(blocks)
@@ -113,4 +114,4 @@ def ray_groups(
             ).remote(config.model, spec, config.exit_pack, config.device, config.dtype, threads)
         )
     infos = ray.get([a.info.remote() for a in actors])  # raises here if a worker cannot load its layers
-    return [RayGroup(a, info) for a, info in zip(actors, infos, strict=True)]
+    return [RayGroup(a, spec, info) for a, spec, info in zip(actors, plan.groups, infos, strict=True)]

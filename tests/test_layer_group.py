@@ -8,7 +8,17 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tests.helpers import full_logprobs, group_kv, hf_cache, hf_model, load_groups, pipeline_of, rows, run
+from tests.helpers import (
+    full_logprobs,
+    group_kv,
+    hf_cache,
+    hf_model,
+    load_groups,
+    pipeline_of,
+    rows,
+    run,
+    slot_table,
+)
 from workers.kv_cache import KVHoleError
 from workers.modes import Backfill, Policy
 from workers.protocol import Continuing, GroupSpec, Rows, SkippedRows
@@ -149,8 +159,8 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
     groups = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
     real = groups[0].forward
 
-    def lossy(batch):
-        result, out = real(batch)
+    def lossy(batch, owed=None):
+        result, out = real(batch, owed)
         return result, Continuing(out.rows, out.hidden, SkippedRows.empty(), out.hidden[:0])
 
     groups[0].forward = lossy
@@ -158,9 +168,13 @@ def test_missing_backfill_is_a_hole_not_silent(tiny_llama_dir):
         run(pipeline_of(groups), rows(ids, torch.arange(6), policy=policy, max_depth=2))
 
 
-def test_backfill_off_the_critical_path_gives_the_same_result(tiny_llama_dir):
+def test_backfill_off_the_critical_path_gives_the_same_result(tiny_llama_dir, monkeypatch):
     """Positions 0-9 exit in group 0 over several steps, and the pipeline does not wait for the deeper
-    groups' back-fills; position 10 then goes full depth: the same as when every back-fill is awaited."""
+    groups' back-fills; position 10 then goes full depth: the same as when every back-fill is awaited.
+    (OWED_CALLS 1: the groups no row reaches are called every step, off the critical path.)"""
+    import serving.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "OWED_CALLS", 1)
     ids = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(4))
 
     async def main(sync: bool):
@@ -195,3 +209,81 @@ def test_loads_only_its_own_layers(tiny_llama_dir, monkeypatch):
     assert loaded(2, 4, ()) == ({"2", "3"}, set())
     assert loaded(0, 2, ()) == ({"0", "1"}, {"model.embed_tokens.weight"})
     assert loaded(4, 6, (6,)) == ({"4", "5"}, {"model.embed_tokens.weight", "model.norm.weight"})
+
+
+@pytest.mark.parametrize("backfill", [Backfill.DECOUPLED, Backfill.EXACT])
+def test_owed_backfills_in_one_call_equal_one_call_each(tiny_llama_dir, backfill):
+    """Outputs a group was owed while no row reached it (a prompt chunk and three decoding steps that all
+    exited earlier) back-filled in one call leave the same K/V as one call each."""
+    g0, one_each = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
+    _, at_once = load_groups(tiny_llama_dir, [0, 3, 6], [2, 6])
+    ids = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(5))
+    steps = [(ids[:4], torch.arange(4))] + [(ids[t : t + 1], [t]) for t in range(4, 7)]
+    outputs = []
+    for token_ids, positions in steps:
+        result, out = g0.forward(rows(token_ids, positions, policy=Policy.STATIC, max_depth=2, backfill=backfill))
+        assert set(result.results.exit_layer.tolist()) == {2} and len(out.rows) == 0
+        outputs.append(out)
+        one_each.forward(out)
+    at_once.forward(outputs[-1], outputs[:-1])
+    for layer in (3, 4, 5):
+        k1, v1 = group_kv(one_each, layer, slot=0, length=7)
+        k2, v2 = group_kv(at_once, layer, slot=0, length=7)
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5), f"layer {layer}"
+    assert one_each.cache.occupied() == at_once.cache.occupied() != []
+    with pytest.raises(ValueError, match="carries rows"):
+        at_once.forward(outputs[0], [g0.forward(rows(ids[:1], [0], slot=1))[1]])  # owed with a row: refused
+
+
+def test_a_group_no_row_reaches_is_called_with_what_it_owes_later(tiny_llama_dir, monkeypatch):
+    """Static depth 2 in three groups: the groups past the exit get no call per step. What they owe goes
+    with the next batch that reaches them (a full-depth sequence joining), or every OWED_CALLS steps, or
+    before a free; their K/V then equal a pipeline that calls every group every step."""
+    import serving.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "OWED_CALLS", 4)
+    bounds, points = [0, 2, 4, 6], [2, 4, 6]
+    deferring, reference = pipeline_of(load_groups(tiny_llama_dir, bounds, points)), None
+    reference = pipeline_of(load_groups(tiny_llama_dir, bounds, points), sync_backfill=True)
+    calls = [0, 0, 0]
+    for g, handle in enumerate(deferring.groups):
+        real = handle.forward
+        handle.forward = lambda batch, owed, real=real, g=g: calls.__setitem__(g, calls[g] + 1) or real(batch, owed)
+
+    ids = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(6))
+    static = {"policy": Policy.STATIC, "max_depth": 2}
+
+    async def main():
+        results = {}
+        for name, pipe in (("deferring", deferring), ("reference", reference)):
+            got = [await pipe.execute(rows(ids[:4], torch.arange(4), **static))]
+            for t in range(4, 10):  # six decoding steps of sequence 0, all exiting in group 0
+                got.append(await pipe.execute(rows(ids[t : t + 1], [t], **static)))
+            # sequence 1 at full depth joins: its batch reaches every group
+            joined = Rows.cat([rows(ids[10:11], [10], **static), rows(ids[:3], [0, 1, 2], slot=1)])
+            got.append(await pipe.execute(joined))
+            await pipe.drain()
+            results[name] = [r.results for r in got]
+        return results
+
+    results = asyncio.run(main())
+    # group 0 every batch (8); group 1 once four steps were owed, and with the full-depth batch; group 2
+    # only with the full-depth batch (group 1's first call's output went with it)
+    assert calls == [8, 2, 1]
+    for a, b in zip(results["deferring"], results["reference"], strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.exit_layer.tolist() == b.exit_layer.tolist()
+    for g in (1, 2):
+        ours, theirs = deferring.groups[g].group, reference.groups[g].group
+        for layer in range(bounds[g], bounds[g + 1]):
+            for slot, length in ((0, 11), (1, 3)):
+                k1, v1 = group_kv(ours, layer, slot, length)
+                k2, v2 = group_kv(theirs, layer, slot, length)
+                assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5), (layer, slot)
+
+    async def free_sequence_0():
+        await pipeline_module.Pipeline.confirm(deferring.free(slot_table(0)))
+
+    for t in range(11, 13):  # two more owed steps, then a free: they land first, then the blocks clear
+        asyncio.run(deferring.execute(rows(ids[t - 1 : t], [t], **static)))
+    asyncio.run(free_sequence_0())
+    assert calls == [10, 3, 2]

@@ -52,10 +52,10 @@ class LayerGroupWorker:
         )  # fmt: skip
 
     @ray.method(num_returns=2)
-    def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
-        """Back-fills the batch carries, then its rows: (small result, what the next group needs). Tensors
-        leave on the CPU: Ray copies them to host memory anyway."""
-        result, out = self.group.forward(batch)
+    def forward(self, batch: Rows | Continuing, *owed: Continuing) -> tuple[StepResult, Continuing]:
+        """Back-fills owed by earlier calls' outputs and those the batch carries, then its rows: (small
+        result, what the next group needs). Tensors leave on the CPU: Ray copies them to host memory anyway."""
+        result, out = self.group.forward(batch, list(owed))
         if time.monotonic() - self._reported > 1.0:  # counting blocks reads the whole fill map (a GPU sync)
             self._report_blocks()
         return result, Continuing(out.rows, out.hidden.cpu(), out.skipped, out.skipped_hidden.cpu())

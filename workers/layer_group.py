@@ -151,12 +151,16 @@ class LayerGroup:
     # ---- calls ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, batch: Rows | Continuing) -> tuple[StepResult, Continuing]:
+    def forward(self, batch: Rows | Continuing, owed: list[Continuing] | None = None) -> tuple[StepResult, Continuing]:
         """The one call into a layer group: Rows for the first group, the previous group's Continuing for
-        the others. The K/V it owes tokens that skipped its layers land first; then the forward rows run
-        layer by layer, each stopping at the exit point its policy chooses. Returns the small result (rows
-        that exited here, what their exits produced) and what the next group needs."""
+        the others (after `owed`: earlier outputs of the previous group, back-fill only, that the pipeline
+        held back while no row came this deep). The K/V it owes tokens that skipped its layers land first;
+        then the forward rows run layer by layer, each stopping at the exit point its policy chooses.
+        Returns the small result (rows that exited here, what their exits produced) and what the next
+        group needs."""
         started = time.time_ns()
+        if owed:
+            batch = Continuing.merge(owed, batch)
         if isinstance(batch, Rows):
             rows, hidden, skipped, skipped_hidden = batch, None, SkippedRows.empty(), None
         else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -168,6 +169,18 @@ class Continuing(Tensors):
     hidden: torch.Tensor
     skipped: SkippedRows
     skipped_hidden: torch.Tensor  # row i of `skipped` back-fills from skipped_hidden[skipped.index[i]]
+
+    @staticmethod
+    def merge(owed: list[Continuing], batch: Continuing) -> Continuing:
+        """`batch` with the back-fills of earlier outputs (no rows: back-fill only) in front of its own."""
+        if any(len(o.rows) for o in owed):
+            raise ValueError("an owed output carries rows: only back-fill-only outputs are held back")
+        parts, offset, skipped = [*owed, batch], 0, []
+        for part in parts:
+            skipped.append(dataclasses.replace(part.skipped, index=part.skipped.index + offset))
+            offset += part.skipped_hidden.shape[0]
+        hidden = torch.cat([p.skipped_hidden for p in parts])
+        return Continuing(batch.rows, batch.hidden, SkippedRows.cat(skipped), hidden)
 
 
 def _fill(dtype: torch.dtype, value: float, per_alternative: bool = False) -> dict[str, Any]:
