@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
 PROMPT ?= The capital of France is
 
-.PHONY: install install-test browser run generate test lint k8s-check bench pack eval protos clean
+.PHONY: install install-test browser run generate test lint k8s-check bench pack eval lm-eval protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ eval: install-test  ## quality against compute of early exit on held-out text: t
 	mkdir -p docs
 	$(VENV)/bin/adept eval --json --plot docs/pareto-smollm2-135m.png > docs/eval-smollm2-135m.json
 	$(VENV)/bin/python -c "import json, serving.evaluation as e; print(e.table(json.load(open('docs/eval-smollm2-135m.json'))))"
+
+lm-eval: install-test  ## lm-evaluation-harness against the served application: SST-2 and WikiText-2 per exit operating point
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/lm_eval_bench.py --json benchmarks/results/lm_eval.json
 
 bench: install  ## engine speed (full depth against HF, early exit against full depth), then serving speed
 	mkdir -p benchmarks/results

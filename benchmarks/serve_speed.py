@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import httpx
 from engine_speed import PROMPTS, log, machine, publish  # benchmarks/ is on sys.path
@@ -74,6 +75,13 @@ async def load(stream, n: int) -> dict:
         "tokens_per_s": sum(r[1] for r in results) / elapsed,
         "ttft_p50_s": statistics.median(r[0] for r in results),
     }
+
+
+def server_options(p: argparse.ArgumentParser) -> None:
+    """Where the benchmark's local application listens, and where its report goes."""
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--json", help="also write the report to this file")
 
 
 def local_app(args: argparse.Namespace, engine: EngineConfig, **fields: object) -> AppConfig:
@@ -152,17 +160,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokens per streamed chunk after the first, or auto (the application's default)",
     )
     p.add_argument("--exits", nargs="+", choices=list(EXITS), default=list(EXITS))
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--quick", action="store_true", help="a smoke run")
-    p.add_argument("--json", help="also write the report to this file")
+    server_options(p)
     args = p.parse_args(argv)
     if args.quick:
         args.max_tokens, args.streams, args.rounds = 8, [1, 4], 1
     return args
 
 
-if __name__ == "__main__":
-    args = parse_args()
+def run_benchmark(main: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> None:
+    """Run a benchmark of the local application (a throwaway Ray cluster: no token files) and publish it."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     publish(main(args), args.json)
+
+
+if __name__ == "__main__":
+    run_benchmark(main, parse_args())

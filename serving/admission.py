@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.config import EngineConfig
 from serving.exceptions import RequestError
-from serving.params import ExitLimits, ExitParams, ResolvedExit, SamplingParams, request_error, resolve_exit
+from serving.params import ExitLimits, ExitParams, PhaseExits, SamplingParams, request_error, resolve_exit
 from serving.plan import PipelinePlan
 from serving.scheduler import Sequence
 from workers.arch import ModelArch
@@ -66,11 +66,12 @@ class Admission:
             sampling=sampling,
             exit=resolved,
             seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
-            max_tokens=sampling.max_tokens or min(room, cap or room),
+            max_tokens=sampling.max_tokens if sampling.max_tokens is not None else min(room, cap or room),
         )
 
-    def resolve_exit(self, exit: ExitParams | dict | None) -> ResolvedExit:
-        """A request's exit controls, its unset ones from the defaults, checked against the limits."""
+    def resolve_exit(self, exit: ExitParams | dict | None) -> PhaseExits:
+        """A request's exit controls for prompt and generated tokens, its unset ones from the defaults,
+        checked against the limits."""
         try:
             exit_params = ExitParams.model_validate(exit or {})
         except ValidationError as e:

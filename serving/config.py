@@ -135,6 +135,9 @@ class AppConfig(BaseModel):
     )
     router_cpus: float = Field(0.1, ge=0, description="CPUs of a pipeline replica (the actor running the engine)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="prompts one /v1/completions request may carry (one choice each)"
+    )
     stream_interval: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="tokens per streamed chunk after the first (vLLM's --stream-interval); 'auto': 1 while a "

@@ -33,7 +33,7 @@ from serving.exceptions import EngineError, EngineUnavailable, RequestError
 from serving.messages import RequestOutput
 from serving.metrics import EngineStats
 from serving.outputs import OutputProcessor, RequestStream
-from serving.params import ExitParams, SamplingParams
+from serving.params import ExitParams, PhaseExits, SamplingParams
 from serving.pipeline import GroupHandle, LocalGroup, Pipeline, Submitted
 from serving.plan import PipelinePlan, plan_pipeline
 from serving.scheduler import ScheduledBatch, Scheduler, Sequence, rows_for
@@ -166,7 +166,7 @@ class Engine:
             raise RequestError("request_id", f"{request_id!r} is already in use")
         seq = self.admission.sequence(request_id, prompt, sampling, exit)
         self.scheduler.add(seq)
-        span = tracing.start_request(self.config.model, len(seq.prompt_ids), seq.exit.name)
+        span = tracing.start_request(self.config.model, len(seq.prompt_ids), seq.exit.decode.name)
         stream = self.outputs.add(seq, span, self.abort)
         self._soon(self._launch)
         return stream
@@ -203,7 +203,7 @@ class Engine:
         for ids in token_ids:
             if len(ids) >= self.plan.max_model_len:
                 raise ValueError(f"{len(ids)} tokens do not fit the context of {self.plan.max_model_len}")
-        resolved = self.admission.resolve_exit(exit)
+        resolved = PhaseExits.same(self.admission.resolve_exit(exit).decode)  # as if every token were generated
         seqs = [Sequence(f"teacher-forced-{i}", list(ids), GREEDY, resolved, 0, 1) for i, ids in enumerate(token_ids)]
         self.scheduler.reserve(seqs)
         # Shielded: a caller that gives up does not cancel worker calls mid-pipeline; the run ends and frees.

@@ -33,6 +33,7 @@ class TeacherForced:
     predictions: torch.Tensor  # int64 [n]: greedy next-token prediction after each token, at its exit
     exit_layers: torch.Tensor  # int64 [n]
     target_logprobs: torch.Tensor  # float32 [n - windows]: log-probability of each actual next token
+    scored: torch.Tensor  # bool [n]: positions with a next token in their window (target_logprobs' rows)
 
 
 async def teacher_forced(
@@ -48,6 +49,7 @@ async def teacher_forced(
         torch.cat([w.tokens for w in per_window]),
         torch.cat([w.exit_layer for w in per_window]),
         torch.cat([w.target_logprobs[:-1] for w in per_window]),  # the last token of a window has nothing to score
+        torch.cat([torch.arange(len(w)) < len(w) - 1 for w in windows]),
     )
 
 
@@ -245,9 +247,12 @@ async def evaluate(
             "tokens": int(full.predictions.numel()),
         }
         rows = []
+        static_exact: dict[int, TeacherForced] = {}  # per depth: what the adapted heads predict there
         for i, s in enumerate(settings):
             e = engines[s.head]
             tf = await teacher_forced(e, windows, s.exit())
+            if (s.policy, s.backfill, s.head) == ("static", "exact", "adapted"):
+                static_exact[s.max_depth] = tf
             layers, overhead = compute_used(
                 tf.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill,
                 plan.min_exit_depth, costs,
@@ -278,13 +283,54 @@ async def evaluate(
                 f"[{i + 1}/{len(settings)}] {s.curve} {_knob(row)}: depth {row['mean_exit_depth']:.1f}, saved "
                 f"{row['compute_saved']:.1%}, agreement {row['agreement']:.1%}, perplexity {row['perplexity']:.2f}"
             )
+        backfills = dict.fromkeys(s.backfill for s in settings if s.backfill != "exact")
+        if static_exact and set(static_exact) >= {d for d in plan.exit_points if d < plan.num_layers}:
+            rows += [oracle_row(static_exact, full, plan.num_layers, plan.min_exit_depth, b, costs) for b in backfills]
     finally:
         for e in engines.values():
             await e.shutdown()
     return {"full": reference, "rows": rows, "at_agreement": at_agreement(rows, (0.95, 0.99))}
 
 
+def oracle_row(
+    static_exact: dict[int, TeacherForced],
+    full: TeacherForced,
+    num_layers: int,
+    min_depth: int,
+    backfill: str,
+    costs: Costs,
+) -> dict:
+    """A perfect exit decision on the same heads: each token leaves at the shallowest exit point whose
+    adapted head predicts the full model's token (read from the static runs with exact back-fill, whose
+    caches are the full model's), else at full depth. Its compute is counted with `backfill`'s cost of a
+    skipped layer; its perplexity is what the heads give there with exact caches (an approximate back-fill
+    would do worse)."""
+    depth = torch.full_like(full.predictions, num_layers)
+    logp = full.target_logprobs.clone()
+    for d in sorted(static_exact, reverse=True):  # shallower depths overwrite deeper ones
+        tf = static_exact[d]
+        hit = tf.predictions == full.predictions
+        depth[hit] = d
+        logp[hit[full.scored]] = tf.target_logprobs[hit[full.scored]]
+    layers, _ = compute_used(depth, sorted(static_exact), num_layers, "oracle", backfill, min_depth, costs)
+    return {
+        "policy": "oracle",
+        "head": "adapted",
+        "backfill": backfill,
+        "threshold": None,
+        "max_depth": None,
+        "curve": f"oracle, {backfill}",
+        "mean_exit_depth": round(float(depth.double().mean()), 3),
+        "compute_saved": round(1.0 - layers, 4),
+        "decision_overhead": 0.0,
+        "agreement": 1.0,
+        "perplexity": round(math.exp(-float(logp.mean())), 3),
+    }
+
+
 def _knob(row: dict) -> str:
+    if row["policy"] == "oracle":
+        return "perfect"
     return f"depth {row['max_depth']}" if row["max_depth"] is not None else f"threshold {row['threshold']}"
 
 

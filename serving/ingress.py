@@ -98,12 +98,43 @@ def _grpc_error(context: RayServegRPCContext, error: ApiError) -> None:
     context.set_details(str(error))
 
 
-def _grpc_token(out: RequestOutput) -> pb.GenerateResponse:
-    message = pb.GenerateResponse(text=out.text, token_id=out.token_ids[0], exit_layer=out.exit_layers[0])
+def _grpc_token(out: RequestOutput, i: int) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(text=out.text, token_id=out.token_ids[i], exit_layer=out.exit_layers[i])
     if out.logprobs:
-        message.logprob = out.logprobs[0]
-        message.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=v) for t, v in out.top_logprobs[0].items())
+        message.logprob = out.logprobs[i]
+        message.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=v) for t, v in out.top_logprobs[i].items())
     return message
+
+
+def _grpc_prompt(message: pb.GenerateResponse, out: RequestOutput) -> None:
+    p = out.prompt
+    for token, layer, lp, top in zip(p.token_ids, p.exit_layers, p.logprobs, p.top_logprobs, strict=True):
+        entry = message.prompt.add(token_id=token, exit_layer=layer)
+        if lp is not None:
+            entry.logprob = lp
+        entry.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=v) for t, v in (top or {}).items())
+
+
+EXIT_FIELDS = ("policy", "threshold", "min_depth", "max_depth", "backfill")
+
+
+def _grpc_exit(request: pb.GenerateRequest) -> dict:
+    exit = {f: getattr(request.adept, f) for f in EXIT_FIELDS if request.adept.HasField(f)}
+    if request.HasField("prefill"):
+        fields = (*EXIT_FIELDS, "full_depth_last")
+        exit["prefill"] = {f: getattr(request.prefill, f) for f in fields if request.prefill.HasField(f)}
+    return exit
+
+
+async def _drain(events: DeploymentResponseGenerator, responder: Responder) -> RequestOutput:
+    """Feed a request's outputs to its responder; returns the last (finished) one."""
+    last = None
+    async for event in events:
+        if isinstance(event, Rejected):
+            raise event.error
+        responder.add(event)
+        last = event
+    return last
 
 
 @serve.deployment(name="Ingress")
@@ -113,6 +144,7 @@ class Ingress:
         self.replica = replica
         self.model = config.served_name()
         self.max_body = config.max_request_bytes
+        self.max_prompts = config.max_prompts_per_request
         self._keys = [k.encode() for k in config.accepted_keys()]
         self._info: ModelInfo | None = None
         self.stats = ApiStats()
@@ -127,15 +159,40 @@ class Ingress:
         try:
             _check_key(self._keys, request.headers.get("authorization"))
             body = await self._body(request, CompletionRequest)
-            responder = Responder(chat=False, model=self.model, logprobs=body.logprobs is not None)
-            generate = GenerateRequest(
-                request_id=_request_id(request),
-                prompt=body.prompt,
-                messages=None,
-                sampling=body.sampling(body.max_tokens, body.logprobs),
-                exit=body.adept or ExitParams(),
-            )
-            return await self._http(generate, responder, body.stream, body.stream_options)
+            prompts = body.prompts()
+            if len(prompts) > self.max_prompts:
+                raise ApiError(
+                    "invalid",
+                    f"prompt: {len(prompts)} prompts in one request; this server takes at most {self.max_prompts} "
+                    "(max_prompts_per_request)",
+                    "prompt",
+                )
+            sampling = body.completion_sampling()
+            request_id = _request_id(request)
+            generates = [
+                GenerateRequest(
+                    request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                    prompt=prompt,
+                    messages=None,
+                    sampling=sampling,
+                    exit=body.adept or ExitParams(),
+                )
+                for i, prompt in enumerate(prompts)
+            ]
+            responders = [
+                Responder(
+                    chat=False,
+                    model=self.model,
+                    logprobs=body.logprobs is not None,
+                    index=i,
+                    echo=body.echo,
+                    prompt_text=prompt if isinstance(prompt, str) else None,
+                )
+                for i, prompt in enumerate(prompts)
+            ]
+            for r in responders[1:]:  # one response: one id and time
+                r.id, r.created = responders[0].id, responders[0].created
+            return await self._http(generates, responders, body.stream, body.stream_options)
         except (ApiError, RequestError) as e:
             return self._refused(ApiError.of(e))
 
@@ -153,7 +210,7 @@ class Ingress:
                 exit=body.adept or ExitParams(),
             )
             responder = Responder(chat=True, model=self.model, logprobs=body.logprobs)
-            return await self._http(generate, responder, body.stream, body.stream_options)
+            return await self._http([generate], [responder], body.stream, body.stream_options)
         except (ApiError, RequestError) as e:
             return self._refused(ApiError.of(e))
 
@@ -234,45 +291,75 @@ class Ingress:
             raise self._unknown(body.model)
         return body
 
-    async def _http(self, request: GenerateRequest, responder: Responder, stream: bool, options) -> Response:
-        events = await self._start(request)
+    async def _http(
+        self, requests: list[GenerateRequest], responders: list[Responder], stream: bool, options
+    ) -> Response:
+        """One response for the requests (one per prompt: choice i answers request i)."""
+        started = []
+        try:
+            for request in requests:
+                started.append(await self._start(request))
+        except BaseException:
+            for events in started:
+                events.cancel()
+            raise
         if stream:
             include_usage = options is not None and options.include_usage
-            return StreamingResponse(self._sse(events, responder, include_usage), media_type="text/event-stream")
-        last = None
+            chunks = self._sse(started, responders, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         try:
-            async for event in events:
-                if isinstance(event, Rejected):
-                    raise event.error
-                responder.add(event)
-                last = event
+            lasts = await asyncio.gather(*(_drain(events, r) for events, r in zip(started, responders, strict=True)))
         finally:
-            events.cancel()
+            for events in started:
+                events.cancel()
         self.stats.outcome("http", "ok")
-        return JSONResponse(responder.response(last.finish_reason, last.usage))
+        choices = [r.choice(last.finish_reason) for r, last in zip(responders, lasts, strict=True)]
+        usage = sum((last.usage for last in lasts[1:]), lasts[0].usage)
+        return JSONResponse(responders[0].response(choices, usage))
 
     async def _sse(
-        self, events: DeploymentResponseGenerator, responder: Responder, include_usage: bool
+        self, started: list[DeploymentResponseGenerator], responders: list[Responder], include_usage: bool
     ) -> AsyncIterator[str]:
         outcome = "aborted"  # unless it ends below: the client left
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, events: DeploymentResponseGenerator) -> None:
+            try:
+                async for event in events:
+                    await queue.put((i, event))
+            except Exception as e:  # the replica failed: tell the client in the stream
+                await queue.put((i, Rejected(ApiError("internal", str(e)))))
+            await queue.put((i, None))
+
+        pumps = [asyncio.create_task(pump(i, events)) for i, events in enumerate(started)]
+        usages, open_ = [], len(started)
         try:
-            if responder.chat:
-                yield _sse(responder.role_chunk())
-            async for event in events:
+            if responders[0].chat:
+                yield _sse(responders[0].role_chunk())
+            while open_:
+                i, event = await queue.get()
+                if event is None:
+                    open_ -= 1
+                    continue
                 if isinstance(event, Rejected):  # failed after it started: say so in the stream
                     outcome = event.error.kind
                     yield _sse(event.error.body())
                     break
-                if event.token_ids or event.finished:
-                    yield _sse(responder.chunk(event, include_usage))
-                if event.finished and include_usage:
-                    yield _sse(responder.usage_chunk(event.usage))
+                if event.token_ids or event.finished or event.prompt is not None:
+                    yield _sse(responders[i].chunk(event, include_usage))
+                if event.finished:
+                    usages.append(event.usage)
             else:
+                if include_usage:
+                    yield _sse(responders[0].usage_chunk(sum(usages[1:], usages[0])))
                 outcome = "ok"
             yield _sse("[DONE]")
         finally:
             self.stats.outcome("http", outcome)
-            events.cancel()
+            for task in pumps:
+                task.cancel()
+            for events in started:
+                events.cancel()
 
     # ---- gRPC (adept.v1.AdeptService) ----------------------------------------------------------------
 
@@ -295,22 +382,31 @@ class Ingress:
                     outcome = event.error.kind
                     _grpc_error(grpc_context, event.error)
                     raise event.error
-                if event.token_ids:
-                    yield _grpc_token(event)
+                messages = [_grpc_token(event, i) for i in range(len(event.token_ids))]
+                for extra in messages[1:]:  # a merged output: the text goes with the first token
+                    extra.text = ""
                 if event.finished:
                     usage = event.usage
-                    yield pb.GenerateResponse(
-                        text="" if event.token_ids else event.text,
-                        finish_reason=event.finish_reason,
-                        usage=pb.Usage(
-                            prompt_tokens=usage.prompt_tokens,
-                            completion_tokens=usage.completion_tokens,
-                            total_tokens=usage.prompt_tokens + usage.completion_tokens,
-                            layers_computed=usage.layers_computed,
-                            layers_total=usage.layers_total,
-                        ),
+                    messages.append(
+                        pb.GenerateResponse(
+                            text="" if event.token_ids else event.text,
+                            finish_reason=event.finish_reason,
+                            usage=pb.Usage(
+                                prompt_tokens=usage.prompt_tokens,
+                                completion_tokens=usage.completion_tokens,
+                                total_tokens=usage.prompt_tokens + usage.completion_tokens,
+                                layers_computed=usage.layers_computed,
+                                layers_total=usage.layers_total,
+                                prompt_layers_computed=usage.prompt_layers_computed,
+                                prompt_layers_total=usage.prompt_layers_total,
+                            ),
+                        )
                     )
                     outcome = "ok"
+                if event.prompt is not None and messages:
+                    _grpc_prompt(messages[0], event)
+                for message in messages:
+                    yield message
         finally:
             self.stats.outcome("grpc", outcome)
             events.cancel()
@@ -372,11 +468,10 @@ class Ingress:
         for i, m in enumerate(request.messages):
             if m.role not in CHAT_ROLES:
                 raise ApiError("invalid", f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}", "messages")
-        fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+        fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "prompt_logprobs")
         sampling = {f: getattr(request, f) for f in fields if request.HasField(f)}
         sampling |= {"stop": list(request.stop), "ignore_eos": request.ignore_eos}
-        exit_fields = ("policy", "threshold", "min_depth", "max_depth", "backfill")
-        exit = {f: getattr(request.adept, f) for f in exit_fields if request.adept.HasField(f)}
+        exit = _grpc_exit(request)
         try:
             sampling_params = SamplingParams.model_validate(sampling)
         except ValidationError as e:

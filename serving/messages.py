@@ -3,7 +3,7 @@ of the import order, so the HTTP and gRPC side never imports the engine for its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from serving.errors import ApiError
 from serving.params import ExitParams, SamplingParams
@@ -15,6 +15,11 @@ class Usage:
     completion_tokens: int
     layers_computed: int  # sum over every token fed through the model of the layers it ran
     layers_total: int  # what full depth would have run for the same tokens
+    prompt_layers_computed: int = 0  # the same two, of prompt tokens only
+    prompt_layers_total: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass
@@ -31,6 +36,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     usage: Usage | None = None
     token_texts: dict[int, str] | None = None  # each token's text, for logprobs (filled by the replica)
+    prompt: PromptScores | None = None  # on the first output of a request that asked for prompt_logprobs
 
     def merged(self, later: RequestOutput) -> RequestOutput:
         """This output and a later one of the same request as one."""
@@ -48,7 +54,19 @@ class RequestOutput:
             finished=later.finished,
             finish_reason=later.finish_reason,
             usage=later.usage,
+            prompt=self.prompt or later.prompt,
         )
+
+
+@dataclass
+class PromptScores:
+    """A prompt's tokens and, per position, the exit layer it took and the log-probability there of the
+    token that follows (with the best alternatives); the first token has none (None)."""
+
+    token_ids: list[int]
+    exit_layers: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serving.exceptions import RequestError
 from serving.messages import RequestOutput, Usage
 from serving.params import ExitParams, SamplingParams, request_error
 
@@ -53,8 +54,11 @@ class _GenerationRequest(_Strict):
             raise ValueError("penalties are not supported (only 0)")
         return v
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         values = {
+            "prompt_logprobs": prompt_logprobs,
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -71,7 +75,8 @@ class _GenerationRequest(_Strict):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] | list[str]
+    # one prompt (a string or token ids) or several (one choice each, in order)
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
@@ -79,18 +84,9 @@ class CompletionRequest(_GenerationRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list) -> str | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], str):
-            if len(v) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return v[0]
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
+    def _some_prompt(cls, v: str | list) -> str | list:
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
         return v
 
     @field_validator("best_of")
@@ -99,6 +95,22 @@ class CompletionRequest(_GenerationRequest):
         if v not in (None, 1):
             raise ValueError("only best_of=1 is supported")
         return v
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+
+    def completion_sampling(self) -> SamplingParams:
+        """Echo returns the prompt with its log-probabilities (vLLM's prompt_logprobs: the prompt tokens'
+        own, plus `logprobs` alternatives); max_tokens 0 then only scores it."""
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens", "0 generates nothing: it only makes sense with echo (prompt scoring)")
+        try:
+            return self.sampling(self.max_tokens, self.logprobs, (self.logprobs or 0) if self.echo else None)
+        except RequestError as e:  # echo's prompt_logprobs is the request's logprobs: name that
+            if e.param == "prompt_logprobs":
+                raise RequestError("logprobs", str(e).split(": ", 1)[-1]) from None
+            raise
 
 
 class TextPart(_Strict):
@@ -132,22 +144,34 @@ def usage_json(usage: Usage) -> dict:
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "layers_computed": usage.layers_computed,
         "layers_total": usage.layers_total,
+        "prompt_layers_computed": usage.prompt_layers_computed,
+        "prompt_layers_total": usage.prompt_layers_total,
     }
+
+
+# A token's log-probability entry: its text, log-probability (None: the prompt's first token) and the best
+# alternatives by text.
+LogprobItem = tuple[str, float | None, dict[str, float] | None]
 
 
 @dataclass
 class Responder:
-    """Builds the JSON of one request's response: stream chunks as outputs arrive, or the whole response."""
+    """Builds the JSON of one choice of a response: stream chunks as outputs arrive, or the whole choice.
+    With `echo`, the prompt (its text, and its tokens' log-probabilities) comes before the completion."""
 
     chat: bool
     model: str
     logprobs: bool
+    index: int = 0
+    echo: bool = False
+    prompt_text: str | None = None  # the prompt as the client gave it (echo); None: its tokens' text
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
-    logprob_items: list = field(default_factory=list)
+    prompt_exit_layers: list[int] | None = None
+    logprob_items: list[LogprobItem] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)
 
     @property
@@ -158,13 +182,34 @@ class Responder:
         prefix = "chatcmpl-" if self.chat else "cmpl-"
         return {"id": prefix + self.id, "created": self.created, "model": self.model, "choices": choices, **extra}
 
-    def add(self, out: RequestOutput) -> None:
-        if self.logprobs and out.logprobs:
-            self.text_offsets.append(len(self.text))
-            self.logprob_items += self._logprobs(out)
-        self.text += out.text
+    def add(self, out: RequestOutput) -> tuple[str, list[LogprobItem], list[int]]:
+        """Take an output in: returns the text it adds (the echoed prompt first), its log-probability entries
+        and their offsets in the whole text."""
+        texts = out.token_texts or {}
+        text, items, offsets = "", [], []
+        if self.echo and out.prompt is not None:
+            p = out.prompt
+            pieces = [texts.get(t, "") for t in p.token_ids]
+            text = self.prompt_text if self.prompt_text is not None else "".join(pieces)
+            tops = [None if top is None else {texts.get(i, ""): v for i, v in top.items()} for top in p.top_logprobs]
+            items += zip(pieces, p.logprobs, tops, strict=True)
+            offsets += _offsets(pieces, len(self.text))
+            self.prompt_exit_layers = p.exit_layers
+        pieces = [texts.get(t, "") for t in out.token_ids]
+        if out.logprobs:
+            items += [
+                (piece, lp, {texts.get(i, ""): v for i, v in top.items()})
+                for piece, lp, top in zip(pieces, out.logprobs, out.top_logprobs or [], strict=False)
+            ]
+            offsets += _offsets(pieces, len(self.text) + len(text))
+        text += out.text
+        self.text += text
         self.token_ids += out.token_ids
         self.exit_layers += out.exit_layers
+        if self.logprobs:
+            self.logprob_items += items
+            self.text_offsets += offsets
+        return text, items, offsets
 
     def role_chunk(self) -> dict:
         """The first chunk of a chat stream."""
@@ -172,43 +217,50 @@ class Responder:
         return self._envelope([choice], object="chat.completion.chunk", adept={"token_ids": [], "exit_layers": []})
 
     def chunk(self, out: RequestOutput, include_usage: bool) -> dict:
-        """A stream chunk for one output (one token), with its exit layer."""
-        logprobs = self._logprobs_json(self._logprobs(out), [0] * len(out.token_ids)) if self.logprobs else None
+        """A stream chunk for one output (usually one token), with its exit layers."""
+        text, items, offsets = self.add(out)
+        logprobs = self._logprobs_json(items, offsets) if self.logprobs else None
         if self.chat:
-            choice = {"index": 0, "delta": {"content": out.text}, "logprobs": logprobs}
+            choice = {"index": self.index, "delta": {"content": text}, "logprobs": logprobs}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": logprobs}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs}
             obj = "text_completion"
         choice["finish_reason"] = out.finish_reason
         extra = {"usage": None} if include_usage else {}
         adept = {"token_ids": out.token_ids, "exit_layers": out.exit_layers}
+        if self.echo and out.prompt is not None:
+            adept["prompt_exit_layers"] = out.prompt.exit_layers
         return self._envelope([choice], object=obj, adept=adept, **extra)
 
     def usage_chunk(self, usage: Usage) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope([], object=obj, usage=usage_json(usage))
 
-    def response(self, finish_reason: str | None, usage: Usage) -> dict:
-        """The whole (non-streaming) response."""
+    def choice(self, finish_reason: str | None) -> dict:
+        """This choice of the whole (non-streaming) response, with its own exit layers."""
         logprobs = self._logprobs_json(self.logprob_items, self.text_offsets) if self.logprobs else None
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "logprobs": logprobs}
+            choice = {"index": self.index, "message": {"role": "assistant", "content": self.text}, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": self.text, "logprobs": logprobs}
+            choice = {"index": self.index, "text": self.text, "logprobs": logprobs}
         choice["finish_reason"] = finish_reason
+        choice["adept"] = self._adept()
+        return choice
+
+    def response(self, choices: list[dict], usage: Usage) -> dict:
+        """The whole response: its choices (from this responder and its siblings), usage summed over them.
+        With one choice its exit layers also stand at the top level."""
+        extra = {"adept": choices[0]["adept"]} if len(choices) == 1 else {}
+        return self._envelope(choices, object=self._object, usage=usage_json(usage), **extra)
+
+    def _adept(self) -> dict:
         adept = {"token_ids": self.token_ids, "exit_layers": self.exit_layers}
-        return self._envelope([choice], object=self._object, usage=usage_json(usage), adept=adept)
+        if self.prompt_exit_layers is not None:
+            adept["prompt_exit_layers"] = self.prompt_exit_layers
+        return adept
 
-    @staticmethod
-    def _logprobs(out: RequestOutput) -> list[tuple[str, float, dict[str, float]]]:
-        texts = out.token_texts or {}
-        return [
-            (texts.get(t, ""), lp, {texts.get(i, ""): v for i, v in top.items()})
-            for t, lp, top in zip(out.token_ids, out.logprobs or [], out.top_logprobs or [], strict=False)
-        ]
-
-    def _logprobs_json(self, items: list[tuple[str, float, dict[str, float]]], offsets: list[int]) -> dict:
+    def _logprobs_json(self, items: list[LogprobItem], offsets: list[int]) -> dict:
         if self.chat:
 
             def entry(token: str, lp: float) -> dict:
@@ -225,3 +277,12 @@ class Responder:
             "top_logprobs": [top for _, _, top in items],
             "text_offset": offsets,
         }
+
+
+def _offsets(pieces: list[str], start: int) -> list[int]:
+    """Where each token's text starts, the first at `start`."""
+    out = []
+    for piece in pieces:
+        out.append(start)
+        start += len(piece)
+    return out

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serving import tracing
 from serving.detokenizer import Detokenizer
-from serving.messages import RequestOutput, Usage
+from serving.messages import PromptScores, RequestOutput, Usage
 from serving.metrics import EngineStats
 from serving.scheduler import Sequence, SequenceUpdate
 
@@ -139,11 +139,18 @@ class OutputProcessor:
                 self.abort(seq)
             return True
         row = update.sampled
-        if row is None:  # a prompt chunk that did not reach the end of the prompt
-            return False
+        if row is None:
+            if update.prompt_done and seq.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._end(stream, "length")
+                out = RequestOutput(seq.request_id, "", [], [], finished=True, finish_reason="length")
+                out.prompt, out.usage = self._prompt(seq), self.usage(seq)
+                stream.queue.put_nowait(out)
+                return True
+            return False  # a prompt chunk that did not reach the end of the prompt
         token, exit_layer = update.token, seq.exit_layers[-1]
         now = time.monotonic()
-        if stream.first_token is None:
+        first = stream.first_token is None
+        if first:
             stream.first_token = now
             self.stats.first_token(now - stream.admitted)
         self.stats.token(exit_layer)
@@ -171,9 +178,21 @@ class OutputProcessor:
                 finished=reason is not None,
                 finish_reason=reason,
                 usage=None if reason is None else self.usage(seq),
+                prompt=self._prompt(seq) if first else None,
             )
         )
         return reason is not None
+
+    @staticmethod
+    def _prompt(seq: Sequence) -> PromptScores | None:
+        if seq.sampling.prompt_logprobs is None:
+            return None
+        return PromptScores(
+            token_ids=list(seq.prompt_ids),
+            exit_layers=list(seq.prompt_exit_layers),
+            logprobs=[None, *seq.prompt_logprobs],
+            top_logprobs=[None, *seq.prompt_top_logprobs],
+        )
 
     def abort(self, seq: Sequence) -> None:
         """End a stream without a new token."""
@@ -203,6 +222,8 @@ class OutputProcessor:
             completion_tokens=len(seq.output_ids),
             layers_computed=seq.layers_computed,
             layers_total=seq.num_computed * self.num_layers,
+            prompt_layers_computed=seq.prompt_layers_computed,
+            prompt_layers_total=min(seq.num_computed, len(seq.prompt_ids)) * self.num_layers,
         )
 
     def _end(self, stream: _Stream, reason: str) -> None:

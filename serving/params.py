@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from serving.exceptions import RequestError
 from workers.modes import Backfill, Policy
@@ -26,7 +26,16 @@ def request_error(error: ValidationError, prefix: str = "") -> RequestError:
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int | None = Field(None, ge=1, description="new tokens at most; default: what the context allows")
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="log-probability of each prompt token after the first (at the exit it took), plus this many "
+        "alternatives",
+    )  # before max_tokens: its check reads this
+    max_tokens: int | None = Field(
+        None, ge=0, description="new tokens at most; default: what the context allows; 0: score the prompt only"
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 is off")
@@ -36,6 +45,13 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="log-probability of each token, plus this many alternatives"
     )
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _nothing_only_when_scoring(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and info.data.get("prompt_logprobs") is None:
+            raise ValueError("0 generates nothing: it only scores the prompt (with prompt_logprobs, or echo)")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -50,9 +66,7 @@ class SamplingParams(BaseModel):
         return v
 
 
-class ExitParams(BaseModel):
-    """Early-exit controls of one request; unset fields take the server's defaults."""
-
+class _PhaseExit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: PolicyName | None = None
@@ -60,6 +74,22 @@ class ExitParams(BaseModel):
     min_depth: int | None = Field(None, ge=1, description="no exit before this many layers")
     max_depth: int | None = Field(None, ge=1, description="exit by this depth (static: the fixed depth)")
     backfill: BackfillName | None = None
+
+
+class PrefillExitParams(_PhaseExit):
+    """Exit controls of prompt tokens; unset fields take the request's own (`adept`), then the server's
+    prefill defaults, then its defaults."""
+
+    full_depth_last: int | None = Field(
+        None, ge=0, description="the last N prompt positions run at full depth (the last one samples the first token)"
+    )
+
+
+class ExitParams(_PhaseExit):
+    """Early-exit controls of one request; unset fields take the server's defaults. `prefill` sets prompt
+    tokens apart."""
+
+    prefill: PrefillExitParams | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,27 @@ class ResolvedExit:
 
 
 @dataclass(frozen=True)
+class PhaseExits:
+    """A request's resolved exit controls: for generated tokens, for prompt tokens, and how many of the
+    last prompt positions run at full depth."""
+
+    decode: ResolvedExit
+    prefill: ResolvedExit
+    full_depth_last: int = 0
+
+    @staticmethod
+    def same(exit: ResolvedExit) -> PhaseExits:
+        return PhaseExits(exit, exit, 0)
+
+    def at(self, position: int, prompt_len: int) -> ResolvedExit:
+        if position >= prompt_len:
+            return self.decode
+        if position >= prompt_len - self.full_depth_last:
+            return FULL_DEPTH
+        return self.prefill
+
+
+@dataclass(frozen=True)
 class ExitLimits:
     """What the server allows: depths in [min_depth, num_layers], policies it can serve."""
 
@@ -85,14 +136,28 @@ class ExitLimits:
     has_routers: bool
 
 
-def resolve_exit(request: ExitParams, defaults: ExitParams, limits: ExitLimits) -> ResolvedExit:
-    """Merge a request's exit controls over the server defaults and check them against the limits."""
-    merged = defaults.model_dump()
-    merged.update(request.model_dump(exclude_none=True))
-    policy = merged["policy"] or "none"
-    min_depth = merged["min_depth"] or limits.min_depth
-    max_depth = merged["max_depth"] or limits.num_layers
-    prefix = "adept."
+def resolve_exit(request: ExitParams, defaults: ExitParams, limits: ExitLimits) -> PhaseExits:
+    """Merge a request's exit controls over the server defaults and check them against the limits. Prompt
+    tokens: the request's `prefill`, then its own controls, then the defaults' `prefill`, then the defaults."""
+    own = request.model_dump(exclude_none=True, exclude={"prefill"})
+    decode = _resolve(own, defaults.model_dump(exclude={"prefill"}), limits, "adept.")
+    prefill_defaults = {
+        **defaults.model_dump(exclude={"prefill"}),
+        **(defaults.prefill.model_dump(exclude_none=True) if defaults.prefill else {}),
+    }
+    prefill_request = request.prefill or PrefillExitParams()
+    merged_request = {**own, **prefill_request.model_dump(exclude_none=True)}
+    prefill = _resolve(merged_request, prefill_defaults, limits, "adept.prefill.")
+    full_depth_last = merged_request.get("full_depth_last", prefill_defaults.get("full_depth_last")) or 0
+    return PhaseExits(decode, prefill, full_depth_last)
+
+
+def _resolve(request: dict, defaults: dict, limits: ExitLimits, prefix: str) -> ResolvedExit:
+    """One phase's controls: the request's set fields over the defaults, checked against the limits."""
+    merged = {**defaults, **request}
+    policy = merged.get("policy") or "none"
+    min_depth = merged.get("min_depth") or limits.min_depth
+    max_depth = merged.get("max_depth") or limits.num_layers
     if min_depth < limits.min_depth:
         raise RequestError(prefix + "min_depth", f"must be at least {limits.min_depth} (the server's minimum depth)")
     for name, value in (("min_depth", min_depth), ("max_depth", max_depth)):
@@ -100,7 +165,7 @@ def resolve_exit(request: ExitParams, defaults: ExitParams, limits: ExitLimits) 
             raise RequestError(prefix + name, f"must be at most {limits.num_layers} (the model's layers)")
     if max_depth < min_depth:
         raise RequestError(prefix + "max_depth", f"must be at least min_depth ({min_depth})")
-    if policy == "static" and request.max_depth is None and defaults.max_depth is None:
+    if policy == "static" and request.get("max_depth") is None and defaults.get("max_depth") is None:
         raise RequestError(prefix + "max_depth", "exit policy 'static' needs max_depth, the depth every token exits")
     if policy == "learned" and not limits.has_routers:
         raise RequestError(
@@ -108,8 +173,11 @@ def resolve_exit(request: ExitParams, defaults: ExitParams, limits: ExitLimits) 
         )
     return ResolvedExit(
         policy=Policy[policy.upper()],
-        threshold=merged["threshold"] if merged["threshold"] is not None else 0.9,
+        threshold=merged["threshold"] if merged.get("threshold") is not None else 0.9,
         min_depth=min_depth,
         max_depth=max_depth,
-        backfill=Backfill[(merged["backfill"] or "decoupled").upper()],
+        backfill=Backfill[(merged.get("backfill") or "decoupled").upper()],
     )
+
+
+FULL_DEPTH = ResolvedExit(Policy.NONE, 0.9, 1, 10**6, Backfill.DECOUPLED)

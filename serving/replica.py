@@ -61,7 +61,7 @@ class PipelineReplica:
         yield Admitted(prompt_tokens=stream.prompt_tokens)
         try:
             async for out in stream.chunks(self._interval()):
-                if request.sampling.logprobs is not None:
+                if request.sampling.logprobs is not None or out.prompt is not None:
                     out.token_texts = self._texts(out)
                 yield out
         except EngineError as e:
@@ -106,5 +106,9 @@ class PipelineReplica:
         ids = set(out.token_ids)
         for top in out.top_logprobs or []:
             ids |= set(top)
+        if out.prompt is not None:  # echo: the prompt's tokens and their alternatives too
+            ids |= set(out.prompt.token_ids)
+            for top in out.prompt.top_logprobs:
+                ids |= set(top or ())
         tokenizer = self.engine.tokenizer
         return {i: tokenizer.decode([i]) for i in ids}

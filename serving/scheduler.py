@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.exceptions import QueueFullError
-from serving.params import ResolvedExit, SamplingParams
+from serving.params import PhaseExits, SamplingParams
 from workers.kv_cache import BlockPool, blocks_for
 from workers.protocol import Rows, TokenResults
 
@@ -25,12 +25,18 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    exit: ResolvedExit
+    exit: PhaseExits
     seed: int
-    max_tokens: int
+    max_tokens: int  # 0: score the prompt (prompt_logprobs) and generate nothing
     output_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # per generated token
     layers_computed: int = 0  # sum of exit depths of every token fed through the model
+    prompt_layers_computed: int = 0  # the same, of prompt tokens only
+    prompt_exit_layers: list[int] = field(default_factory=list)  # per prompt position
+    # With sampling.prompt_logprobs, per prompt position p but the last: the log-probability of prompt token
+    # p + 1 at p's exit, and the best alternatives there.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # its KV blocks, in position order
     num_computed: int = 0  # positions fed through the model
     in_flight: bool = False
@@ -56,6 +62,7 @@ class ScheduledBatch:
 class SequenceUpdate:
     seq: Sequence
     sampled: TokenResults | None  # the row that sampled the next token; None: a prompt chunk before the end
+    prompt_done: bool = False  # this step fed the prompt's last token
 
     @property
     def token(self) -> int | None:
@@ -208,36 +215,64 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.counts, strict=True):
             end = start + n
             seq.in_flight = False
+            first, prompt_len = seq.num_computed, len(seq.prompt_ids)
             seq.num_computed += n
             seq.layers_computed += int(results.exit_layer[start:end].sum())
+            if first < prompt_len:
+                _record_prompt(seq, first, results.select(slice(start, start + min(n, prompt_len - first))))
             sampled = None
-            if seq.num_computed == len(seq.tokens):  # the last row sampled the next token
+            if seq.num_computed == len(seq.tokens) and seq.max_tokens > 0:  # the last row sampled the next token
                 sampled = results.select(slice(end - 1, end))
                 seq.output_ids.append(int(sampled.tokens[0]))
                 seq.exit_layers.append(int(sampled.exit_layer[0]))
-            updates.append(SequenceUpdate(seq, sampled))
+            updates.append(SequenceUpdate(seq, sampled, first < prompt_len <= seq.num_computed))
             start = end
         return updates
 
 
+def _record_prompt(seq: Sequence, first: int, rows: TokenResults) -> None:
+    """What prompt positions first, first + 1, ... produced (fed again after a preemption: replaced)."""
+    layers = rows.exit_layer.tolist()
+    seq.prompt_layers_computed += sum(layers)
+    del seq.prompt_exit_layers[first:]
+    seq.prompt_exit_layers += layers
+    k = seq.sampling.prompt_logprobs
+    if k is None:
+        return
+    scored = min(len(layers), len(seq.prompt_ids) - 1 - first)  # the last prompt position scores nothing
+    del seq.prompt_logprobs[first:], seq.prompt_top_logprobs[first:]
+    seq.prompt_logprobs += rows.target_logprobs[:scored].tolist()
+    ids, lps = rows.top_ids[:scored, :k].tolist(), rows.top_logprobs[:scored, :k].tolist()
+    seq.prompt_top_logprobs += [dict(zip(i, v, strict=True)) for i, v in zip(ids, lps, strict=True)]
+
+
 def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -> Rows:
     """The next `n` unfed tokens of each (sequence, n). Teacher-forced, every row samples (greedy, at its
-    exit) and scores the sequence's actual next token; otherwise only a sequence's last token samples."""
+    exit) and scores the sequence's actual next token; otherwise only a sequence's last token samples (none
+    when it generates nothing), and with prompt_logprobs each prompt position scores the next prompt token.
+    Each row takes its phase's exit controls (prompt or generated token)."""
     width = max(len(seq.blocks) for seq, _ in picked)
-    tables, positions, token_ids, sample, target = [], [], [], [], []
+    tables, positions, token_ids, sample, target, logprobs, exits = [], [], [], [], [], [], []
     per_seq: list[tuple[Sequence, int]] = []
     for seq, n in picked:
-        tokens = seq.tokens
+        tokens, prompt_len = seq.tokens, len(seq.prompt_ids)
         start = seq.num_computed
+        span = range(start, start + n)
         tables += [seq.blocks + [-1] * (width - len(seq.blocks))] * n
-        positions += range(start, start + n)
+        positions += span
         token_ids += tokens[start : start + n]
+        exits += [seq.exit.at(p, prompt_len) for p in span]
+        asked = -1 if seq.sampling.logprobs is None else seq.sampling.logprobs
         if teacher_forced:
             sample += [True] * n
-            target += [tokens[p + 1] if p + 1 < len(tokens) else -1 for p in range(start, start + n)]
+            target += [tokens[p + 1] if p + 1 < len(tokens) else -1 for p in span]
+            logprobs += [asked] * n
         else:
-            sample += [False] * (n - 1) + [start + n == len(tokens)]
-            target += [-1] * n
+            sample += [False] * (n - 1) + [start + n == len(tokens) and seq.max_tokens > 0]
+            scoring = seq.sampling.prompt_logprobs
+            scored = [scoring is not None and p + 1 < prompt_len for p in span]
+            target += [tokens[p + 1] if s else -1 for p, s in zip(span, scored, strict=True)]
+            logprobs += [scoring if s else asked for s in scored]
         per_seq.append((seq, n))
 
     def each(value_of, dtype) -> torch.Tensor:
@@ -247,16 +282,16 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
         block_table=torch.tensor(tables, dtype=torch.int64).view(-1, width),
         positions=torch.tensor(positions, dtype=torch.int64),
         token_ids=torch.tensor(token_ids, dtype=torch.int64),
-        policy=each(lambda s: int(s.exit.policy), torch.int64),
-        threshold=each(lambda s: s.exit.threshold, torch.float32),
-        min_depth=each(lambda s: s.exit.min_depth, torch.int64),
-        max_depth=each(lambda s: s.exit.max_depth, torch.int64),
-        backfill=each(lambda s: int(s.exit.backfill), torch.int64),
+        policy=torch.tensor([int(e.policy) for e in exits], dtype=torch.int64),
+        threshold=torch.tensor([e.threshold for e in exits], dtype=torch.float32),
+        min_depth=torch.tensor([e.min_depth for e in exits], dtype=torch.int64),
+        max_depth=torch.tensor([e.max_depth for e in exits], dtype=torch.int64),
+        backfill=torch.tensor([int(e.backfill) for e in exits], dtype=torch.int64),
         sample=torch.tensor(sample, dtype=torch.bool),
         temperature=each(lambda s: s.sampling.temperature, torch.float32),
         top_p=each(lambda s: s.sampling.top_p, torch.float32),
         top_k=each(lambda s: s.sampling.top_k, torch.int64),
         seed=each(lambda s: s.seed, torch.int64),
-        logprobs=each(lambda s: -1 if s.sampling.logprobs is None else s.sampling.logprobs, torch.int64),
+        logprobs=torch.tensor(logprobs, dtype=torch.int64),
         target=torch.tensor(target, dtype=torch.int64),
     )

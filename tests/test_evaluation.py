@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import torch
 
 from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import agreement, common_prefix, teacher_forced
+from serving.evaluation import Costs, TeacherForced, agreement, common_prefix, oracle_row, teacher_forced
 from tests.helpers import hf_model
 from workers.model_store import load_tokenizer
 
@@ -65,3 +66,23 @@ def test_agreement_measures():
     assert agreement([1, 2, 3, 4], [1, 9, 3, 4, 5]) == 0.75
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+def test_oracle_exits_at_the_shallowest_agreeing_head():
+    """The oracle row: per token the shallowest exit point whose prediction is the full model's (else full
+    depth), its log-probabilities taken there, compute counted with the back-fill's cost per skipped layer."""
+    scored = torch.tensor([True, True, True, False])  # one window of four tokens
+
+    def run(predictions: list[int], logprobs: list[float]) -> TeacherForced:
+        exits = torch.zeros(4, dtype=torch.int64)
+        return TeacherForced(torch.tensor(predictions), exits, torch.tensor(logprobs), scored)
+
+    full = run([5, 6, 7, 8], [-1.0, -1.0, -1.0])
+    at = {2: run([5, 0, 0, 8], [-2.0, -9.0, -9.0]), 4: run([5, 6, 0, 0], [-3.0, -1.5, -9.0])}
+    costs = Costs(kv=0.1, map=0.05, head=8.0, router=0.01)
+    row = oracle_row(at, full, num_layers=6, min_depth=2, backfill="decoupled", costs=costs)
+    assert row["mean_exit_depth"] == (2 + 4 + 6 + 2) / 4 and row["agreement"] == 1.0
+    layers = ((2 + 4 * 0.1) + (4 + 2 * 0.1) + 6 + (2 + 4 * 0.1)) / 4 / 6
+    assert row["compute_saved"] == round(1 - layers, 4)
+    assert row["perplexity"] == round(math.exp((2.0 + 1.5 + 1.0) / 3), 3)
+    assert row["curve"] == "oracle, decoupled"

@@ -271,6 +271,13 @@ class LayerGroup:
         if scored.numel():
             logp = torch.log_softmax(logits[scored], dim=-1)
             res.target_logprobs[scored] = logp.gather(1, rows.target[scored, None]).squeeze(1)
+            # rows that only score (prompt positions) and asked for alternatives: the best at their exit
+            alt = (~rows.sample[scored] & (rows.logprobs[scored] > 0)).nonzero().flatten()
+            if alt.numel() and top_k:
+                best = logp[alt].topk(top_k, dim=-1)
+                keep = torch.arange(top_k, device=self.device)[None, :] < rows.logprobs[scored[alt]][:, None]
+                res.top_ids[scored[alt]] = torch.where(keep, best.indices, -1)
+                res.top_logprobs[scored[alt]] = torch.where(keep, best.values, float("-inf"))
         sampling = rows.sample.nonzero().flatten()
         if sampling.numel():
             s, row_logits = rows.select(sampling), logits[sampling]

@@ -15,21 +15,23 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ExitControls(_message.Message):
-    __slots__ = ("policy", "threshold", "min_depth", "max_depth", "backfill")
+    __slots__ = ("policy", "threshold", "min_depth", "max_depth", "backfill", "full_depth_last")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_DEPTH_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     BACKFILL_FIELD_NUMBER: _ClassVar[int]
+    FULL_DEPTH_LAST_FIELD_NUMBER: _ClassVar[int]
     policy: str
     threshold: float
     min_depth: int
     max_depth: int
     backfill: str
-    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., min_depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., backfill: _Optional[str] = ...) -> None: ...
+    full_depth_last: int
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., min_depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., backfill: _Optional[str] = ..., full_depth_last: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "adept", "logprobs")
+    __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "adept", "logprobs", "prompt_logprobs", "prefill")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +44,8 @@ class GenerateRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     ADEPT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -54,21 +58,27 @@ class GenerateRequest(_message.Message):
     ignore_eos: bool
     adept: ExitControls
     logprobs: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., adept: _Optional[_Union[ExitControls, _Mapping]] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    prompt_logprobs: int
+    prefill: ExitControls
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., adept: _Optional[_Union[ExitControls, _Mapping]] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., prefill: _Optional[_Union[ExitControls, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "layers_computed", "layers_total")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "layers_computed", "layers_total", "prompt_layers_computed", "prompt_layers_total")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LAYERS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LAYERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     layers_computed: int
     layers_total: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., layers_computed: _Optional[int] = ..., layers_total: _Optional[int] = ...) -> None: ...
+    prompt_layers_computed: int
+    prompt_layers_total: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., layers_computed: _Optional[int] = ..., layers_total: _Optional[int] = ..., prompt_layers_computed: _Optional[int] = ..., prompt_layers_total: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -78,8 +88,20 @@ class TopLogprob(_message.Message):
     logprob: float
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
+class PromptToken(_message.Message):
+    __slots__ = ("token_id", "exit_layer", "logprob", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    exit_layer: int
+    logprob: float
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token_id: _Optional[int] = ..., exit_layer: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_id", "exit_layer", "logprob", "top_logprobs", "finish_reason", "usage")
+    __slots__ = ("text", "token_id", "exit_layer", "logprob", "top_logprobs", "finish_reason", "usage", "prompt")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +109,7 @@ class GenerateResponse(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_id: int
     exit_layer: int
@@ -94,7 +117,8 @@ class GenerateResponse(_message.Message):
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     finish_reason: str
     usage: Usage
-    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., exit_layer: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    prompt: _containers.RepeatedCompositeFieldContainer[PromptToken]
+    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., exit_layer: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prompt: _Optional[_Iterable[_Union[PromptToken, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -51,7 +51,7 @@ class AdeptServiceServicer:
 
     def Generate(self, request, context):
         """Streams one message per generated token (text, token id, exit layer), then a final message with the
-        finish reason and usage.
+        finish reason and usage. With prompt_logprobs the first message also carries the scored prompt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
