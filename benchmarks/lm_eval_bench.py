@@ -27,6 +27,7 @@ from serve_speed import local_app, run_benchmark, server_options
 from serving import server
 from serving.app import build_app
 from serving.config import APP_NAME, EngineConfig
+from serving.params import ExitParams
 from workers.model_store import resolve_model
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -133,7 +134,8 @@ def main(args: argparse.Namespace) -> dict:
     try:
         server.start(config)
         for name, exit in points.items():
-            point = config.model_copy(update={"engine": config.engine.model_copy(update={"exit": exit})})
+            engine = config.engine.model_copy(update={"exit": ExitParams.model_validate(exit)})
+            point = config.model_copy(update={"engine": engine})
             serve.run(build_app(point), name=APP_NAME, route_prefix="/")  # redeploy with these defaults
             rows = {}
             for task in args.tasks:
