@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 from engine_speed import log, machine  # benchmarks/ is on sys.path
 from ray import serve
 from serve_speed import local_app, run_benchmark, server_options
@@ -136,7 +137,12 @@ def main(args: argparse.Namespace) -> dict:
         for name, exit in points.items():
             engine = config.engine.model_copy(update={"exit": ExitParams.model_validate(exit)})
             point = config.model_copy(update={"engine": engine})
-            serve.run(build_app(point), name=APP_NAME, route_prefix="/")  # redeploy with these defaults
+            # A new application per point: Serve keeps the running replicas of a redeployed one when it
+            # judges its deployments unchanged, and they would keep the last point's defaults.
+            serve.delete(APP_NAME)
+            serve.run(build_app(point), name=APP_NAME, route_prefix="/")
+            served = httpx.get(f"{url}/v1/models").json()["data"][0]["adept"]["default_exit"]
+            log(f"{name}: the server's default exit controls {served}")
             rows = {}
             for task in args.tasks:
                 RECORDER.reset()
@@ -150,7 +156,7 @@ def main(args: argparse.Namespace) -> dict:
                 }
                 rows[task] = row
                 log(f"{name} / {task}: {row}")
-            report["points"][name] = {"exit": exit, "tasks": rows}
+            report["points"][name] = {"exit": exit, "served_defaults": served, "tasks": rows}
     finally:
         server.stop()
     return report
