@@ -32,9 +32,9 @@ class Sequence:
     exit_layers: list[int] = field(default_factory=list)  # per generated token
     layers_computed: int = 0  # sum of exit depths of every token fed through the model
     prompt_layers_computed: int = 0  # the same, of prompt tokens only
-    prompt_exit_layers: list[int] = field(default_factory=list)  # per prompt position
-    # With sampling.prompt_logprobs, per prompt position p but the last: the log-probability of prompt token
-    # p + 1 at p's exit, and the best alternatives there.
+    # With sampling.prompt_logprobs: per prompt position, its exit layer; per prompt position p but the last,
+    # the log-probability of prompt token p + 1 at p's exit, and the best alternatives there.
+    prompt_exit_layers: list[int] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # its KV blocks, in position order
@@ -219,7 +219,10 @@ class Scheduler:
             seq.num_computed += n
             seq.layers_computed += int(results.exit_layer[start:end].sum())
             if first < prompt_len:
-                _record_prompt(seq, first, results.select(slice(start, start + min(n, prompt_len - first))))
+                prompt_rows = slice(start, start + min(n, prompt_len - first))
+                seq.prompt_layers_computed += int(results.exit_layer[prompt_rows].sum())
+                if seq.sampling.prompt_logprobs is not None:  # only scoring requests keep per-position results
+                    _record_prompt(seq, first, results.select(prompt_rows))
             sampled = None
             if seq.num_computed == len(seq.tokens) and seq.max_tokens > 0:  # the last row sampled the next token
                 sampled = results.select(slice(end - 1, end))
@@ -231,14 +234,12 @@ class Scheduler:
 
 
 def _record_prompt(seq: Sequence, first: int, rows: TokenResults) -> None:
-    """What prompt positions first, first + 1, ... produced (fed again after a preemption: replaced)."""
+    """What prompt positions first, first + 1, ... produced for a scoring request (fed again after a
+    preemption: replaced)."""
     layers = rows.exit_layer.tolist()
-    seq.prompt_layers_computed += sum(layers)
     del seq.prompt_exit_layers[first:]
     seq.prompt_exit_layers += layers
     k = seq.sampling.prompt_logprobs
-    if k is None:
-        return
     scored = min(len(layers), len(seq.prompt_ids) - 1 - first)  # the last prompt position scores nothing
     del seq.prompt_logprobs[first:], seq.prompt_top_logprobs[first:]
     seq.prompt_logprobs += rows.target_logprobs[:scored].tolist()
