@@ -33,7 +33,12 @@ class Admission:
         self.limits: ExitLimits = plan.limits(routed)
         # Requests' unset exit controls: the configuration's, else what the exit pack was tuned for.
         tuned = pack.defaults if routed else {}
-        self.exit_defaults = ExitParams.model_validate({**tuned, **config.exit.model_dump(exclude_none=True)})
+        own = config.exit.model_dump(exclude_none=True)
+        defaults = {**tuned, **own}
+        if "prefill" in tuned:  # the configuration's own controls govern prompt tokens too, as a request's do
+            defaults["prefill"] = {**tuned["prefill"], **{k: v for k, v in own.items() if k != "prefill"},
+                                   **own.get("prefill", {})}  # fmt: skip
+        self.exit_defaults = ExitParams.model_validate(defaults)
 
     def sequence(
         self,

@@ -1,32 +1,47 @@
 """`adept calibrate`'s work on the serving side: train an exit pack from a corpus (workers/calibration.py
 does the training on hidden states), then finish it in a real engine: measure the back-fill harm for its
-cost model and tune its default threshold to a target agreement with the full model."""
+cost model and choose its defaults from task quality (held-out perplexity, the free-running perplexity of
+chat continuations, classification accuracy for prompt tokens)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from serving import evaluation
 from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import LEARNED_THRESHOLDS, agreement, backfill_harm, compute_used, costs_of, teacher_forced
+from serving.evaluation import Classification, backfill_harm
 from serving.params import ExitParams
 from serving.plan import default_exit_points
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings, calibrate, self_generated
-from workers.corpus import CorpusPart, chat_prompts, text_windows
+from workers.corpus import CorpusPart, chat_prompts, labelled_texts, text_windows
 from workers.exit_pack import ExitPack
 from workers.model_store import load_config, load_tokenizer, resolve_model
+
+
+@dataclass(frozen=True)
+class TuneTargets:
+    """What the pack's defaults must keep against full depth, on data calibration did not train on."""
+
+    max_perplexity_increase: float = 0.05  # held-out text, teacher-forced
+    max_free_running_increase: float = 0.05  # the full model's perplexity of greedy chat continuations
+    max_accuracy_drop: float = 0.01  # labelled classification, for the prompt tokens' defaults
+    agreement: float | None = None  # teacher-forced agreement with the full model, if asked
 
 
 @dataclass
 class CalibrationJob:
     """What `adept calibrate` was asked for. `settings` are CalibrationSettings' fields; exit points
-    default to the engine's default exit points for the model."""
+    default to the engine's default exit points for the model. `retune` skips training: it tunes the
+    defaults of the pack already at `output`. Tuning data: held-out corpus text, then the first half of
+    `tune_chats` (chat prompts) and of `labelled` (texts in `template`, labels indexing `choices`)."""
 
     model: str
     corpus: str
@@ -37,15 +52,32 @@ class CalibrationJob:
     generate_tokens: int = 128
     exit_points: list[int] | None = None
     router_features: list[str] = field(default_factory=lambda: ["hidden"])
-    target_agreement: float = 0.95
     settings: dict = field(default_factory=dict)
+    retune: bool = False
+    tune_chats: str | None = None
+    chat_tokens: int = 64
+    max_chats: int = 24
+    labelled: str | None = None
+    template: str = "{text}"
+    choices: list[str] = field(default_factory=list)
+    targets: TuneTargets = field(default_factory=TuneTargets)
+
+
+@dataclass
+class TuneData:
+    windows: list[list[int]]  # held-out text
+    chats: list[list[dict[str, str]]]  # chat prompts for free-running quality
+    chat_tokens: int
+    task: Classification | None  # labelled classification for the prompt tokens' defaults
 
 
 def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
-    """Train the pack, save it to `job.output`, tune it on corpus text training did not read; report."""
+    """Train the pack (unless re-tuning), save it to `job.output`, tune its defaults on data training did not
+    read; report."""
     logging.getLogger("workers").setLevel(logging.INFO)
     path = resolve_model(job.model)
-    n = ModelArch.from_config(load_config(path)).num_layers
+    arch = ModelArch.from_config(load_config(path))
+    n = arch.num_layers
     points = job.exit_points or default_exit_points(n, max(1, n // 4))
     settings = CalibrationSettings(
         exit_points=[d for d in points if d < n], router_features=job.router_features, **job.settings
@@ -54,59 +86,168 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
     tokenizer = load_tokenizer(path)
     part = CorpusPart.of(job.corpus, (0.0, 1.0 - job.holdout))
     data = {"corpus": part.describe(), "window": job.window}
-    windows = text_windows(part, tokenizer, job.window)
-    if job.prompts:
-        prompts = CorpusPart.of(job.prompts)
-        data["prompts"] = prompts.describe() | {"generated_tokens": job.generate_tokens}
-        generated = self_generated(path, chat_prompts(prompts), job.generate_tokens, settings.seed)
-        windows = itertools.chain(generated, windows)
-    pack = calibrate(path, windows, settings, data, model_name=job.model)
-    out = pack.save(job.output)
-    # The cost model's last parts need the pack in a real engine, on corpus text training did not read.
+    if job.retune:
+        out = Path(job.output)
+        settings.exit_points = [d for d in ExitPack.load(out).exit_points if d < n]
+    else:
+        windows = text_windows(part, tokenizer, job.window)
+        if job.prompts:
+            prompts = CorpusPart.of(job.prompts)
+            data["prompts"] = prompts.describe() | {"generated_tokens": job.generate_tokens}
+            generated = self_generated(path, chat_prompts(prompts), job.generate_tokens, settings.seed)
+            windows = itertools.chain(generated, windows)
+        pack = calibrate(path, windows, settings, data, model_name=job.model)
+        out = pack.save(job.output)
+    # The cost model's last parts and the defaults need the pack in a real engine, on data training did not read.
     unread = itertools.islice(text_windows(part, tokenizer, 256), settings.max_tokens // 256 + 1, None)
     probe = list(itertools.islice(unread, 8)) or list(itertools.islice(text_windows(part, tokenizer, 256), 8))
-    engine = EngineConfig(model=job.model, exit_pack=str(out), num_layer_groups=1, max_num_seqs=len(probe),
-                          max_model_len=257, min_exit_depth=min(settings.exit_points))  # fmt: skip
-    progress(f"measuring back-fill harm and tuning the default threshold on {sum(map(len, probe))} tokens")
-    pack = asyncio.run(tune_pack(engine, probe, settings.exit_points, job.target_agreement))
+    chats = [] if job.tune_chats is None else list(
+        itertools.islice(chat_prompts(CorpusPart.of(job.tune_chats, (0.0, 0.5))), job.max_chats)
+    )  # fmt: skip
+    task = None
+    if job.labelled:
+        rows = labelled_texts(CorpusPart.of(job.labelled, (0.0, 0.5)))
+        task = Classification.of(tokenizer, rows, job.template, job.choices)
+    tune = TuneData(probe, chats, job.chat_tokens, task)
+    engine = EngineConfig(
+        model=job.model, exit_pack=str(out), num_layer_groups=1, max_model_len=min(1024, arch.max_position_embeddings),
+        max_num_seqs=max(len(probe), len(chats), 32), min_exit_depth=min(settings.exit_points),
+    )  # fmt: skip
+    pack = asyncio.run(tune_pack(engine, tune, settings.exit_points, job.targets, progress))
     for line in summary(pack):
         progress(line)
     progress(f"wrote {out} ({sum(f.stat().st_size for f in Path(out).iterdir()) / 1e6:.1f} MB)")
     return pack
 
 
-async def tune_pack(config: EngineConfig, windows: list[list[int]], depths: list[int], target: float) -> ExitPack:
-    """Calibration's last step, in a real engine on text it did not train on: measure the back-fill harm
-    (written into the pack's cost model), then tune the pack's default threshold: the lowest (most
-    compute saved) at which policy learned, with the pack's default back-fill, keeps `target` agreement."""
+async def tune_pack(
+    config: EngineConfig,
+    data: TuneData,
+    depths: list[int],
+    targets: TuneTargets,
+    progress: Callable[[str], None] = lambda _: None,
+) -> ExitPack:
+    """Calibration's last step, in a real engine on data it did not train on: measure the back-fill harm
+    (written into the pack's cost model), then choose the pack's defaults. Prompt tokens (with labelled
+    data): the exit setting that saves the most prompt compute within `max_accuracy_drop` of full depth's
+    accuracy. Generated tokens: the lowest threshold (most compute saved) at which policy learned, with the
+    pack's default back-fill, keeps held-out perplexity, the free-running perplexity of chat continuations
+    and (if asked) agreement within the targets."""
     pack = ExitPack.load(config.exit_pack)
+    pack.manifest["defaults"].pop("prefill", None)  # tuning must not run under the defaults it replaces
+    pack.save(config.exit_pack)
     engine = Engine.local(config)
     try:
-        harm = await backfill_harm(engine, windows, depths)
+        progress(f"measuring back-fill harm on {sum(map(len, data.windows))} held-out tokens")
+        harm = await backfill_harm(engine, data.windows, depths)
     finally:
         await engine.shutdown()
     pack.manifest["router"]["cost"]["harm"] = harm
     pack.save(config.exit_pack)
     engine = Engine.local(config)
     try:
-        full = await teacher_forced(engine, windows, {"policy": "none"})
-        backfill = pack.defaults["backfill"]
-        chosen = {"threshold": 1.0, "agreement": 1.0, "compute_saved": 0.0}
-        for t in LEARNED_THRESHOLDS:  # ascending: earliest exits first
-            tf = await teacher_forced(engine, windows, {"policy": "learned", "threshold": t, "backfill": backfill})
-            a = agreement(tf.predictions, full.predictions)
-            if a >= target:
-                plan = engine.plan
-                layers, _ = compute_used(tf.exit_layers, list(plan.exit_points), plan.num_layers, "learned", backfill,
-                                         plan.min_exit_depth, costs_of(engine))  # fmt: skip
-                chosen = {"threshold": t, "agreement": round(a, 4), "compute_saved": round(1 - layers, 4)}
-                break
+        prefill, backfill = None, pack.defaults["backfill"]
+        quality = await _FreeRunning.of(engine, data) if data.chats else None
+        if data.task is not None:
+            prefill, pack.manifest["evaluation"]["prefill"] = await _tune_prefill(
+                engine, data.task, quality, depths, backfill, targets, progress
+            )
+        chosen = await _tune_decode(engine, data.windows, quality, backfill, prefill, targets, progress)
     finally:
         await engine.shutdown()
     pack.manifest["defaults"]["threshold"] = chosen["threshold"]
-    pack.manifest["evaluation"]["defaults"] = {"target_agreement": target, "tokens": sum(map(len, windows)), **chosen}
+    if prefill is not None:
+        pack.manifest["defaults"]["prefill"] = prefill
+    pack.manifest["evaluation"]["defaults"] = {"targets": asdict(targets), "tokens": sum(map(len, data.windows)),
+                                               "chat_prompts": len(data.chats), **chosen}  # fmt: skip
     pack.save(config.exit_pack)
     return pack
+
+
+async def _tune_prefill(
+    engine: Engine, task: Classification, quality: _FreeRunning | None, depths: list[int], backfill: str,
+    targets: TuneTargets, progress: Callable[[str], None],
+) -> tuple[dict | None, dict]:  # fmt: skip
+    """The prompt tokens' default: of static exits at each exit point (decoupled and mapped back-fill) and
+    the router at a few thresholds, the last prompt position at full depth (it samples the first token),
+    the one that saves the most prompt compute within the accuracy target and, with chat prompts, keeps
+    the free-running target too (prompt exits change what is generated after them)."""
+    full = await evaluation.classify(engine, task, {"policy": "none"})
+    candidates = [{"policy": "static", "max_depth": d, "backfill": b} for d in depths for b in ("decoupled", "mapped")]
+    candidates += [{"policy": "learned", "threshold": t, "backfill": backfill} for t in (0.2, 0.3, 0.4)]
+    passed = []
+    for c in candidates:
+        c["full_depth_last"] = 1
+        got = await evaluation.classify(engine, task, {"policy": "none", "prefill": c})
+        progress(f"prompt tokens {c}: accuracy {got['accuracy']:.1%} (full depth {full['accuracy']:.1%}), "
+                 f"prompt compute saved {got['prompt_compute_saved']:.1%}")  # fmt: skip
+        if got["accuracy"] >= full["accuracy"] - targets.max_accuracy_drop and got["prompt_compute_saved"] > 0:
+            passed.append((c, got))
+    figures = {"accuracy_full": full["accuracy"], "texts": len(task.labels)}
+    for c, got in sorted(passed, key=lambda p: -p[1]["prompt_compute_saved"]):
+        if quality is not None:
+            fr = await quality.perplexity({"policy": "none", "prefill": c})
+            progress(f"prompt tokens {c}: free-running perplexity {fr:.2f} (full depth {quality.full:.2f})")
+            got = got | {
+                "free_running_perplexity": round(fr, 3),
+                "free_running_perplexity_full": round(quality.full, 3),
+            }
+            if fr > quality.full * (1 + targets.max_free_running_increase):
+                continue
+        return c, figures | got
+    return None, figures
+
+
+@dataclass
+class _FreeRunning:
+    """Greedy continuations of chat prompts, scored by the full model; full depth's own are the reference."""
+
+    engine: Engine
+    chats: list[list[int]]
+    tokens: int
+    full: float = 0.0
+
+    @classmethod
+    async def of(cls, engine: Engine, data: TuneData) -> _FreeRunning:
+        room = engine.config.max_model_len - data.chat_tokens
+        q = cls(engine, [c for c in map(engine.chat_prompt, data.chats) if len(c) < room], data.chat_tokens)
+        q.full = await q.perplexity({"policy": "none"})
+        return q
+
+    async def perplexity(self, exit: dict) -> float:
+        out = await evaluation.generate_greedy(self.engine, self.chats, self.tokens, exit)
+        return await evaluation.continuation_perplexity(self.engine, self.chats, out)
+
+
+async def _tune_decode(
+    engine: Engine, windows: list[list[int]], quality: _FreeRunning | None, backfill: str, prefill: dict | None,
+    targets: TuneTargets, progress: Callable[[str], None],
+) -> dict:  # fmt: skip
+    full = await evaluation.teacher_forced(engine, windows, {"policy": "none"})
+    full_ppl = math.exp(-float(full.target_logprobs.mean()))
+    plan = engine.plan
+    for t in evaluation.LEARNED_THRESHOLDS:  # ascending: earliest exits first
+        exit = {"policy": "learned", "threshold": t, "backfill": backfill}
+        tf = await evaluation.teacher_forced(engine, windows, exit)
+        a = evaluation.agreement(tf.predictions, full.predictions)
+        ppl = math.exp(-float(tf.target_logprobs.mean()))
+        figures = {"threshold": t, "agreement": round(a, 4), "perplexity": round(ppl, 3),
+                   "perplexity_full": round(full_ppl, 3)}  # fmt: skip
+        if targets.agreement is not None and a < targets.agreement:
+            continue
+        if ppl > full_ppl * (1 + targets.max_perplexity_increase):
+            continue
+        if quality is not None:  # as served: with the prompt tokens' default
+            fr = await quality.perplexity(exit | {"prefill": prefill or {}})
+            figures |= {"free_running_perplexity": round(fr, 3), "free_running_perplexity_full": round(quality.full, 3)}
+            progress(f"threshold {t}: perplexity {ppl:.2f} (full {full_ppl:.2f}), free-running {fr:.2f} "
+                     f"(full {quality.full:.2f})")  # fmt: skip
+            if fr > quality.full * (1 + targets.max_free_running_increase):
+                continue
+        layers, _ = evaluation.compute_used(tf.exit_layers, list(plan.exit_points), plan.num_layers, "learned",
+                                            backfill, plan.min_exit_depth, evaluation.costs_of(engine))  # fmt: skip
+        return figures | {"compute_saved": round(1 - layers, 4)}
+    return {"threshold": 1.0, "agreement": 1.0, "compute_saved": 0.0}
 
 
 def summary(pack: ExitPack) -> list[str]:
@@ -121,8 +262,18 @@ def summary(pack: ExitPack) -> list[str]:
             f"{harm['decoupled'][d]:.2f} decoupled / {harm['mapped'][d]:.2f} mapped"
         )
     tuned = pack.manifest["evaluation"]["defaults"]
-    lines.append(
-        f"default: policy learned, threshold {pack.defaults['threshold']}, {pack.defaults['backfill']} back-fill "
-        f"({tuned['agreement']:.1%} agreement, {tuned['compute_saved']:.1%} layer compute saved on the probe text)"
-    )
+    line = (f"default: policy learned, threshold {pack.defaults['threshold']}, {pack.defaults['backfill']} back-fill "
+            f"({tuned['agreement']:.1%} agreement, {tuned['compute_saved']:.1%} layer compute saved")  # fmt: skip
+    if "perplexity" in tuned:
+        line += f", perplexity {tuned['perplexity']:.2f} against {tuned['perplexity_full']:.2f}"
+    if "free_running_perplexity" in tuned:
+        line += (f", free-running perplexity {tuned['free_running_perplexity']:.2f} against "
+                 f"{tuned['free_running_perplexity_full']:.2f}")  # fmt: skip
+    lines.append(line + ")")
+    if "prefill" in pack.defaults:
+        got = pack.manifest["evaluation"]["prefill"]
+        lines.append(
+            f"prompt tokens: {pack.defaults['prefill']} (accuracy {got['accuracy']:.1%} against "
+            f"{got['accuracy_full']:.1%}, prompt compute saved {got['prompt_compute_saved']:.1%})"
+        )
     return lines

@@ -13,13 +13,14 @@ import threading
 import time
 from typing import get_args
 
+from serving import calibrate
 from serving.config import GRPC_SERVICE, AppConfig
-from serving.evaluation import LEARNED_THRESHOLDS
+from serving.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
 from serving.exceptions import RequestError
 from serving.params import BackfillName, PolicyName
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
-from workers.corpus import CorpusPart, text_windows
+from workers.corpus import CorpusPart, chat_prompts, text_windows
 from workers.exit_pack import ExitPack, resolve_pack
 from workers.kv_cache import kv_bytes_per_token
 from workers.model_store import DEFAULT_MODEL, load_config, load_tokenizer, resolve_model
@@ -235,23 +236,40 @@ def _add_calibrate(commands) -> None:
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
     p.add_argument("--router-features", default="hidden", help="'hidden' (default) or 'hidden,confidence'")
-    p.add_argument(
-        "--target-agreement", type=float, default=0.95,
-        help="the default threshold is the lowest reaching this agreement with the full model (default 0.95)",
-    )  # fmt: skip
     p.add_argument("--output", "-o", required=True, help="pack directory to write")
+    t = p.add_argument_group(
+        "defaults", "the pack's default exits are chosen on data training did not read: held-out corpus text, "
+        "then the first half of --tune-chats and of --labelled (the second halves are left for adept eval)",
+    )  # fmt: skip
+    t.add_argument("--retune", action="store_true", help="no training: choose the defaults of the pack at --output")
+    t.add_argument("--tune-chats", help="JSONL chat prompts: greedy continuations keep the free-running target")
+    t.add_argument("--chat-tokens", type=int, default=64, help="greedy tokens per chat prompt (default 64)")
+    t.add_argument("--labelled", help="labelled texts (TSV with text and label columns, or JSONL): prompt defaults")
+    t.add_argument("--template", default="{text}", help="prompt of a labelled text ({text}; \\n is a newline)")
+    t.add_argument("--choices", help="comma-separated answers, one per label index, e.g. ' negative, positive'")
+    targets = calibrate.TuneTargets()
+    for name in ("max_perplexity_increase", "max_free_running_increase", "max_accuracy_drop"):
+        value = getattr(targets, name)
+        t.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"default {value}")
+    t.add_argument("--target-agreement", type=float, help="also keep this teacher-forced agreement (default: none)")
     p.set_defaults(run=_calibrate)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from serving import calibrate
-
-    same = ("model", "corpus", "output", "holdout", "window", "prompts", "generate_tokens", "target_agreement")
+    same = ("model", "corpus", "output", "holdout", "window", "prompts", "generate_tokens", "retune", "tune_chats",
+            "chat_tokens", "labelled")  # fmt: skip
+    if args.labelled and not args.choices:
+        raise ValueError("--labelled needs --choices: the answer of each label, e.g. ' negative, positive'")
     job = calibrate.CalibrationJob(
         **{k: getattr(args, k) for k in same},
         exit_points=[int(d) for d in args.exit_points.split(",")] if args.exit_points else None,
         router_features=args.router_features.split(","),
         settings={k: getattr(args, k) for k in CALIBRATION_FLAGS},
+        choices=args.choices.split(",") if args.choices else [],
+        template=args.template.replace("\\n", "\n"),
+        targets=calibrate.TuneTargets(
+            args.max_perplexity_increase, args.max_free_running_increase, args.max_accuracy_drop, args.target_agreement
+        ),
     )
     calibrate.run(job, lambda line: print(line, file=sys.stderr))
     return 0
@@ -275,6 +293,12 @@ def _add_eval(commands) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens (default 4096)")
     p.add_argument("--window", type=int, default=512, help="tokens per teacher-forced window")
     p.add_argument("--chat-tokens", type=int, default=32, help="greedy tokens per chat prompt; 0 skips")
+    p.add_argument("--chats", help="JSONL chat prompts for the free-running figures (default: 5 built-in prompts)")
+    p.add_argument(
+        "--chat-part", default="0.5,1", help="fractions of --chats' lines to use (default 0.5,1: the second half, "
+        "which calibration's --tune-chats does not tune on)",
+    )  # fmt: skip
+    p.add_argument("--max-chats", type=int, default=32, help="chat prompts at most (those that fit the context)")
     p.add_argument(
         "--policies",
         default="static,confidence-untrained,confidence,learned",
@@ -300,7 +324,9 @@ def _eval(args: argparse.Namespace) -> int:
     part = _held_out(args.corpus, trained_on)
     windows = list(itertools.islice(text_windows(part, tokenizer, args.window), -(-args.max_tokens // args.window)))
     arch = ModelArch.from_config(load_config(path))
-    seqs, max_len = max(len(windows), len(evaluation.CHAT_PROMPTS)), max(args.window + 1, 256)
+    max_len = max(args.window + 1, 512)
+    chats = _chats(args, tokenizer, max_len - args.chat_tokens) if args.chat_tokens else []
+    seqs = max(len(windows), len(chats))
     config = EngineConfig(
         model=args.model,
         num_layer_groups=1,
@@ -310,7 +336,6 @@ def _eval(args: argparse.Namespace) -> int:
         # every window at once (teacher forcing reserves whole sequences); float32's size is the most it takes
         kv_cache_memory=seqs * max_len * kv_bytes_per_token(arch.num_layers, arch.num_kv_heads, arch.head_dim),
     )
-    chats = evaluation.CHAT_PROMPTS if args.chat_tokens else []
     policies = args.policies.split(",")
     points = pack.exit_points if pack else config.exit_points or []
     settings = evaluation.sweep(
@@ -333,6 +358,22 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(evaluation.table(report))
     return 0
+
+
+def _chats(args: argparse.Namespace, tokenizer, max_prompt: int) -> list[list[dict[str, str]]]:
+    """The chat prompts of `adept eval`'s free-running figures: --chats' part, those that fit."""
+    if args.chats is None:
+        return [[{"role": "user", "content": c}] for c in CHAT_PROMPTS]
+    lo, hi = (float(x) for x in args.chat_part.split(","))
+    fits = (
+        m for m in chat_prompts(CorpusPart.of(args.chats, (lo, hi)))
+        if len(tokenizer.encode(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)) <= max_prompt
+    )  # fmt: skip
+    chats = list(itertools.islice(fits, args.max_chats))
+    if not chats:
+        raise ValueError(f"no chat prompt of {args.chats} (part {args.chat_part}) fits {max_prompt} tokens")
+    return chats
 
 
 def _held_out(corpus: str | None, trained_on: dict | None):

@@ -6,7 +6,9 @@ policies, back-fill modes and thresholds, with the layer compute each configurat
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
+import operator
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,8 @@ import torch
 
 from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.params import ExitParams
+from serving.messages import Usage
+from serving.params import MAX_TOP_LOGPROBS, ExitParams
 from workers.arch import ModelArch
 
 # Free-running agreement: short chat prompts of the kind people send.
@@ -111,6 +114,57 @@ async def generate_greedy(engine: Engine, prompts: list[list[int]], max_tokens: 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
+async def continuation_perplexity(engine: Engine, prompts: list[list[int]], continuations: list[list[int]]) -> float:
+    """The full model's perplexity of continuations after their prompts (teacher-forced at full depth):
+    how likely the full model finds what a configuration generated."""
+    pairs = list(zip(prompts, continuations, strict=True))
+    per_window = await engine.teacher_forced([p + c for p, c in pairs], {"policy": "none"})
+    # position i scores token i + 1: a continuation's tokens are scored from its prompt's last position on
+    logp = [w.target_logprobs[len(p) - 1 : len(p) + len(c) - 1] for w, (p, c) in zip(per_window, pairs, strict=True)]
+    return math.exp(-float(torch.cat(logp).mean()))
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Labelled texts as a multiple-choice prompt: each text in a template, the label read from which
+    choice's first token the model ranks higher after it (one greedy token with its top log-probabilities,
+    as classification by generation does through the API). Choices' first tokens must differ."""
+
+    prompts: list[list[int]]
+    labels: list[int]
+    choice_ids: list[int]
+
+    @classmethod
+    def of(cls, tokenizer, rows: list[tuple[str, int]], template: str, choices: list[str]) -> Classification:
+        firsts = [tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
+        if len(set(firsts)) != len(firsts):
+            raise ValueError(f"the choices {choices} must start with different tokens")
+        if any(not 0 <= label < len(choices) for _, label in rows):
+            raise ValueError(f"labels must be indices into the {len(choices)} choices")
+        prompts = [tokenizer.encode(template.format(text=t), add_special_tokens=False) for t, _ in rows]
+        return cls(prompts, [label for _, label in rows], firsts)
+
+
+async def classify(engine: Engine, task: Classification, exit: dict) -> dict:
+    """Accuracy and prompt layers saved (back-fill counted) of `exit` on a classification task."""
+    sampling = {"max_tokens": 1, "temperature": 0.0, "logprobs": MAX_TOP_LOGPROBS}
+
+    async def one(prompt: list[int]) -> tuple[int, Usage]:
+        outs = [o async for o in engine.submit(prompt, sampling, exit)]
+        top = outs[0].top_logprobs[0]
+        scores = [top.get(c, -math.inf) for c in task.choice_ids]
+        return max(range(len(scores)), key=scores.__getitem__), outs[-1].usage
+
+    results = await asyncio.gather(*(one(p) for p in task.prompts))
+    usage = functools.reduce(operator.add, (u for _, u in results))
+    skipped = 1 - usage.prompt_layers_computed / usage.prompt_layers_total
+    backfill = engine.admission.resolve_exit(exit).prefill.backfill.name.lower()
+    return {
+        "accuracy": round(sum(p == y for (p, _), y in zip(results, task.labels, strict=True)) / len(results), 4),
+        "prompt_compute_saved": round(skipped * (1 - skipped_cost(backfill, costs_of(engine))), 4),
+    }
+
+
 # ---- compute accounting ---------------------------------------------------------------------------
 
 
@@ -145,6 +199,11 @@ def costs_of(engine: Engine) -> Costs:
     return Costs.of(engine.arch, map_rank, router_params)
 
 
+def skipped_cost(backfill: str, costs: Costs) -> float:
+    """What back-filling one skipped layer costs, in layers."""
+    return {"exact": 1.0, "decoupled": costs.kv, "mapped": costs.kv + costs.map}[backfill]
+
+
 def compute_used(
     depths: torch.Tensor,
     exit_points: list[int],
@@ -161,9 +220,7 @@ def compute_used(
     beyond the one head every token needs to produce its token: confidence evaluates an exit head at
     each exit point it passes, learned a router."""  # fmt: skip
     d = depths.double()
-    skipped = num_layers - d
-    per_skipped = {"exact": 1.0, "decoupled": costs.kv, "mapped": costs.kv + costs.map}[backfill]
-    layers = float((d + skipped * per_skipped).mean()) / num_layers
+    layers = float((d + (num_layers - d) * skipped_cost(backfill, costs)).mean()) / num_layers
     points = torch.tensor([p for p in exit_points if p >= min_depth], dtype=torch.float64)
     passed = (points[None, :] <= d[:, None]).sum(1).double()  # exit points evaluated, the exit included
     per_point = {"confidence": costs.head, "learned": costs.router}.get(policy, 0.0)
@@ -223,20 +280,22 @@ def sweep(
 async def evaluate(
     config: EngineConfig,
     windows: list[list[int]],
-    chats: list[str],
+    chats: list[list[dict[str, str]]],
     chat_tokens: int,
     settings: list[Setting],
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Every setting's row, and the full model's reference figures. Two engines: one with the exit pack
-    (adapted heads, routers, maps) and one without it (the untrained heads)."""
+    """Every setting's row, and the full model's reference figures. Free-running quality: each setting's
+    greedy continuations of the chat prompts, against full depth's (agreement, common prefix) and as the
+    full model's perplexity of them (full depth's own continuations are the reference). Two engines: one
+    with the exit pack (adapted heads, routers, maps) and one without it (the untrained heads)."""
     engines = {"adapted": Engine.local(config)}
     if any(s.head == "untrained" for s in settings):  # the same exit points, without the pack
         points = list(engines["adapted"].plan.exit_points)
         engines["untrained"] = Engine.local(config.model_copy(update={"exit_pack": "none", "exit_points": points}))
     try:
         engine = engines["adapted"]
-        chat_ids = [engine.chat_prompt([{"role": "user", "content": c}]) for c in chats]
+        chat_ids = [engine.chat_prompt(messages) for messages in chats]
         plan = engine.plan
         costs = costs_of(engine)
         progress(f"full depth on {sum(map(len, windows))} held-out tokens")
@@ -246,6 +305,9 @@ async def evaluate(
             "perplexity": round(math.exp(-float(full.target_logprobs.mean())), 3),
             "tokens": int(full.predictions.numel()),
         }
+        if chat_ids:
+            reference["chat_prompts"] = len(chat_ids)
+            reference["free_running_perplexity"] = round(await continuation_perplexity(engine, chat_ids, full_chat), 3)
         rows = []
         static_exact: dict[int, TeacherForced] = {}  # per depth: what the adapted heads predict there
         for i, s in enumerate(settings):
@@ -278,6 +340,7 @@ async def evaluate(
                 row["free_running_common_prefix"] = round(
                     statistics.fmean(common_prefix(a, b) for a, b in zip(out, full_chat, strict=True)), 2
                 )
+                row["free_running_perplexity"] = round(await continuation_perplexity(engine, chat_ids, out), 3)
             rows.append(row)
             progress(
                 f"[{i + 1}/{len(settings)}] {s.curve} {_knob(row)}: depth {row['mean_exit_depth']:.1f}, saved "

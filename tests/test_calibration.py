@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -71,9 +72,10 @@ def test_calibration_trains_every_part_and_lowers_the_distillation_loss(pack_dir
     training = pack.manifest["training"]
     assert training["distillation_loss"]["after"] < training["distillation_loss"]["before"]
     assert pack.defaults["policy"] == "learned" and pack.defaults["backfill"] == "mapped"
-    tuned = pack.manifest["evaluation"]["defaults"]  # the lowest threshold that keeps 95% agreement
-    assert tuned["threshold"] == pack.defaults["threshold"] and tuned["target_agreement"] == 0.95
-    assert tuned["agreement"] >= 0.95 or tuned["threshold"] == 1.0
+    tuned = pack.manifest["evaluation"]["defaults"]  # the lowest threshold within 5% of full depth's perplexity
+    assert tuned["threshold"] == pack.defaults["threshold"] and tuned["targets"]["max_perplexity_increase"] == 0.05
+    assert tuned["perplexity"] <= 1.05 * tuned["perplexity_full"] or tuned["threshold"] == 1.0
+    assert "prefill" not in pack.defaults  # no labelled data: prompt tokens take the same defaults
     harm = pack.manifest["router"]["cost"]["harm"]
     assert set(harm) == {"decoupled", "mapped"} and all(h >= 0 for h in harm["decoupled"].values())
     assert 1000 < training["tokens"] <= 3000
@@ -143,9 +145,12 @@ def test_learned_router_respects_the_request_threshold(tiny_chat_dir, pack_dir):
 
 def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path):
     plot = tmp_path / "pareto.png"
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a river.", "Why?", "x " * 600)))
     code, out = adept(
         "eval", "--model", tiny_chat_dir, "--exit-pack", pack_dir, "--corpus", corpus, "--max-tokens", 128,
-        "--window", 64, "--chat-tokens", 4, "--policies", "static,confidence-untrained,confidence,learned",
+        "--window", 64, "--chat-tokens", 4, "--chats", chats, "--chat-part", "0,1",
+        "--policies", "static,confidence-untrained,confidence,learned",
         "--backfills", "exact,decoupled,mapped", "--thresholds", "0.5", "--learned-thresholds", "0.2,0.8",
         "--json", "--plot", plot,
     )  # fmt: skip
@@ -166,7 +171,7 @@ def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path):
         for key in ("policy", "backfill", "threshold", "mean_exit_depth", "compute_saved", "agreement", "perplexity"):
             assert key in row, key
         assert 2.0 <= row["mean_exit_depth"] <= 6.0 and 0.0 <= row["agreement"] <= 1.0 and row["perplexity"] > 0
-        assert 0.0 <= row["free_running_agreement"] <= 1.0
+        assert 0.0 <= row["free_running_agreement"] <= 1.0 and row["free_running_perplexity"] > 0
         if row["backfill"] == "exact":
             assert row["compute_saved"] <= 1e-9  # exact back-fill runs every skipped layer
         else:  # the others save what the tokens skipped, less the back-fill
@@ -176,6 +181,10 @@ def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path):
     assert static[("decoupled", 2)]["mean_exit_depth"] == 2.0
     assert static[("decoupled", 2)]["compute_saved"] > static[("decoupled", 5)]["compute_saved"]
     assert report["full"]["perplexity"] > 0 and set(report["at_agreement"]) == {"0.95", "0.99"}
+    # the two chat prompts that fit the context; full depth's own continuations are the reference
+    assert report["full"]["chat_prompts"] == 2 and report["full"]["free_running_perplexity"] > 0
+    for r in [r for r in rows if r["free_running_agreement"] == 1.0]:  # the same continuations score the same
+        assert r["free_running_perplexity"] == pytest.approx(report["full"]["free_running_perplexity"], rel=1e-4)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -221,3 +230,60 @@ def test_calibration_from_jsonl_and_self_generated_continuations(tiny_chat_dir, 
     data = ExitPack.load(out, fingerprint(tiny_chat_dir)).manifest["training"]["data"]
     assert data["prompts"]["path"] == str(prompts) and data["prompts"]["generated_tokens"] == 16
     assert data["corpus"]["path"] == str(corpus) and data["corpus"]["lines"] == [0, 100]
+
+
+def test_retune_chooses_defaults_from_task_quality(tiny_chat_dir, pack_dir, corpus, tmp_path):
+    """--retune keeps the trained pack and chooses its defaults on the first halves of the tuning data: the
+    decode threshold within the perplexity targets (held-out and free-running), prompt tokens' exits by
+    classification accuracy on labelled texts."""
+    pack = tmp_path / "pack"
+    shutil.copytree(pack_dir, pack)
+    trained = (pack / "tensors.safetensors").read_bytes()
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": f"Tell me about river {i}."}) + "\n" for i in range(6)))
+    labelled = tmp_path / "labelled.tsv"
+    rows = [f"the {w} river {i}\t{i % 2}" for i, w in enumerate(["quiet", "broad", "cold", "slow", "wide"] * 5)]
+    labelled.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    code, _ = adept(
+        "calibrate", "--model", tiny_chat_dir, "--corpus", corpus, "--holdout", 0.3, "--output", pack, "--retune",
+        "--max-tokens", 3000, "--tune-chats", chats, "--chat-tokens", 8, "--labelled", labelled,
+        "--template", "Review: {text}\\nSentiment:", "--choices", " bad, good", "--max-accuracy-drop", 0.2,
+    )  # fmt: skip
+    assert code == 0
+    tuned = ExitPack.load(pack, fingerprint(tiny_chat_dir))
+    assert (pack / "tensors.safetensors").read_bytes() == trained  # re-tuning trains nothing
+    d = tuned.manifest["evaluation"]["defaults"]
+    assert d["chat_prompts"] == 3 and d["targets"]["max_accuracy_drop"] == 0.2
+    if d["threshold"] < 1.0:  # a threshold is only chosen within both perplexity targets
+        assert d["perplexity"] <= 1.05 * d["perplexity_full"]
+        assert d["free_running_perplexity"] <= 1.05 * d["free_running_perplexity_full"]
+    prefill = tuned.manifest["evaluation"]["prefill"]
+    assert prefill["texts"] == 12 and 0.0 <= prefill["accuracy_full"] <= 1.0
+    if "prefill" in tuned.defaults:  # the most prompt compute saved within the accuracy target
+        assert prefill["accuracy"] >= prefill["accuracy_full"] - 0.2 and prefill["prompt_compute_saved"] > 0
+        assert tuned.defaults["prefill"]["full_depth_last"] == 1
+
+
+def test_pack_prefill_defaults_and_the_configurations_own(tiny_chat_dir, pack_dir, tmp_path):
+    """A pack's prompt-token defaults apply to requests that set nothing; a configuration's own exit
+    controls override them for prompt tokens too, as a request's do."""
+    pack = tmp_path / "pack"
+    shutil.copytree(pack_dir, pack)
+    p = ExitPack.load(pack)
+    p.manifest["defaults"]["prefill"] = {"policy": "static", "max_depth": 3, "full_depth_last": 1}
+    p.save(pack)
+    prompt = list(range(10, 30))
+
+    async def prompt_exits(exit: dict) -> list[int]:
+        config = EngineConfig(model=str(tiny_chat_dir), exit_pack=str(pack), num_layer_groups=1, max_num_seqs=2,
+                              min_exit_depth=2, exit=exit)  # fmt: skip
+        engine = Engine.local(config)
+        try:
+            outs = [o async for o in engine.submit(prompt, {"max_tokens": 0, "prompt_logprobs": 0})]
+            return outs[0].prompt.exit_layers
+        finally:
+            await engine.shutdown()
+
+    assert asyncio.run(prompt_exits({})) == [3] * 19 + [6]
+    assert asyncio.run(prompt_exits({"policy": "none"})) == [6] * 20
+    assert asyncio.run(prompt_exits({"prefill": {"max_depth": 4}})) == [4] * 19 + [6]

@@ -7,6 +7,7 @@ out the rest: `part=(0.0, 0.5)` is the first half of the lines."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from collections.abc import Iterator
@@ -105,3 +106,26 @@ def _record(line: str) -> dict:
     if not isinstance(record, dict):
         raise CorpusError(f"a JSONL corpus line must be an object with text, prompt or messages: {line[:80]!r}")
     return record
+
+
+def labelled_texts(part: CorpusPart) -> list[tuple[str, int]]:
+    """The part's (text, label) pairs: JSONL lines with "text" and "label", or TSV with a header row naming
+    a `text` and a `label` column (GLUE's layout). Labels are integers (indices into a task's choices)."""
+    if part.is_jsonl:
+        records = (_record(line) for line in part.lines())
+    else:
+        with part.path.open(encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        if not {"text", "label"} <= set(header):
+            raise CorpusError(f"{part.path}: a TSV of labelled texts needs a header row with text and label columns")
+        lines = (line for line in part.lines() if line.rstrip("\n") != "\t".join(header))
+        records = csv.DictReader(lines, fieldnames=header, delimiter="\t", quoting=csv.QUOTE_NONE)
+    out = []
+    for r in records:
+        if not r:
+            continue
+        try:
+            out.append((str(r["text"]).strip(), int(r["label"])))
+        except (KeyError, ValueError) as e:
+            raise CorpusError(f"{part.path}: each labelled text needs text and an integer label ({e})") from e
+    return out
