@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(CONSTRAINTS)
 PROMPT ?= The capital of France is
 
-.PHONY: install install-test browser run generate test lint k8s-check bench pack eval lm-eval protos clean
+.PHONY: install install-test browser run generate test lint k8s-check bench pack retune eval lm-eval protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,16 @@ k8s-check: install-test  ## build every k8s/ overlay and validate it (KubeRay CR
 SHARED ?= ../shared
 CORPUS ?= $(SHARED)/data/wikitext-2/valid.txt
 
-pack: install  ## re-make the exit pack shipped for the default model (about 15 min on 2 cores)
-	$(VENV)/bin/adept calibrate --corpus $(CORPUS) --holdout 0.5 --output workers/packs/smollm2-135m
+# The shipped pack's defaults are chosen on the first halves of the chat prompts and the labelled SST-2
+# sentences (adept eval and benchmarks/lm_eval_bench.py report on the second halves).
+TUNE := --tune-chats $(SHARED)/data/chat/instructions.jsonl --labelled $(SHARED)/data/sst2/dev.tsv \
+	--template 'Review: {text}\nSentiment (positive or negative):' --choices ' negative, positive'
+
+pack: install  ## re-make the exit pack shipped for the default model (about 30 min on 2 cores)
+	$(VENV)/bin/adept calibrate --corpus $(CORPUS) --holdout 0.5 $(TUNE) --output workers/packs/smollm2-135m
+
+retune: install  ## choose the shipped pack's defaults again, without training (about 15 min on 2 cores)
+	$(VENV)/bin/adept calibrate --corpus $(CORPUS) --holdout 0.5 $(TUNE) --retune --output workers/packs/smollm2-135m
 
 eval: install-test  ## quality against compute of early exit on held-out text: table, JSON and Pareto plot in docs/
 	mkdir -p docs

@@ -130,9 +130,10 @@ async def tune_pack(
     """Calibration's last step, in a real engine on data it did not train on: measure the back-fill harm
     (written into the pack's cost model), then choose the pack's defaults. Prompt tokens (with labelled
     data): the exit setting that saves the most prompt compute within `max_accuracy_drop` of full depth's
-    accuracy. Generated tokens: the lowest threshold (most compute saved) at which policy learned, with the
-    pack's default back-fill, keeps held-out perplexity, the free-running perplexity of chat continuations
-    and (if asked) agreement within the targets."""
+    accuracy and the perplexity targets (prompt tokens' own log-probabilities are what echo scoring, as
+    lm-evaluation-harness does it, reads). Generated tokens: the lowest threshold (most compute saved) at
+    which policy learned, with the pack's default back-fill, keeps held-out perplexity, the free-running
+    perplexity of chat continuations and (if asked) agreement within the targets."""
     pack = ExitPack.load(config.exit_pack)
     pack.manifest["defaults"].pop("prefill", None)  # tuning must not run under the defaults it replaces
     pack.save(config.exit_pack)
@@ -147,15 +148,19 @@ async def tune_pack(
     engine = Engine.local(config)
     try:
         prefill, backfill = None, pack.defaults["backfill"]
+        held_out = await _HeldOut.of(engine, data.windows)
         quality = await _FreeRunning.of(engine, data) if data.chats else None
         if data.task is not None:
             prefill, pack.manifest["evaluation"]["prefill"] = await _tune_prefill(
-                engine, data.task, quality, depths, backfill, targets, progress
+                engine, data.task, held_out, quality, depths, backfill, targets, progress
             )
-        chosen = await _tune_decode(engine, data.windows, quality, backfill, prefill, targets, progress)
+        chosen = await _tune_decode(engine, held_out, quality, backfill, prefill, targets, progress)
     finally:
         await engine.shutdown()
     pack.manifest["defaults"]["threshold"] = chosen["threshold"]
+    # Where no threshold saves anything within the targets, generated tokens run at full depth by default
+    # (the router would cost its decisions for nothing).
+    pack.manifest["defaults"]["policy"] = "learned" if chosen["compute_saved"] > 0 else "none"
     if prefill is not None:
         pack.manifest["defaults"]["prefill"] = prefill
     pack.manifest["evaluation"]["defaults"] = {"targets": asdict(targets), "tokens": sum(map(len, data.windows)),
@@ -165,24 +170,28 @@ async def tune_pack(
 
 
 async def _tune_prefill(
-    engine: Engine, task: Classification, quality: _FreeRunning | None, depths: list[int], backfill: str,
-    targets: TuneTargets, progress: Callable[[str], None],
+    engine: Engine, task: Classification, held_out: _HeldOut, quality: _FreeRunning | None, depths: list[int],
+    backfill: str, targets: TuneTargets, progress: Callable[[str], None],
 ) -> tuple[dict | None, dict]:  # fmt: skip
     """The prompt tokens' default: of static exits at each exit point (decoupled and mapped back-fill) and
     the router at a few thresholds, the last prompt position at full depth (it samples the first token),
-    the one that saves the most prompt compute within the accuracy target and, with chat prompts, keeps
-    the free-running target too (prompt exits change what is generated after them)."""
+    the one that saves the most prompt compute within the accuracy target, within the perplexity target
+    on held-out text (scored at each position's exit) and, with chat prompts, within the free-running
+    target (prompt exits change what is generated after them)."""
     full = await evaluation.classify(engine, task, {"policy": "none"})
     candidates = [{"policy": "static", "max_depth": d, "backfill": b} for d in depths for b in ("decoupled", "mapped")]
-    candidates += [{"policy": "learned", "threshold": t, "backfill": backfill} for t in (0.2, 0.3, 0.4)]
+    candidates += [{"policy": "learned", "threshold": t, "backfill": backfill} for t in (0.3, 0.4, 0.45, 0.5)]
     passed = []
     for c in candidates:
-        c["full_depth_last"] = 1
-        got = await evaluation.classify(engine, task, {"policy": "none", "prefill": c})
-        progress(f"prompt tokens {c}: accuracy {got['accuracy']:.1%} (full depth {full['accuracy']:.1%}), "
-                 f"prompt compute saved {got['prompt_compute_saved']:.1%}")  # fmt: skip
-        if got["accuracy"] >= full["accuracy"] - targets.max_accuracy_drop and got["prompt_compute_saved"] > 0:
-            passed.append((c, got))
+        _, ppl = await held_out.measure(c)
+        got = {"perplexity": round(ppl, 3), "perplexity_full": round(held_out.perplexity, 3)}
+        if ppl <= held_out.perplexity * (1 + targets.max_perplexity_increase):
+            c = c | {"full_depth_last": 1}
+            got |= await evaluation.classify(engine, task, {"policy": "none", "prefill": c})
+            if got["accuracy"] >= full["accuracy"] - targets.max_accuracy_drop and got["prompt_compute_saved"] > 0:
+                passed.append((c, got))
+        progress(f"prompt tokens {c}: {', '.join(f'{k} {v}' for k, v in got.items())} "
+                 f"(full depth: accuracy {full['accuracy']})")  # fmt: skip
     figures = {"accuracy_full": full["accuracy"], "texts": len(task.labels)}
     for c, got in sorted(passed, key=lambda p: -p[1]["prompt_compute_saved"]):
         if quality is not None:
@@ -196,6 +205,25 @@ async def _tune_prefill(
                 continue
         return c, figures | got
     return None, figures
+
+
+@dataclass
+class _HeldOut:
+    """Held-out text teacher-forced; full depth's perplexity is the reference."""
+
+    engine: Engine
+    windows: list[list[int]]
+    full: evaluation.TeacherForced
+    perplexity: float
+
+    @classmethod
+    async def of(cls, engine: Engine, windows: list[list[int]]) -> _HeldOut:
+        full = await evaluation.teacher_forced(engine, windows, {"policy": "none"})
+        return cls(engine, windows, full, math.exp(-float(full.target_logprobs.mean())))
+
+    async def measure(self, exit: dict) -> tuple[evaluation.TeacherForced, float]:
+        tf = await evaluation.teacher_forced(self.engine, self.windows, exit)
+        return tf, math.exp(-float(tf.target_logprobs.mean()))
 
 
 @dataclass
@@ -220,27 +248,24 @@ class _FreeRunning:
 
 
 async def _tune_decode(
-    engine: Engine, windows: list[list[int]], quality: _FreeRunning | None, backfill: str, prefill: dict | None,
+    engine: Engine, held_out: _HeldOut, quality: _FreeRunning | None, backfill: str, prefill: dict | None,
     targets: TuneTargets, progress: Callable[[str], None],
 ) -> dict:  # fmt: skip
-    full = await evaluation.teacher_forced(engine, windows, {"policy": "none"})
-    full_ppl = math.exp(-float(full.target_logprobs.mean()))
     plan = engine.plan
     for t in evaluation.LEARNED_THRESHOLDS:  # ascending: earliest exits first
         exit = {"policy": "learned", "threshold": t, "backfill": backfill}
-        tf = await evaluation.teacher_forced(engine, windows, exit)
-        a = evaluation.agreement(tf.predictions, full.predictions)
-        ppl = math.exp(-float(tf.target_logprobs.mean()))
+        tf, ppl = await held_out.measure(exit)
+        a = evaluation.agreement(tf.predictions, held_out.full.predictions)
         figures = {"threshold": t, "agreement": round(a, 4), "perplexity": round(ppl, 3),
-                   "perplexity_full": round(full_ppl, 3)}  # fmt: skip
+                   "perplexity_full": round(held_out.perplexity, 3)}  # fmt: skip
         if targets.agreement is not None and a < targets.agreement:
             continue
-        if ppl > full_ppl * (1 + targets.max_perplexity_increase):
+        if ppl > held_out.perplexity * (1 + targets.max_perplexity_increase):
             continue
         if quality is not None:  # as served: with the prompt tokens' default
             fr = await quality.perplexity(exit | {"prefill": prefill or {}})
             figures |= {"free_running_perplexity": round(fr, 3), "free_running_perplexity_full": round(quality.full, 3)}
-            progress(f"threshold {t}: perplexity {ppl:.2f} (full {full_ppl:.2f}), free-running {fr:.2f} "
+            progress(f"threshold {t}: perplexity {ppl:.2f} (full {held_out.perplexity:.2f}), free-running {fr:.2f} "
                      f"(full {quality.full:.2f})")  # fmt: skip
             if fr > quality.full * (1 + targets.max_free_running_increase):
                 continue
@@ -262,7 +287,8 @@ def summary(pack: ExitPack) -> list[str]:
             f"{harm['decoupled'][d]:.2f} decoupled / {harm['mapped'][d]:.2f} mapped"
         )
     tuned = pack.manifest["evaluation"]["defaults"]
-    line = (f"default: policy learned, threshold {pack.defaults['threshold']}, {pack.defaults['backfill']} back-fill "
+    line = (f"default: policy {pack.defaults['policy']}, threshold {pack.defaults['threshold']}, "
+            f"{pack.defaults['backfill']} back-fill "
             f"({tuned['agreement']:.1%} agreement, {tuned['compute_saved']:.1%} layer compute saved")  # fmt: skip
     if "perplexity" in tuned:
         line += f", perplexity {tuned['perplexity']:.2f} against {tuned['perplexity_full']:.2f}"
