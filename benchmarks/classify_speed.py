@@ -28,13 +28,18 @@ from serving.config import EngineConfig
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
 FULL = {"policy": "none"}
+
+
+def _prefill_static(depth: int) -> dict:
+    """Prompt tokens exit at `depth` (decoupled back-fill); the last, which samples the label, at full depth."""
+    return {"policy": "none", "prefill": {"policy": "static", "max_depth": depth, "backfill": "decoupled",
+                                          "full_depth_last": 1}}  # fmt: skip
+
+
 SETTINGS = {
-    "prefill static 16": {"policy": "none", "prefill": {"policy": "static", "max_depth": 16, "full_depth_last": 1}},
-    "prefill static 12": {"policy": "none", "prefill": {"policy": "static", "max_depth": 12, "full_depth_last": 1}},
-    "prefill learned 0.3": {
-        "policy": "none",
-        "prefill": {"policy": "learned", "threshold": 0.3, "backfill": "mapped", "full_depth_last": 1},
-    },
+    "pack default": {},  # the shipped exit pack's tuned controls
+    "prefill static 20": _prefill_static(20),
+    "prefill static 16": _prefill_static(16),
 }
 LABELS = (" negative", " positive")
 

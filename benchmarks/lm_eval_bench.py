@@ -5,7 +5,7 @@ benchmarks/lm_eval_tasks (SST-2 accuracy, WikiText-2 perplexity). Writes a table
 task's figure, prompt and decode layer compute saved, and time per request.
 
     python benchmarks/lm_eval_bench.py --tasks sst2_adept_report wikitext_adept_report --json out.json
-    python benchmarks/lm_eval_bench.py --limit 20 --points "full depth" "prefill static 16"
+    python benchmarks/lm_eval_bench.py --limit 20 --points "full depth" "prefill static 20" --check
     python benchmarks/lm_eval_bench.py --point 'mine={"prefill": {"policy": "learned", "threshold": 0.2}}'
 
 Run it from the repository root (the task files read ../shared/data). The usage each response reports is
@@ -15,6 +15,7 @@ summed by a thin subclass of `local-completions` that records it and changes not
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -28,6 +29,8 @@ from serve_speed import local_app, run_benchmark, server_options
 from serving import server
 from serving.app import build_app
 from serving.config import APP_NAME, EngineConfig
+from serving.engine import Engine
+from serving.evaluation import continuation_logprobs
 from serving.params import ExitParams
 from workers.model_store import resolve_model
 
@@ -36,12 +39,14 @@ TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 POINTS = {
     "full depth": {"policy": "none"},
     "pack default": {},  # the shipped exit pack's tuned controls
-    "prefill static 16": {"policy": "none", "prefill": {"policy": "static", "max_depth": 16, "full_depth_last": 2}},
-    "prefill learned 0.3": {
+    # the classification operating point (benchmarks/classify_speed.py); echo scores the label at the position
+    # before the last, so the last two run at full depth
+    "prefill static 20": {
         "policy": "none",
-        "prefill": {"policy": "learned", "threshold": 0.3, "backfill": "mapped", "full_depth_last": 2},
+        "prefill": {"policy": "static", "max_depth": 20, "backfill": "decoupled", "full_depth_last": 2},
     },
 }
+BATCH = 8  # prompts per request
 FIGURES = {"acc,none": "accuracy", "word_perplexity,none": "word perplexity", "byte_perplexity,none": "byte perplexity"}
 USAGE_KEYS = ("prompt_layers_computed", "prompt_layers_total", "layers_computed", "layers_total")
 
@@ -98,27 +103,74 @@ def saved(u: dict[str, int]) -> dict[str, float | None]:
     }
 
 
-def evaluate(model: str, url: str, served: str, tasks: list[str], limit: int | None, batch: int) -> dict:
+def harness_model(name: str, url: str, served: str):
+    """lm-eval's model object for the served application (the harness would build the same from its name)."""
+    from lm_eval.api.registry import get_model
+
+    return get_model(name)(
+        base_url=f"{url}/v1/completions",
+        model=served,
+        tokenizer=str(resolve_model(EngineConfig().model)),
+        tokenizer_backend="huggingface",
+        max_length=2048,
+        batch_size=BATCH,
+    )
+
+
+def evaluate(lm, tasks: list[str], limit: int | None) -> tuple[dict, dict]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(
-        model=model,
-        model_args={
-            "base_url": f"{url}/v1/completions",
-            "model": served,
-            "tokenizer": str(resolve_model(EngineConfig().model)),
-            "tokenizer_backend": "huggingface",
-            "max_length": 2048,
-        },
+        model=lm,
         tasks=tasks,
         task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
-        batch_size=batch,
         limit=limit,
         bootstrap_iters=0,
-        log_samples=False,
+        log_samples=True,
     )
-    return out["results"]
+    return out["results"], out["samples"]
+
+
+def in_process_check(lm, task: str, samples: list[dict]) -> dict:
+    """At full depth, what lm-eval received against a direct computation on the same tokens: WikiText's
+    rolling log-likelihoods against the in-process engine (lm-eval's own windows), SST-2's predictions
+    against Hugging Face transformers."""
+    from lm_eval import utils
+
+    if task.startswith("wikitext"):
+        pairs, served = [], []
+        for doc in samples:
+            (page,) = doc["arguments"][0]
+            windows = utils.get_rolling_token_windows(lm.tok_encode(page), lm.prefix_token_id, lm.max_length - 1, 1)
+            pairs += [tuple(map(list, utils.make_disjoint_window(w))) for w in windows]
+            served.append(doc["resps"][0][0])
+
+        async def reference() -> list[float]:
+            engine = Engine.local(EngineConfig(num_layer_groups=3, max_model_len=2048))
+            try:
+                return await continuation_logprobs(engine, pairs, {"policy": "none"})
+            finally:
+                await engine.shutdown()
+
+        total, ref = sum(served), sum(asyncio.run(reference()))
+        return {"served log-likelihood": round(total, 2), "in-process log-likelihood": round(ref, 2),
+                "relative difference": abs(total - ref) / abs(ref)}  # fmt: skip
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(EngineConfig().model), dtype=torch.float32).eval()
+    same = 0
+    for doc in samples:
+        hf = []
+        for context, continuation in doc["arguments"]:
+            ctx, cont = lm._encode_pair(context, continuation)  # as the harness splits them
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+            hf.append(float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))))
+        served = [r[0][0] for r in doc["resps"]]
+        same += max(range(len(hf)), key=hf.__getitem__) == max(range(len(served)), key=served.__getitem__)
+    return {"predictions equal to Hugging Face's": f"{same}/{len(samples)}"}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -127,9 +179,9 @@ def main(args: argparse.Namespace) -> dict:
     for extra in args.point:
         name, _, controls = extra.partition("=")
         points[name] = json.loads(controls)
-    model = register_recording_model()
     config = local_app(args, EngineConfig(max_model_len=2048))
     url = f"http://127.0.0.1:{args.http_port}"
+    lm = harness_model(register_recording_model(), url, config.served_name())
     report: dict = {"machine": machine(), "tasks": args.tasks, "limit": args.limit, "points": {}}
     server.init_ray(config, num_cpus=os.cpu_count())
     try:
@@ -147,13 +199,15 @@ def main(args: argparse.Namespace) -> dict:
             for task in args.tasks:
                 RECORDER.reset()
                 started = time.monotonic()
-                results = evaluate(model, url, config.served_name(), [task], args.limit, args.batch_size)[task]
+                results, samples = evaluate(lm, [task], args.limit)
                 seconds = time.monotonic() - started
-                row = {label: round(results[key], 4) for key, label in FIGURES.items() if key in results}
+                row = {label: round(results[task][key], 4) for key, label in FIGURES.items() if key in results[task]}
                 row |= saved(RECORDER.usage) | {
                     "requests": RECORDER.requests,
                     "seconds per request": round(seconds / max(RECORDER.requests, 1), 3),
                 }
+                if exit == {"policy": "none"} and args.check:
+                    row |= in_process_check(lm, task, samples[task])
                 rows[task] = row
                 log(f"{name} / {task}: {row}")
             report["points"][name] = {"exit": exit, "served_defaults": served, "tasks": rows}
@@ -168,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--points", nargs="+", choices=list(POINTS), default=list(POINTS))
     p.add_argument("--point", action="append", default=[], help="NAME=JSON: another operating point")
     p.add_argument("--limit", type=int, help="documents per task (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per request")
+    p.add_argument("--check", action="store_true", help="full depth: check lm-eval's numbers against direct ones")
     server_options(p)
     return p.parse_args(argv)
 

@@ -35,9 +35,9 @@ class Admission:
         tuned = pack.defaults if routed else {}
         own = config.exit.model_dump(exclude_none=True)
         defaults = {**tuned, **own}
-        if "prefill" in tuned:  # the configuration's own controls govern prompt tokens too, as a request's do
-            defaults["prefill"] = {**tuned["prefill"], **{k: v for k, v in own.items() if k != "prefill"},
-                                   **own.get("prefill", {})}  # fmt: skip
+        if "prefill" in tuned:  # the configuration's own controls are its prompt tokens' too, as a request's are
+            mine = {k: v for k, v in own.items() if k != "prefill"}
+            defaults["prefill"] = {**({} if mine else tuned["prefill"]), **own.get("prefill", {})} or None
         self.exit_defaults = ExitParams.model_validate(defaults)
 
     def sequence(

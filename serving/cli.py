@@ -191,7 +191,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.start(config)
         info = serve.get_deployment_handle("PipelineReplica", APP_NAME).info.remote().result()
-        default_exit = ", ".join(f"{k} {v}" for k, v in info.default_exit.items()) or "policy none (full depth)"
+        own = {k: v for k, v in info.default_exit.items() if k != "prefill"}
+        default_exit = ", ".join(f"{k} {v}" for k, v in own.items()) or "policy none (full depth)"
+        if info.default_exit.get("prefill"):
+            default_exit += "; prompt tokens: " + ", ".join(f"{k} {v}" for k, v in info.default_exit["prefill"].items())
         log.warning(
             "ADEPT Serve is up: model %r, %d layers in %d layer groups, exit points %s, %d pipeline(s)\n"
             "  default early exit: %s\n"

@@ -197,13 +197,14 @@ class Engine:
         self, token_ids: list[list[int]], exit: ExitParams | dict | None = None, chunk: int = 128, exit_every: int = 1
     ) -> list[TokenResults]:
         """Run given token sequences through the model, beside the engine's own requests: every position
-        exits where `exit` says (its deeper K/V back-filled as served), predicts its next token greedily at
-        its exit and scores the sequence's actual next token. Per sequence, one row per position. With
-        `exit_every` k, only every k-th position takes `exit`; the others run at full depth."""
+        exits where `exit` says for prompt tokens (its deeper K/V back-filled as served), predicts its next
+        token greedily at its exit and scores the sequence's actual next token, as echo scoring of the same
+        prompt does. Per sequence, one row per position. With `exit_every` k, only every k-th position
+        takes `exit`; the others run at full depth."""
         for ids in token_ids:
             if len(ids) >= self.plan.max_model_len:
                 raise ValueError(f"{len(ids)} tokens do not fit the context of {self.plan.max_model_len}")
-        resolved = PhaseExits.same(self.admission.resolve_exit(exit).decode)  # as if every token were generated
+        resolved = PhaseExits.same(self.admission.resolve_exit(exit).prefill)
         seqs = [Sequence(f"teacher-forced-{i}", list(ids), GREEDY, resolved, 0, 1) for i, ids in enumerate(token_ids)]
         self.scheduler.reserve(seqs)
         # Shielded: a caller that gives up does not cancel worker calls mid-pipeline; the run ends and frees.

@@ -114,14 +114,25 @@ async def generate_greedy(engine: Engine, prompts: list[list[int]], max_tokens: 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
+async def continuation_logprobs(
+    engine: Engine, pairs: list[tuple[list[int], list[int]]], exit: ExitParams | dict | None = None
+) -> list[float]:
+    """The log-likelihood of each continuation after its context, teacher-forced (what echo scoring, as
+    lm-evaluation-harness does it, reads from the server)."""
+    per_window = await engine.teacher_forced([ctx + cont for ctx, cont in pairs], exit)
+    # position i scores token i + 1: a continuation's tokens are scored from its context's last position on
+    return [
+        float(w.target_logprobs[len(ctx) - 1 : len(ctx) + len(cont) - 1].sum())
+        for w, (ctx, cont) in zip(per_window, pairs, strict=True)
+    ]
+
+
 async def continuation_perplexity(engine: Engine, prompts: list[list[int]], continuations: list[list[int]]) -> float:
-    """The full model's perplexity of continuations after their prompts (teacher-forced at full depth):
-    how likely the full model finds what a configuration generated."""
+    """The full model's perplexity of continuations after their prompts: how likely the full model finds
+    what a configuration generated."""
     pairs = list(zip(prompts, continuations, strict=True))
-    per_window = await engine.teacher_forced([p + c for p, c in pairs], {"policy": "none"})
-    # position i scores token i + 1: a continuation's tokens are scored from its prompt's last position on
-    logp = [w.target_logprobs[len(p) - 1 : len(p) + len(c) - 1] for w, (p, c) in zip(per_window, pairs, strict=True)]
-    return math.exp(-float(torch.cat(logp).mean()))
+    total = await continuation_logprobs(engine, pairs, {"policy": "none"})
+    return math.exp(-sum(total) / sum(map(len, continuations)))
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class _PhaseExit(BaseModel):
 
 class PrefillExitParams(_PhaseExit):
     """Exit controls of prompt tokens; unset fields take the request's own (`adept`), then the server's
-    prefill defaults, then its defaults."""
+    defaults (its prefill defaults only where the request sets no controls of its own)."""
 
     full_depth_last: int | None = Field(
         None, ge=0, description="the last N prompt positions run at full depth (the last one samples the first token)"
@@ -138,17 +138,17 @@ class ExitLimits:
 
 def resolve_exit(request: ExitParams, defaults: ExitParams, limits: ExitLimits) -> PhaseExits:
     """Merge a request's exit controls over the server defaults and check them against the limits. Prompt
-    tokens: the request's `prefill`, then its own controls, then the defaults' `prefill`, then the defaults."""
+    tokens: the request's `prefill`, then its own controls, then the defaults. The defaults' `prefill`
+    applies only to requests that set no controls of their own: a request's own are its prompt tokens' too."""
     own = request.model_dump(exclude_none=True, exclude={"prefill"})
-    decode = _resolve(own, defaults.model_dump(exclude={"prefill"}), limits, "adept.")
-    prefill_defaults = {
-        **defaults.model_dump(exclude={"prefill"}),
-        **(defaults.prefill.model_dump(exclude_none=True) if defaults.prefill else {}),
-    }
-    prefill_request = request.prefill or PrefillExitParams()
-    merged_request = {**own, **prefill_request.model_dump(exclude_none=True)}
-    prefill = _resolve(merged_request, prefill_defaults, limits, "adept.prefill.")
-    full_depth_last = merged_request.get("full_depth_last", prefill_defaults.get("full_depth_last")) or 0
+    base = defaults.model_dump(exclude={"prefill"})
+    decode = _resolve(own, base, limits, "adept.")
+    prefill_defaults = base
+    if defaults.prefill is not None and not own:
+        prefill_defaults = {**base, **defaults.prefill.model_dump(exclude_none=True)}
+    prefill_request = {**own, **(request.prefill.model_dump(exclude_none=True) if request.prefill else {})}
+    prefill = _resolve(prefill_request, prefill_defaults, limits, "adept.prefill.")
+    full_depth_last = prefill_request.get("full_depth_last", prefill_defaults.get("full_depth_last")) or 0
     return PhaseExits(decode, prefill, full_depth_last)
 
 

@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from workers.exit_pack import load_pack
+from workers.model_store import DEFAULT_MODEL, resolve_model
 
 pytestmark = pytest.mark.usefixtures("default_model_dir")  # converted once before the subprocesses start
 
@@ -36,7 +38,7 @@ def test_json_output_is_deterministic_and_complete():
     assert out["mean_exit_depth"] == 30.0 and out["tokens_per_second"] > 0
     assert out["layers_computed"] == out["layers_total"]
     assert json.loads(second.stdout)["token_ids"] == out["token_ids"]
-    # by default the shipped exit pack's learned policy decides, deterministically too
+    # by default the shipped exit pack's defaults decide, deterministically too
     default, again = adept(*args), adept(*args)
     assert default.returncode == 0, default.stderr
     out = json.loads(default.stdout)
@@ -96,7 +98,9 @@ def test_adept_serve_starts_answers_and_stops_on_ctrl_c():
             time.sleep(0.5)
         banner = "".join(log)
         assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
-        assert "30 layers in 3 layer groups" in banner and "default early exit: policy learned" in banner
+        defaults = load_pack("auto", DEFAULT_MODEL, resolve_model(DEFAULT_MODEL)).defaults  # the shipped pack's
+        assert "30 layers in 3 layer groups" in banner and f"default early exit: policy {defaults['policy']}" in banner
+        assert "; prompt tokens: policy " + defaults["prefill"]["policy"] in banner
         assert f"KV cache: {(1 << 30) // (16 * 46_080) * 16} tokens per pipeline" in banner
         body = {"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
                 "adept": {"policy": "none"}}  # fmt: skip

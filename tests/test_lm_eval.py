@@ -13,6 +13,7 @@ import pytest
 
 from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.evaluation import continuation_logprobs
 
 TASKS = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_eval_tasks"
 MAX_LENGTH = 256  # lm-eval's window: short, so that a WikiText article is several requests
@@ -52,14 +53,12 @@ def in_process(pairs: list[tuple[list[int], list[int]]]) -> list[float]:
 
     async def main():
         engine = Engine.local(EngineConfig(num_layer_groups=3, max_model_len=1024))
-        results = await engine.teacher_forced([ctx + cont for ctx, cont in pairs])
-        await engine.shutdown()
-        return results
+        try:
+            return await continuation_logprobs(engine, pairs)
+        finally:
+            await engine.shutdown()
 
-    out = []
-    for (ctx, cont), res in zip(pairs, asyncio.run(main()), strict=True):
-        out.append(float(res.target_logprobs[len(ctx) - 1 : len(ctx) + len(cont) - 1].sum()))
-    return out
+    return asyncio.run(main())
 
 
 def test_sst2_and_wikitext_through_lm_eval_match_in_process(harness):

@@ -12,6 +12,7 @@ import torch
 
 from serving.engine import Engine
 from serving.exceptions import RequestError
+from serving.params import ExitLimits, ExitParams, resolve_exit
 from tests.helpers import hf_model
 from tests.test_engine import PROMPTS, assert_clean, make_engine
 
@@ -124,3 +125,17 @@ def test_bad_scoring_requests_are_refused(tiny_chat_dir):
     errors, ok = asyncio.run(main())
     assert errors == ["max_tokens", "prompt_logprobs", "adept.prefill.max_depth", "adept.prefill.full_depth_last"]
     assert len(ok.logprobs) == len(ok.token_ids) == 2
+
+
+def test_prefill_defaults_apply_to_requests_without_controls_of_their_own():
+    """The server's prompt-token defaults serve requests that set no exit controls; a request's own controls
+    are its prompt tokens' too (a request saying static 12 means every token), unless it sets `prefill`."""
+    limits = ExitLimits(num_layers=30, min_depth=8, exit_points=(8, 12, 16, 20, 24, 28, 30), has_routers=True)
+    defaults = ExitParams(policy="none", prefill={"policy": "static", "max_depth": 20, "full_depth_last": 1})
+    plain = resolve_exit(ExitParams(), defaults, limits)
+    assert (plain.decode.name, plain.prefill.name, plain.prefill.max_depth, plain.full_depth_last) == (
+        "none", "static", 20, 1)  # fmt: skip
+    own = resolve_exit(ExitParams(policy="static", max_depth=12), defaults, limits)
+    assert own.prefill == own.decode and own.prefill.max_depth == 12 and own.full_depth_last == 0
+    split = resolve_exit(ExitParams(policy="static", max_depth=12, prefill={"max_depth": 16}), defaults, limits)
+    assert (split.decode.max_depth, split.prefill.max_depth, split.prefill.name) == (12, 16, "static")

@@ -15,6 +15,8 @@ import pytest
 import ray
 
 from tests.test_hf_parity import PROMPTS as HF_PROMPTS
+from workers.exit_pack import load_pack
+from workers.model_store import DEFAULT_MODEL, resolve_model
 
 PROMPTS = [
     *HF_PROMPTS,
@@ -101,7 +103,7 @@ def test_exit_layers_follow_the_requests_controls(served):
     assert len(exits) == 16 and all(d in (8, 12, 16, 20, 24, 28, 30) for d in exits)
     assert min(exits) < 30, "a low threshold should let some tokens exit early"
 
-    # unset controls take the shipped exit pack's defaults (policy learned); a lower threshold exits earlier
+    # unset controls take the shipped exit pack's defaults; policy learned at a low threshold exits earlier
     def depths(adept: dict) -> list[int]:
         out = c.completions.create(
             model=served.model, prompt=PROMPTS[1], max_tokens=16, temperature=0, extra_body={"adept": adept}
@@ -245,7 +247,7 @@ def test_models_and_health(served):
         "num_layers": 30,
         "exit_points": [8, 12, 16, 20, 24, 28, 30],
         "num_layer_groups": 3,
-        "default_exit": {"policy": "learned", "threshold": 0.45, "backfill": "mapped"},  # the shipped pack's
+        "default_exit": load_pack("auto", DEFAULT_MODEL, resolve_model(DEFAULT_MODEL)).defaults,  # the shipped pack's
         # the default 1 GiB of K/V in blocks of 16 positions, 46,080 bytes a position (30 layers, float32)
         "kv_cache_tokens": (1 << 30) // (16 * 46_080) * 16,
     }
