@@ -86,9 +86,11 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
     tokenizer = load_tokenizer(path)
     part = CorpusPart.of(job.corpus, (0.0, 1.0 - job.holdout))
     data = {"corpus": part.describe(), "window": job.window}
-    if job.retune:
+    if job.retune:  # the pack's own exit points, and the text it read, skipped below
         out = Path(job.output)
-        settings.exit_points = [d for d in ExitPack.load(out).exit_points if d < n]
+        trained = ExitPack.load(out).manifest
+        settings.exit_points = [d for d in trained["exit_points"] if d < n]
+        settings.max_tokens = trained["training"]["settings"]["max_tokens"]
     else:
         windows = text_windows(part, tokenizer, job.window)
         if job.prompts:
