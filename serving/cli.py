@@ -34,14 +34,18 @@ CALIBRATION_FLAGS = (
 ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adept", description="ADEPT Serve: token-level early-exit LLM serving")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_serve(commands)
     _add_calibrate(commands)
     _add_eval(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
@@ -104,10 +108,18 @@ def _generate(args: argparse.Namespace) -> int:
     from serving.engine import Engine
 
     engine = Engine.local(_app_config(args).engine)
-    return asyncio.run(_generate_with(engine, args))
+
+    async def run() -> int:
+        try:
+            return await generate_with(engine, args)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())
 
 
-async def _generate_with(engine, args: argparse.Namespace) -> int:
+async def generate_with(engine, args: argparse.Namespace) -> int:
+    """`adept generate`'s request on an engine: prints the tokens (or one JSON object)."""
     prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     sampling = {
         "max_tokens": args.max_tokens,
@@ -131,7 +143,6 @@ async def _generate_with(engine, args: argparse.Namespace) -> int:
             piece = "".join(f"{out.text}[{d}]" for d in out.exit_layers) if args.show_exits else out.text
             print(piece, end="", flush=True)
     elapsed = time.perf_counter() - started
-    await engine.shutdown()
     num_layers = engine.plan.num_layers
     mean_depth = sum(exits) / len(exits) if exits else 0.0
     if args.json:
