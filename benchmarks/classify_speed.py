@@ -23,8 +23,9 @@ from engine_speed import log, machine  # benchmarks/ is on sys.path
 from lm_eval_tasks.adept_tasks import SST2_TUNE
 from serve_speed import local_app, run_benchmark, server_options
 
-from serving import server
-from serving.config import EngineConfig
+from serving.app import build_app
+from serving.deploy import server
+from serving.engine.config import EngineConfig
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
 FULL = {"policy": "none"}
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> dict:
     server.init_ray(config, num_cpus=os.cpu_count())
     url = f"http://127.0.0.1:{args.http_port}"
     try:
-        server.start(config)
+        server.start(config, build_app(config))
         names = ["full depth", *args.settings]
         exits = {"full depth": FULL} | {n: SETTINGS[n] for n in args.settings}
         runs: dict[str, list[dict]] = {n: [] for n in names}

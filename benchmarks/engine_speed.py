@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import agreement, common_prefix
+from serving.engine.config import EngineConfig
+from serving.quality.evaluation import agreement, common_prefix
 from workers.model_store import DEFAULT_MODEL, load_tokenizer, resolve_model
 
 PROMPTS = [

@@ -24,8 +24,8 @@ from pathlib import Path
 from engine_speed import PROMPTS as SHORT  # benchmarks/ is on sys.path
 from engine_speed import engine_parser, log, machine, publish
 
-from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.engine.config import EngineConfig
 from workers.corpus import CorpusPart, chat_prompts
 
 CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "instructions.jsonl"

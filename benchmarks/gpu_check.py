@@ -56,9 +56,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import common_prefix
+from serving.engine.config import EngineConfig
+from serving.quality.evaluation import common_prefix
 from workers.device import resolve_dtype
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,8 +22,8 @@ import time
 from engine_speed import engine_parser, log, machine, publish  # benchmarks/ is on sys.path
 from exit_batching import prompts_for
 
-from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.engine.config import EngineConfig
 from workers.kv_cache import blocks_for, kv_bytes_per_token
 
 FULL = {"policy": "none"}

@@ -63,12 +63,13 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from serving import server
+    from serving.app import build_app
     from serving.config import AppConfig
+    from serving.deploy import server
 
     config = AppConfig()
     server.init_ray(config)
-    server.start(config)
+    server.start(config, build_app(config))
     url = f"http://{config.http.host}:{config.http.port}"
     model = config.served_name()
     result: dict = {"max_tokens": args.max_tokens, "page_load": {}}

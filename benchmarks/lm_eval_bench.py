@@ -26,12 +26,13 @@ from engine_speed import log, machine  # benchmarks/ is on sys.path
 from ray import serve
 from serve_speed import local_app, run_benchmark, server_options
 
-from serving import server
 from serving.app import build_app
-from serving.config import APP_NAME, EngineConfig
+from serving.config import APP_NAME
+from serving.deploy import server
 from serving.engine import Engine
-from serving.evaluation import continuation_logprobs
-from serving.params import ExitParams
+from serving.engine.config import EngineConfig
+from serving.engine.params import ExitParams
+from serving.quality.evaluation import continuation_logprobs
 from workers.model_store import resolve_model
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -188,7 +189,7 @@ def main(args: argparse.Namespace) -> dict:
     report: dict = {"machine": machine(), "tasks": args.tasks, "limit": args.limit, "points": {}}
     server.init_ray(config, num_cpus=os.cpu_count())
     try:
-        server.start(config)
+        server.start(config, build_app(config))
         for name, exit in points.items():
             engine = config.engine.model_copy(update={"exit": ExitParams.model_validate(exit)})
             point = config.model_copy(update={"engine": engine})

@@ -161,15 +161,17 @@ def main() -> int:
 
     from ray import serve
 
-    from serving import server
-    from serving.config import APP_NAME, AppConfig, EngineConfig
+    from serving.app import build_app
+    from serving.config import APP_NAME, AppConfig
+    from serving.deploy import server
+    from serving.engine.config import EngineConfig
 
     config = AppConfig(
         engine=EngineConfig(num_layer_groups=args.layer_groups, max_num_seqs=args.max_num_seqs),
         trace_sampling_ratio=1.0 if args.tracing else 0.01,
     )
     server.init_ray(config)
-    server.start(config)
+    server.start(config, build_app(config))
     url = f"http://{config.http.host}:{config.http.port}"
     replica = serve.get_deployment_handle("PipelineReplica", APP_NAME)
     model = config.served_name()

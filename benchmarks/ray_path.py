@@ -35,13 +35,15 @@ from ray import serve
 from ray.dag import InputNode, MultiOutputNode
 from serve_speed import local_app
 
-from serving import server
-from serving.config import APP_NAME, EngineConfig
+from serving.app import build_app
+from serving.config import APP_NAME
+from serving.deploy import server
+from serving.deploy.ray_groups import ray_groups
 from serving.engine import Engine
-from serving.messages import GenerateRequest, RequestOutput
-from serving.params import ExitParams, SamplingParams
-from serving.plan import PipelinePlan
-from serving.ray_groups import ray_groups
+from serving.engine.config import EngineConfig
+from serving.engine.messages import GenerateRequest, RequestOutput
+from serving.engine.params import ExitParams, SamplingParams
+from serving.engine.plan import PipelinePlan
 from workers.exit_pack import ExitPack
 
 EXITS = {
@@ -187,7 +189,7 @@ def main(args) -> dict:
 
         actors = Engine.build(engine_config, make_groups)
         clocks = {"in-process": StepClock(local), "Ray actors": StepClock(actors)}
-        server.start(config)
+        server.start(config, build_app(config))
         handle = serve.get_deployment_handle("PipelineReplica", APP_NAME)
         url = f"http://127.0.0.1:{args.http_port}/v1/completions"
         levels = {

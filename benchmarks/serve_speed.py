@@ -25,9 +25,11 @@ from collections.abc import Callable
 import httpx
 from engine_speed import PROMPTS, log, machine, publish  # benchmarks/ is on sys.path
 
-from serving import server
-from serving.config import AppConfig, EngineConfig, Listener
+from serving.app import build_app
+from serving.config import AppConfig, Listener
+from serving.deploy import server
 from serving.engine import Engine
+from serving.engine.config import EngineConfig
 
 EXITS = {
     "full depth": {"policy": "none"},
@@ -109,7 +111,7 @@ def main(args: argparse.Namespace) -> dict:
     url = f"http://127.0.0.1:{args.http_port}"
     try:
         local = Engine.local(engine)
-        server.start(config)
+        server.start(config, build_app(config))
         model = config.served_name()
 
         async def measure(side: str, n: int, exit: dict) -> dict:

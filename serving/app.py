@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from serving.api.ingress import Ingress
 from serving.config import AppConfig
-from serving.ingress import Ingress
-from serving.replica import PipelineReplica
+from serving.deploy.replica import PipelineReplica
 
 
 def build_app(args: AppConfig | dict) -> Application:

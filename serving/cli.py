@@ -13,11 +13,11 @@ import threading
 import time
 from typing import get_args
 
-from serving import calibrate
 from serving.config import GRPC_SERVICE, AppConfig
-from serving.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
-from serving.exceptions import RequestError
-from serving.params import BackfillName, PolicyName
+from serving.engine.exceptions import RequestError
+from serving.engine.params import BackfillName, PolicyName
+from serving.quality import calibrate
+from serving.quality.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
 from workers.corpus import CorpusPart, chat_prompts, text_windows
@@ -194,13 +194,14 @@ def _add_serve(commands) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from serving import server
+    from serving.app import build_app
     from serving.config import APP_NAME
+    from serving.deploy import server
 
     config = _app_config(args)
     server.init_ray(config, args.address)
     try:
-        server.start(config)
+        server.start(config, build_app(config))
         info = serve.get_deployment_handle("PipelineReplica", APP_NAME).info.remote().result()
         own = {k: v for k, v in info.default_exit.items() if k != "prefill"}
         default_exit = ", ".join(f"{k} {v}" for k, v in own.items()) or "policy none (full depth)"
@@ -327,8 +328,8 @@ def _add_eval(commands) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from serving import evaluation
-    from serving.config import EngineConfig
+    from serving.engine.config import EngineConfig
+    from serving.quality import evaluation
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)

@@ -13,8 +13,10 @@ import torch
 from ray import serve
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from serving import server
-from serving.config import APP_NAME, AppConfig, EngineConfig, Listener
+from serving.app import build_app
+from serving.config import APP_NAME, AppConfig, Listener
+from serving.deploy import server
+from serving.engine.config import EngineConfig
 from tests import otlp
 from workers.model_store import DEFAULT_MODEL, resolve_model
 
@@ -151,7 +153,7 @@ def served(default_model_dir, otlp_collector) -> Served:
     # Metrics reach the node's exporter every second instead of every ten (tests read /metrics).
     server.init_ray(config, num_cpus=2, _system_config={"metrics_report_interval_ms": 1000})
     try:
-        server.start(config)
+        server.start(config, build_app(config))
         yield Served(config, f"http://127.0.0.1:{config.http.port}", f"127.0.0.1:{config.grpc.port}")
     finally:
         server.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from serving.pipeline import LocalGroup, Pipeline
+from serving.engine.pipeline import LocalGroup, Pipeline
 from workers.exit_pack import ExitPack
 from workers.kv_cache import blocks_for
 from workers.layer_group import LayerGroup

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from serving.cli import main
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import teacher_forced
-from serving.exceptions import RequestError
+from serving.engine.config import EngineConfig
+from serving.engine.exceptions import RequestError
+from serving.quality.evaluation import teacher_forced
 from workers.exit_pack import SHIPPED, ExitPack, ExitPackError, load_pack
 from workers.model_store import DEFAULT_MODEL, fingerprint, load_tokenizer
 

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from transformers import LlamaConfig
 
-from serving.config import EngineConfig
-from serving.plan import default_exit_points, plan_pipeline
+from serving.engine.config import EngineConfig
+from serving.engine.plan import default_exit_points, plan_pipeline
 from workers.arch import ModelArch
 
 ARCH = ModelArch.from_config(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.detokenizer import Detokenizer
+from serving.engine.detokenizer import Detokenizer
 from workers.model_store import load_tokenizer
 
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import pytest
 from pydantic import ValidationError
 
-from serving.config import AppConfig, EngineConfig
+from serving.config import AppConfig
 from serving.engine import Engine
-from serving.exceptions import EngineError, QueueFullError, RequestError
-from serving.outputs import auto_interval
+from serving.engine.config import EngineConfig
+from serving.engine.exceptions import EngineError, QueueFullError, RequestError
+from serving.engine.outputs import auto_interval
 
 PROMPTS = [
     "The quick brown fox",

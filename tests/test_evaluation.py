@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import Costs, TeacherForced, agreement, common_prefix, oracle_row, teacher_forced
+from serving.engine.config import EngineConfig
+from serving.quality.evaluation import Costs, TeacherForced, agreement, common_prefix, oracle_row, teacher_forced
 from tests.helpers import hf_model
 from workers.model_store import load_tokenizer
 

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from serving.app import build_app
-from serving.config import AppConfig, EngineConfig
+from serving.config import AppConfig
+from serving.engine.config import EngineConfig
 
 
 def test_health_serves_while_one_of_two_pipelines_is_lost(served, tiny_chat_dir):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.engine.config import EngineConfig
 from workers.model_store import load_tokenizer
 
 PROMPTS = [

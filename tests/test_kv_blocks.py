@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from serving.config import EngineConfig
 from serving.engine import Engine
+from serving.engine.config import EngineConfig
 from tests.helpers import full_logprobs, load_groups, pipeline_of, rows, run
 from tests.test_engine import GREEDY, PROMPTS, assert_clean, collect
 from workers.kv_cache import BlockPool, KVCache, KVHoleError

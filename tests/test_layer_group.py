@@ -172,7 +172,7 @@ def test_backfill_off_the_critical_path_gives_the_same_result(tiny_llama_dir, mo
     """Positions 0-9 exit in group 0 over several steps, and the pipeline does not wait for the deeper
     groups' back-fills; position 10 then goes full depth: the same as when every back-fill is awaited.
     (OWED_CALLS 1: the groups no row reaches are called every step, off the critical path.)"""
-    import serving.pipeline as pipeline_module
+    import serving.engine.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "OWED_CALLS", 1)
     ids = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(4))
@@ -239,7 +239,7 @@ def test_a_group_no_row_reaches_is_called_with_what_it_owes_later(tiny_llama_dir
     """Static depth 2 in three groups: the groups past the exit get no call per step. What they owe goes
     with the next batch that reaches them (a full-depth sequence joining), or every OWED_CALLS steps, or
     before a free; their K/V then equal a pipeline that calls every group every step."""
-    import serving.pipeline as pipeline_module
+    import serving.engine.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "OWED_CALLS", 4)
     bounds, points = [0, 2, 4, 6], [2, 4, 6]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import continuation_logprobs
+from serving.engine.config import EngineConfig
+from serving.quality.evaluation import continuation_logprobs
 
 TASKS = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_eval_tasks"
 MAX_LENGTH = 256  # lm-eval's window: short, so that a WikiText article is several requests

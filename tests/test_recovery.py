@@ -20,7 +20,8 @@ from ray import serve
 from protos.adept.v1 import adept_pb2 as pb
 from protos.adept.v1 import adept_pb2_grpc
 from serving.app import build_app
-from serving.config import AppConfig, EngineConfig
+from serving.config import AppConfig
+from serving.engine.config import EngineConfig
 from tests.test_serve_http import PROMPTS
 
 ENGINE = dict(max_num_seqs=4, max_model_len=512, worker_restart_timeout_s=60)

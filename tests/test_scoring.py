@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from serving.engine import Engine
-from serving.exceptions import RequestError
-from serving.params import ExitLimits, ExitParams, resolve_exit
+from serving.engine.exceptions import RequestError
+from serving.engine.params import ExitLimits, ExitParams, resolve_exit
 from tests.helpers import hf_model
 from tests.test_engine import PROMPTS, assert_clean, make_engine
 

@@ -16,7 +16,8 @@ from ray import serve
 from protos.adept.v1 import adept_pb2 as pb
 from protos.adept.v1 import adept_pb2_grpc
 from serving.app import build_app
-from serving.config import APP_NAME, AppConfig, EngineConfig
+from serving.config import APP_NAME, AppConfig
+from serving.engine.config import EngineConfig
 
 KEY = "sk-test-4f1d2c"
 GUARDED = "guarded"

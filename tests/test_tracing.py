@@ -89,7 +89,7 @@ def test_grpc_request_trace_continues_traceparent(served, otlp_collector):
         *tokens, final = stub.Generate(request, metadata=(("traceparent", traceparent),), timeout=120)
     assert final.usage.completion_tokens == len(tokens) == 4
     spans = _wait_for(otlp_collector, trace_id, backfills=False)
-    # Serve 2.60's gRPC proxy spans do not join the caller's trace; the ingress continues it (serving.tracing)
+    # Serve 2.60's gRPC proxy spans do not join the caller's trace; the ingress continues it (serving.telemetry.tracing)
     request_span = _check_chain(spans, parent, depth=2)
     forward = {s.attributes["adept.layers"] for s in spans if s.name == "adept.layer_group.forward"}
     assert forward == GROUPS  # full depth: every worker computed

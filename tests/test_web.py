@@ -13,7 +13,8 @@ import pytest
 from ray import serve
 
 from serving.app import build_app
-from serving.config import AppConfig, EngineConfig
+from serving.config import AppConfig
+from serving.engine.config import EngineConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PROMPT = "Explain in one sentence why the sky is blue."

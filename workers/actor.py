@@ -2,7 +2,7 @@
 
 The actor is synchronous (one call at a time): Ray runs the calls of one submitter, its pipeline replica,
 in submission order even when their ObjectRef arguments become ready out of order (the ordering rule in
-serving/pipeline.py)."""
+serving/engine/pipeline.py)."""
 
 from __future__ import annotations
 

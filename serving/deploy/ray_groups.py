@@ -17,9 +17,9 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from serving.config import EngineConfig
-from serving.pipeline import Pipeline
-from serving.plan import PipelinePlan
+from serving.engine.config import EngineConfig
+from serving.engine.pipeline import Pipeline
+from serving.engine.plan import PipelinePlan
 from workers.actor import LayerGroupWorker
 from workers.protocol import GroupSpec
 

@@ -1,5 +1,5 @@
 """The engine's exception types, at the bottom of the import order: anything may raise or catch them
-without importing the engine."""
+without importing the engine. The API edge maps them to HTTP and gRPC statuses (serving/api/errors.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ class RequestError(ValueError):
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
-        self.param = param
+        self.param, self.message = param, message
+
+    def __reduce__(self) -> tuple:  # it crosses processes (Ray) inside a Rejected event
+        return RequestError, (self.param, self.message)
 
 
 class QueueFullError(RuntimeError):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from serving.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
-from serving.params import ExitLimits
+from serving.engine.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from serving.engine.params import ExitLimits
 from workers.arch import ModelArch
 from workers.kv_cache import blocks_for
 from workers.protocol import GroupSpec

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span
 from transformers import PreTrainedTokenizerBase
 
-from serving import tracing
-from serving.detokenizer import Detokenizer
-from serving.messages import PromptScores, RequestOutput, Usage
-from serving.metrics import EngineStats
-from serving.scheduler import Sequence, SequenceUpdate
+from serving.engine.detokenizer import Detokenizer
+from serving.engine.messages import PromptScores, RequestOutput, Usage
+from serving.engine.scheduler import ScheduledBatch, Sequence, SequenceUpdate
+from serving.telemetry import tracing
+from serving.telemetry.metrics import EngineStats
+from workers.protocol import GroupSpec
 
 
 @dataclass
@@ -126,9 +127,15 @@ class OutputProcessor:
         self._streams[seq.request_id] = stream
         return RequestStream(seq.request_id, stream.queue, len(seq.prompt_ids), abort)
 
-    def span(self, request_id: str) -> Span | None:
-        stream = self._streams.get(request_id)
-        return None if stream is None else stream.span
+    def trace(self, batch: ScheduledBatch, groups: list[GroupSpec], sync: bool) -> tracing.StepTrace | None:
+        """The batch's traced requests and their rows, if any is traced."""
+        spans, start = [], 0
+        for seq, n in zip(batch.seqs, batch.counts, strict=True):
+            stream = self._streams.get(seq.request_id)
+            if stream is not None and stream.span is not None:
+                spans.append((stream.span, start, start + n))
+            start += n
+        return tracing.StepTrace(groups, spans, sync) if spans else None
 
     def deliver(self, update: SequenceUpdate) -> bool:
         """Turn a sequence's new token into an output; returns whether the sequence is done."""

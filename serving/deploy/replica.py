@@ -13,14 +13,13 @@ from pathlib import Path
 from ray import serve
 
 from serving.config import AppConfig
+from serving.deploy.health import worker_name
+from serving.deploy.ray_groups import RayGroup, ray_groups
 from serving.engine import Engine
-from serving.errors import ApiError
-from serving.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
-from serving.health import worker_name
-from serving.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
-from serving.metrics import RayStats
-from serving.outputs import auto_interval
-from serving.ray_groups import RayGroup, ray_groups
+from serving.engine.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
+from serving.engine.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
+from serving.engine.outputs import auto_interval
+from serving.telemetry.metrics import RayStats
 from workers.exit_pack import ExitPack
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class PipelineReplica:
             prompt = request.prompt if request.messages is None else self._chat(request.messages)
             stream = self.engine.submit(prompt, request.sampling, request.exit, request.request_id)
         except (RequestError, QueueFullError, EngineUnavailable) as e:
-            yield Rejected(ApiError.of(e))
+            yield Rejected(e)
             return
         yield Admitted(prompt_tokens=stream.prompt_tokens)
         try:
@@ -65,7 +64,7 @@ class PipelineReplica:
                     out.token_texts = self._texts(out)
                 yield out
         except EngineError as e:
-            yield Rejected(ApiError("unavailable" if isinstance(e, EngineUnavailable) else "internal", str(e)))
+            yield Rejected(e)
         finally:
             stream.abort()
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from serving.exceptions import EngineUnavailable, QueueFullError, RequestError
+from serving.engine.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
 
 # kind -> (HTTP status, OpenAI error type, gRPC status)
 KINDS: dict[str, tuple[int, str, grpc.StatusCode]] = {
@@ -59,4 +59,6 @@ class ApiError(Exception):
             return cls("overloaded", str(error))
         if isinstance(error, EngineUnavailable):
             return cls("unavailable", str(error))
+        if isinstance(error, EngineError):
+            return cls("internal", str(error))
         return cls("internal", f"the request failed inside the server: {error}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass
 
-from serving.errors import ApiError
-from serving.params import ExitParams, SamplingParams
+from serving.engine.exceptions import EngineError, QueueFullError, RequestError
+from serving.engine.params import ExitParams, SamplingParams
 
 
 @dataclass
@@ -89,9 +89,10 @@ class Admitted:
 
 @dataclass
 class Rejected:
-    """The first (and last) event of a refused request, or the last of one that failed."""
+    """The first (and last) event of a refused request, or the last of one that failed: the engine's error,
+    which the API edge turns into what the client is told."""
 
-    error: ApiError
+    error: RequestError | QueueFullError | EngineError
 
 
 @dataclass

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from serving import evaluation
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.evaluation import Classification, backfill_harm
-from serving.params import ExitParams
-from serving.plan import default_exit_points
+from serving.engine.config import EngineConfig
+from serving.engine.params import ExitParams
+from serving.engine.plan import default_exit_points
+from serving.quality import evaluation
+from serving.quality.evaluation import Classification, backfill_harm
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings, calibrate, self_generated
 from workers.corpus import CorpusPart, chat_prompts, labelled_texts, text_windows

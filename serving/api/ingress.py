@@ -26,16 +26,16 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
 from protos.adept.v1 import adept_pb2 as pb
-from serving import tracing
+from serving.api.errors import ApiError
+from serving.api.grpc_service import MalformedRequest
+from serving.api.openai_api import ChatCompletionRequest, CompletionRequest, Responder
 from serving.config import GRPC_SERVICE, AppConfig
-from serving.errors import ApiError
-from serving.exceptions import RequestError
-from serving.grpc_service import MalformedRequest
-from serving.health import unhealthy
-from serving.messages import Admitted, GenerateRequest, ModelInfo, Rejected, RequestOutput
-from serving.metrics import ApiStats, node_metrics
-from serving.openai_api import ChatCompletionRequest, CompletionRequest, Responder
-from serving.params import ExitParams, SamplingParams, request_error
+from serving.deploy.health import unhealthy
+from serving.engine.exceptions import EngineError, RequestError
+from serving.engine.messages import Admitted, GenerateRequest, ModelInfo, Rejected, RequestOutput
+from serving.engine.params import ExitParams, SamplingParams, request_error
+from serving.telemetry import tracing
+from serving.telemetry.metrics import ApiStats, node_metrics
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ async def _drain(events: DeploymentResponseGenerator, responder: Responder) -> R
     last = None
     async for event in events:
         if isinstance(event, Rejected):
-            raise event.error
+            raise ApiError.of(event.error)
         responder.add(event)
         last = event
     return last
@@ -328,7 +328,7 @@ class Ingress:
                 async for event in events:
                     await queue.put((i, event))
             except Exception as e:  # the replica failed: tell the client in the stream
-                await queue.put((i, Rejected(ApiError("internal", str(e)))))
+                await queue.put((i, Rejected(EngineError(str(e)))))
             await queue.put((i, None))
 
         pumps = [asyncio.create_task(pump(i, events)) for i, events in enumerate(started)]
@@ -342,8 +342,9 @@ class Ingress:
                     open_ -= 1
                     continue
                 if isinstance(event, Rejected):  # failed after it started: say so in the stream
-                    outcome = event.error.kind
-                    yield _sse(event.error.body())
+                    error = ApiError.of(event.error)
+                    outcome = error.kind
+                    yield _sse(error.body())
                     break
                 if event.token_ids or event.finished or event.prompt is not None:
                     yield _sse(responders[i].chunk(event, include_usage))
@@ -379,9 +380,10 @@ class Ingress:
         try:
             async for event in events:
                 if isinstance(event, Rejected):
-                    outcome = event.error.kind
-                    _grpc_error(grpc_context, event.error)
-                    raise event.error
+                    error = ApiError.of(event.error)
+                    outcome = error.kind
+                    _grpc_error(grpc_context, error)
+                    raise error
                 messages = [_grpc_token(event, i) for i in range(len(event.token_ids))]
                 for extra in messages[1:]:  # a merged output: the text goes with the first token
                     extra.text = ""
@@ -499,7 +501,7 @@ class Ingress:
         first = await events.__anext__()
         if isinstance(first, Rejected):
             events.cancel()
-            raise first.error
+            raise ApiError.of(first.error)
         assert isinstance(first, Admitted)
         return events
 

@@ -9,15 +9,19 @@ blocks to clear, to a pipeline."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from serving.exceptions import QueueFullError
-from serving.params import PhaseExits, SamplingParams
+from serving.engine.exceptions import QueueFullError
+from serving.engine.params import PhaseExits, SamplingParams
 from workers.kv_cache import BlockPool, blocks_for
+from workers.modes import Policy
 from workers.protocol import Rows, TokenResults
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # a sequence is itself, not its contents
@@ -94,6 +98,16 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def gauges(self) -> tuple[int, int, int, int, int]:
+        """Running and waiting sequences, used and free blocks, preemptions so far (for metrics)."""
+        pool = self.pool
+        return len(self.running), len(self.waiting), pool.capacity - pool.num_free, pool.num_free, self.preemptions
+
+    def per_micro_batch(self, micro_batches: int) -> int:
+        """Sequences per micro-batch: the work split evenly over the micro-batches in flight, so that while
+        group g runs one micro-batch, group g+1 has another (layer-group pipelining)."""
+        return max(1, -(-(len(self.running) + len(self.waiting)) // micro_batches))
 
     def add(self, seq: Sequence) -> None:
         # Waiting requests beyond the free places of the running batch are the real queue.
@@ -231,6 +245,58 @@ class Scheduler:
             updates.append(SequenceUpdate(seq, sampled, first < prompt_len <= seq.num_computed))
             start = end
         return updates
+
+
+def check_kv_capacity(pool: BlockPool, block_size: int, max_model_len: int, block_bytes: int) -> None:
+    """The pool must hold one sequence of max_model_len; says at start-up how much it holds."""
+    tokens, need = pool.capacity * block_size, blocks_for(max_model_len, block_size)
+    per_token = block_bytes // block_size
+    log.info(
+        "KV cache: %d blocks of %d positions, %d tokens (%.0f MiB of K/V per pipeline, %d bytes per token)",
+        pool.capacity, block_size, tokens, tokens * per_token / 2**20, per_token,
+    )  # fmt: skip
+    if pool.capacity < need:
+        raise ValueError(
+            f"the KV cache holds {tokens} tokens, fewer than one sequence of max_model_len {max_model_len}: "
+            f"raise kv_cache_memory (it needs at least {need * block_size * per_token} bytes) or lower max_model_len"
+        )
+
+
+class TeacherForcing:
+    """Given token sequences fed in chunks beside the running batch (Engine.teacher_forced): every chunk's
+    rows, and each sequence's results put back together. With `exit_every` k, only every k-th position
+    takes the sequences' exit controls; the others run at full depth."""
+
+    def __init__(
+        self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int
+    ) -> None:
+        for ids in token_ids:
+            if len(ids) >= max_model_len:
+                raise ValueError(f"{len(ids)} tokens do not fit the context of {max_model_len}")
+        greedy = SamplingParams(temperature=0.0)
+        self.seqs = [Sequence(f"teacher-forced-{i}", list(ids), greedy, exits, 0, 1) for i, ids in enumerate(token_ids)]
+        self.chunk, self.exit_every = chunk, exit_every
+        self.parts: list[list[TokenResults]] = [[] for _ in token_ids]  # per sequence, per chunk
+        self.picked: list[tuple[int, Sequence, int]] = []
+
+    def next_rows(self) -> Rows | None:
+        picked = [(i, s, min(self.chunk, len(s.tokens) - s.num_computed)) for i, s in enumerate(self.seqs)]
+        self.picked = [(i, s, n) for i, s, n in picked if n > 0]
+        if not self.picked:
+            return None
+        rows = rows_for([(s, n) for _, s, n in self.picked], teacher_forced=True)
+        rows.policy[rows.positions % self.exit_every != 0] = int(Policy.NONE)
+        return rows
+
+    def record(self, results: TokenResults) -> None:
+        at = 0
+        for i, s, n in self.picked:
+            self.parts[i].append(results.select(slice(at, at + n)))
+            at += n
+            s.num_computed += n
+
+    def results(self) -> list[TokenResults]:
+        return [TokenResults.cat(p) for p in self.parts]
 
 
 def _record_prompt(seq: Sequence, first: int, rows: TokenResults) -> None:

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving.exceptions import RequestError
-from serving.messages import RequestOutput, Usage
-from serving.params import ExitParams, SamplingParams, request_error
+from serving.engine.exceptions import RequestError
+from serving.engine.messages import RequestOutput, Usage
+from serving.engine.params import ExitParams, SamplingParams, request_error
 
 
 class _Strict(BaseModel):

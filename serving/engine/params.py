@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from serving.exceptions import RequestError
+from serving.engine.exceptions import RequestError
 from workers.modes import Backfill, Policy
 
 PolicyName = Literal["none", "static", "confidence", "learned"]

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.config import EngineConfig
 from serving.engine import Engine
-from serving.messages import Usage
-from serving.params import MAX_TOP_LOGPROBS, ExitParams
+from serving.engine.config import EngineConfig
+from serving.engine.messages import Usage
+from serving.engine.params import MAX_TOP_LOGPROBS, ExitParams
 from workers.arch import ModelArch
 
 # Free-running agreement: short chat prompts of the kind people send.

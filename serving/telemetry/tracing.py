@@ -25,9 +25,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 if TYPE_CHECKING:
     import torch
 
-    from serving.plan import PipelinePlan
+    from workers.protocol import GroupSpec
 
-EXPORTER = "serving.tracing:otlp_span_processors"
+EXPORTER = "serving.telemetry.tracing:otlp_span_processors"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 _tracer = trace.get_tracer("adept-serve")
@@ -117,7 +117,7 @@ class StepTrace:
     """A step with traced requests: each gets a span per layer-group call that computed or back-filled its
     rows (which rows a group touched follows from their exit layers and the group's layers)."""
 
-    plan: PipelinePlan
+    groups: list[GroupSpec]
     spans: list[tuple[Span, int, int]]  # (request span, its rows in the batch)
     sync: bool
     exit_layers: torch.Tensor | None = None
@@ -133,7 +133,7 @@ class StepTrace:
             self._record(group, timing, backfill_only=True)
 
     def _record(self, g: int, timing: tuple[int, int], backfill_only: bool) -> None:
-        spec = self.plan.groups[g]
+        spec = self.groups[g]
         for span, start, end in self.spans:
             layers = self.exit_layers[start:end]
             entered = int((layers > spec.start).sum())

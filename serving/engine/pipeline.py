@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from serving.metrics import EngineStats
+from serving.telemetry.metrics import EngineStats
 from workers.layer_group import LayerGroup
 from workers.modes import Policy
 from workers.protocol import GroupSpec, Rows, StepResult, TokenResults
@@ -211,9 +211,21 @@ class Pipeline:
         return [(group, group.free(freed)) for group in self.groups]
 
     @staticmethod
-    async def confirm(calls: list[tuple[GroupHandle, Any]]) -> None:
-        for group, ref in calls:
-            await group.fetch(ref)
+    async def confirm(calls: list[tuple[GroupHandle, Any]], quiet: bool = False) -> None:
+        """Wait for `free` calls; `quiet`: a failure is only logged (a lost worker's cache is gone anyway,
+        and recovery clears the others)."""
+        try:
+            for group, ref in calls:
+                await group.fetch(ref)
+        except Exception as e:
+            if not quiet:
+                raise
+            log.warning("freeing KV blocks failed: %s", str(e).splitlines()[0])
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block on all the groups together."""
+        return sum(group.block_bytes for group in self.groups)
 
     async def info(self) -> list[dict]:
         return list(await asyncio.gather(*(group.fetch(group.info()) for group in self.groups)))
@@ -229,6 +241,10 @@ class Pipeline:
         self.settle()
         while self._trailing:
             await asyncio.gather(*self._trailing, return_exceptions=True)
+
+    def close(self) -> None:
+        for group in self.groups:
+            group.close()
 
     def _trailing_done(self, task: asyncio.Task, critical_path_done: float, group: int, listeners: list) -> None:
         self._trailing.discard(task)

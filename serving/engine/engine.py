@@ -1,9 +1,9 @@
 """The engine: requests in, streams of (token, exit layer) out.
 
-One asyncio loop does what vLLM's EngineCore.step does: schedule a batch (serving/scheduler.py), execute it
-through the layer groups (serving/pipeline.py), and update the sequences and their streams with the results
-(serving/outputs.py). Admission checks live in serving/admission.py. The in-process engine and the
-distributed one differ only in the pipeline's group handles.
+One asyncio loop does what vLLM's EngineCore.step does: schedule a batch (scheduler.py), execute it through
+the layer groups (pipeline.py), and update the sequences and their streams with the results (outputs.py), all
+in this package; admission checks live in admission.py. The in-process engine and the distributed one differ
+only in the pipeline's group handles.
 
 Rule: every call to the workers is made in the engine's own context, never in a request's. On Ray, calls
 made while serving a request count as its children, and cancelling the request (its client left) would
@@ -26,24 +26,23 @@ from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
-from serving import tracing
-from serving.admission import Admission
-from serving.config import EngineConfig
-from serving.exceptions import EngineError, EngineUnavailable, RequestError
-from serving.messages import RequestOutput
-from serving.metrics import EngineStats
-from serving.outputs import OutputProcessor, RequestStream
-from serving.params import ExitParams, PhaseExits, SamplingParams
-from serving.pipeline import GroupHandle, LocalGroup, Pipeline, Submitted
-from serving.plan import PipelinePlan, plan_pipeline
-from serving.scheduler import ScheduledBatch, Scheduler, Sequence, rows_for
+from serving.engine.admission import Admission
+from serving.engine.config import EngineConfig
+from serving.engine.exceptions import EngineError, EngineUnavailable, RequestError
+from serving.engine.messages import RequestOutput
+from serving.engine.outputs import OutputProcessor, RequestStream
+from serving.engine.params import ExitParams, PhaseExits, SamplingParams
+from serving.engine.pipeline import GroupHandle, LocalGroup, Pipeline, Submitted
+from serving.engine.plan import PipelinePlan, plan_pipeline
+from serving.engine.scheduler import ScheduledBatch, Scheduler, Sequence, TeacherForcing, check_kv_capacity
+from serving.telemetry import tracing
+from serving.telemetry.metrics import EngineStats
 from workers.arch import ModelArch
 from workers.device import resolve_device, resolve_dtype
 from workers.exit_pack import ExitPack, load_pack
-from workers.kv_cache import BlockPool, blocks_for
+from workers.kv_cache import BlockPool
 from workers.layer_group import LayerGroup
 from workers.model_store import load_config, load_tokenizer, resolve_model
-from workers.modes import Policy
 from workers.protocol import TokenResults
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ GroupFactory = Callable[[Path, PipelinePlan, ExitPack | None], list[GroupHandle]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _IN_ENGINE: contextvars.ContextVar[bool] = contextvars.ContextVar("adept_in_engine", default=False)
-GREEDY = SamplingParams(temperature=0.0)
 
 
 def _engine_context(method: F) -> F:
@@ -93,13 +91,10 @@ class Engine:
         self.arch, self.pack, self.stats = arch, pack, pipeline.stats
         self.admission = Admission(config, plan, tokenizer, arch, pack)
         self.scheduler = Scheduler(
-            BlockPool(min(g.num_blocks for g in pipeline.groups)),
-            config.block_size,
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.max_waiting_requests,
-        )
-        self._check_pool()
+            BlockPool(min(g.num_blocks for g in pipeline.groups)), config.block_size, config.max_num_seqs,
+            config.max_num_batched_tokens, config.max_waiting_requests,
+        )  # fmt: skip
+        check_kv_capacity(self.scheduler.pool, config.block_size, plan.max_model_len, pipeline.block_bytes)
         self.outputs = OutputProcessor(tokenizer, arch.eos_token_ids, plan.num_layers, plan.max_model_len, self.stats)
         self._inflight: set[asyncio.Task] = set()  # one task per micro-batch in the pipeline
         self._context = contextvars.Context()
@@ -199,16 +194,12 @@ class Engine:
         """Run given token sequences through the model, beside the engine's own requests: every position
         exits where `exit` says for prompt tokens (its deeper K/V back-filled as served), predicts its next
         token greedily at its exit and scores the sequence's actual next token, as echo scoring of the same
-        prompt does. Per sequence, one row per position. With `exit_every` k, only every k-th position
-        takes `exit`; the others run at full depth."""
-        for ids in token_ids:
-            if len(ids) >= self.plan.max_model_len:
-                raise ValueError(f"{len(ids)} tokens do not fit the context of {self.plan.max_model_len}")
-        resolved = PhaseExits.same(self.admission.resolve_exit(exit).prefill)
-        seqs = [Sequence(f"teacher-forced-{i}", list(ids), GREEDY, resolved, 0, 1) for i, ids in enumerate(token_ids)]
-        self.scheduler.reserve(seqs)
+        prompt does. Per sequence, one row per position (`exit_every`: see TeacherForcing)."""
+        exits = PhaseExits.same(self.admission.resolve_exit(exit).prefill)
+        forced = TeacherForcing(token_ids, exits, self.plan.max_model_len, chunk, exit_every)
+        self.scheduler.reserve(forced.seqs)
         # Shielded: a caller that gives up does not cancel worker calls mid-pipeline; the run ends and frees.
-        return await asyncio.shield(self._spawn(self._teacher_forced(seqs, chunk, exit_every)))
+        return await asyncio.shield(self._spawn(self._teacher_forced(forced)))
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -229,12 +220,12 @@ class Engine:
         if self._recovery is not None or self.broken:
             return
         while len(self._inflight) < self.config.max_inflight_batches:
-            batch = self.scheduler.schedule(self._batch_seqs())
+            batch = self.scheduler.schedule(self.scheduler.per_micro_batch(self.config.max_inflight_batches))
             self._free(self.scheduler.take_freed())  # preempted: cleared before any call reuses the blocks
-            self._report_scheduler()
+            self.stats.scheduler(*self.scheduler.gauges())
             if batch is None:
                 return
-            trace = self._trace(batch)
+            trace = self.outputs.trace(batch, self.plan.groups, self.pipeline.sync_backfill)
             submitted = self.pipeline.submit(batch.rows, trace.trailing_call if trace else None)
             task = asyncio.get_running_loop().create_task(self._step(batch, submitted, trace))
             self._inflight.add(task)
@@ -277,69 +268,17 @@ class Engine:
     @_engine_context
     def _free(self, blocks: list[int]) -> None:
         if blocks:
-            self._spawn(self._confirm_free(self.pipeline.free(blocks)))
-
-    async def _confirm_free(self, calls) -> None:
-        try:
-            await Pipeline.confirm(calls)
-        except Exception as e:  # a lost worker's cache is gone anyway; recovery clears the others
-            log.warning("freeing KV blocks failed: %s", str(e).splitlines()[0])
+            self._spawn(Pipeline.confirm(self.pipeline.free(blocks), quiet=True))
 
     @_engine_context
-    async def _teacher_forced(self, seqs: list[Sequence], chunk: int, exit_every: int) -> list[TokenResults]:
-        parts: list[list[TokenResults]] = [[] for _ in seqs]  # per sequence, per chunk
+    async def _teacher_forced(self, forced: TeacherForcing) -> list[TokenResults]:
         try:
-            while any(not s.prefill_done for s in seqs):
-                picked = [(i, s, min(chunk, len(s.tokens) - s.num_computed)) for i, s in enumerate(seqs)]
-                picked = [(i, s, n) for i, s, n in picked if n > 0]
-                rows = rows_for([(s, n) for _, s, n in picked], teacher_forced=True)
-                rows.policy[rows.positions % exit_every != 0] = int(Policy.NONE)
-                results = (await self.pipeline.execute(rows)).results
-                at = 0
-                for i, s, n in picked:
-                    parts[i].append(results.select(slice(at, at + n)))
-                    at += n
-                    s.num_computed += n
+            while (rows := forced.next_rows()) is not None:
+                forced.record((await self.pipeline.execute(rows)).results)
         finally:
-            await Pipeline.confirm(self.pipeline.free([b for seq in seqs for b in self.scheduler.remove(seq)]))
-        return [TokenResults.cat(p) for p in parts]
-
-    def _report_scheduler(self) -> None:
-        s, pool = self.scheduler, self.scheduler.pool
-        self.stats.scheduler(
-            len(s.running), len(s.waiting), pool.capacity - pool.num_free, pool.num_free, s.preemptions
-        )
-
-    def _check_pool(self) -> None:
-        """The pool must hold one sequence of max_model_len; say at start-up how much it holds."""
-        pool, size = self.scheduler.pool, self.config.block_size
-        tokens, need = pool.capacity * size, blocks_for(self.plan.max_model_len, size)
-        per_token = sum(g.block_bytes for g in self.pipeline.groups) // size
-        log.info(
-            "KV cache: %d blocks of %d positions, %d tokens (%.0f MiB of K/V per pipeline, %d bytes per token)",
-            pool.capacity, size, tokens, tokens * per_token / 2**20, per_token,
-        )  # fmt: skip
-        if pool.capacity < need:
-            raise ValueError(
-                f"the KV cache holds {tokens} tokens, fewer than one sequence of max_model_len "
-                f"{self.plan.max_model_len}: raise kv_cache_memory (it needs at least {need * size * per_token} "
-                "bytes) or lower max_model_len"
-            )
-
-    def _batch_seqs(self) -> int:
-        """Sequences per micro-batch: the work split evenly over the micro-batches in flight, so that while
-        group g runs one micro-batch, group g+1 has another (layer-group pipelining)."""
-        work = len(self.scheduler.running) + len(self.scheduler.waiting)
-        return max(1, -(-work // self.config.max_inflight_batches))
-
-    def _trace(self, batch: ScheduledBatch) -> tracing.StepTrace | None:
-        spans, start = [], 0
-        for seq, n in zip(batch.seqs, batch.counts, strict=True):
-            span = self.outputs.span(seq.request_id)
-            if span is not None:
-                spans.append((span, start, start + n))
-            start += n
-        return tracing.StepTrace(self.plan, spans, self.pipeline.sync_backfill) if spans else None
+            blocks = [b for seq in forced.seqs for b in self.scheduler.remove(seq)]
+            await Pipeline.confirm(self.pipeline.free(blocks))
+        return forced.results()
 
     # ---- recovery ------------------------------------------------------------------------------------
 
@@ -391,9 +330,8 @@ class Engine:
     async def kv_blocks(self) -> dict:
         """KV blocks: the pool's capacity and free ones, and those holding K/V on each worker (None when
         the pipeline lost a worker for good: it has nothing to report)."""
-        pool = self.scheduler.pool
-        workers = None if self.broken else [w["occupied"] for w in await self.workers()]
-        return {"capacity": pool.capacity, "free": pool.num_free, "workers": workers}
+        occupied = None if self.broken else [w["occupied"] for w in await self.workers()]
+        return {"capacity": self.scheduler.pool.capacity, "free": self.scheduler.pool.num_free, "workers": occupied}
 
     async def drain(self) -> None:
         """Wait until every admitted request has finished and every block is cleared on the workers."""
@@ -405,5 +343,4 @@ class Engine:
             task.cancel()
         self.outputs.fail_all(lambda: EngineError("the engine is shutting down"))
         await self.pipeline.drain()
-        for group in self.pipeline.groups:
-            group.close()
+        self.pipeline.close()

@@ -1,4 +1,5 @@
-"""Running the application on a Ray cluster from Python: what `adept serve` and the tests do."""
+"""Running an application on a Ray cluster from Python: what `adept serve`, the tests and the benchmarks do
+(`start(config, build_app(config))`, the builder from serving/app.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import logging
 
 import ray
 from ray import serve
+from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import TracingConfig
 
-from serving import tracing
-from serving.app import build_app
 from serving.config import APP_NAME, GRPC_SERVICERS, AppConfig
-from serving.grpc_bind import HOST_ENV
+from serving.deploy.grpc_bind import HOST_ENV
+from serving.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,13 @@ def init_ray(config: AppConfig, address: str | None = None, **kwargs) -> None:
     runs offline (nothing is downloaded) and Serve's gRPC proxy binds to `config.grpc.host`."""
     runtime_env = {
         "env_vars": {"HF_HUB_OFFLINE": "1", HOST_ENV: config.grpc.host},
-        "worker_process_setup_hook": "serving.grpc_bind.bind_grpc_proxy",
+        "worker_process_setup_hook": "serving.deploy.grpc_bind.bind_grpc_proxy",
     }
     ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, **kwargs)
 
 
-def start(config: AppConfig) -> DeploymentHandle:
-    """Start Serve with the configured listeners and run the application; returns the ingress handle."""
+def start(config: AppConfig, app: Application) -> DeploymentHandle:
+    """Start Serve with the configured listeners and run `app`; returns the ingress handle."""
     serve.start(
         http_options={"host": config.http.host, "port": config.http.port},
         grpc_options={"port": config.grpc.port, "grpc_servicer_functions": GRPC_SERVICERS},
@@ -38,7 +39,7 @@ def start(config: AppConfig) -> DeploymentHandle:
             sampling_ratio=config.trace_sampling_ratio,
         ),
     )
-    return serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    return serve.run(app, name=APP_NAME, route_prefix="/")
 
 
 def stop() -> None:

@@ -8,11 +8,11 @@ import secrets
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from serving.config import EngineConfig
-from serving.exceptions import RequestError
-from serving.params import ExitLimits, ExitParams, PhaseExits, SamplingParams, request_error, resolve_exit
-from serving.plan import PipelinePlan
-from serving.scheduler import Sequence
+from serving.engine.config import EngineConfig
+from serving.engine.exceptions import RequestError
+from serving.engine.params import ExitLimits, ExitParams, PhaseExits, SamplingParams, request_error, resolve_exit
+from serving.engine.plan import PipelinePlan
+from serving.engine.scheduler import Sequence
 from workers.arch import ModelArch
 from workers.exit_pack import ExitPack
 
