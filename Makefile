@@ -66,7 +66,7 @@ eval: install-test  ## quality against compute of early exit on held-out text: t
 	mkdir -p docs
 	$(VENV)/bin/adept eval --chats $(SHARED)/data/chat/instructions.jsonl --max-chats 16 --json \
 		--plot docs/pareto-smollm2-135m.png > docs/eval-smollm2-135m.json
-	$(VENV)/bin/python -c "import json, serving.quality.evaluation as e; print(e.table(json.load(open('docs/eval-smollm2-135m.json'))))"
+	$(VENV)/bin/python -c "import json, serving.quality.sweep as s; print(s.table(json.load(open('docs/eval-smollm2-135m.json'))))"
 
 lm-eval: install-test  ## lm-evaluation-harness against the served application: SST-2 and WikiText-2 per exit operating point
 	mkdir -p benchmarks/results

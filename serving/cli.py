@@ -17,6 +17,7 @@ from serving.config import GRPC_SERVICE, AppConfig
 from serving.engine.exceptions import RequestError
 from serving.engine.params import BackfillName, PolicyName
 from serving.quality import calibrate
+from serving.quality.continuations import Traffic
 from serving.quality.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
 from workers.arch import ModelArch
 from workers.calibration import CalibrationSettings
@@ -238,12 +239,23 @@ def _add_calibrate(commands) -> None:
         "hidden states on a corpus, and write an exit pack (serve it with --exit-pack DIR).",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2-135m' (default) or a local Hugging Face folder")
-    p.add_argument("--corpus", required=True, help="text file, or JSONL with text, prompt or messages per line")
+    p.add_argument("--corpus", help="text file, or JSONL with text, prompt or messages per line (or only --prompts)")
     p.add_argument(
         "--holdout", type=float, default=0.5, help="last fraction of the corpus's lines kept out for adept eval"
     )
-    p.add_argument("--prompts", help="JSONL chat prompts: add the model's own continuations of them")
-    p.add_argument("--generate-tokens", type=int, default=128, help="tokens generated per prompt (with --prompts)")
+    g = p.add_argument_group(
+        "served-like data", "--prompts: chat prompts (JSONL with prompt or messages per line) that the engine "
+        "continues at full depth, greedy and sampled, chat template applied; calibration reads them before --corpus",
+    )  # fmt: skip
+    g.add_argument("--prompts", help="JSONL chat prompts, e.g. ../shared/data/chat/instructions.jsonl")
+    g.add_argument("--prompts-part", default="0,0.5", help="fractions of --prompts' lines read (default 0,0.5: the "
+                   "first half; adept eval --chats reports on the second)")  # fmt: skip
+    traffic = Traffic()
+    g.add_argument("--generate-tokens", type=int, default=traffic.max_tokens, help="tokens per continuation at most")
+    g.add_argument("--samples", type=int, default=traffic.samples, help="sampled continuations per prompt, beside "
+                   f"the greedy one (default {traffic.samples}; request seeds from --seed)")  # fmt: skip
+    g.add_argument("--sample-temperature", type=float, default=traffic.temperature,
+                   help=f"temperature of the sampled continuations (default {traffic.temperature})")  # fmt: skip
     p.add_argument("--exit-points", help="comma-separated depths (default: the engine's default exit points)")
     p.add_argument("--window", type=int, default=256, help="tokens per training window")
     defaults = CalibrationSettings(exit_points=[])
@@ -271,8 +283,8 @@ def _add_calibrate(commands) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    same = ("model", "corpus", "output", "holdout", "window", "prompts", "generate_tokens", "retune", "tune_chats",
-            "chat_tokens", "labelled")  # fmt: skip
+    same = ("model", "corpus", "output", "holdout", "window", "prompts", "retune", "tune_chats", "chat_tokens",
+            "labelled")  # fmt: skip
     if args.labelled and not args.choices:
         raise ValueError("--labelled needs --choices: the answer of each label, e.g. ' negative, positive'")
     job = calibrate.CalibrationJob(
@@ -280,6 +292,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         exit_points=[int(d) for d in args.exit_points.split(",")] if args.exit_points else None,
         router_features=args.router_features.split(","),
         settings={k: getattr(args, k) for k in CALIBRATION_FLAGS},
+        prompts_part=tuple(float(x) for x in args.prompts_part.split(",")),
+        traffic=Traffic(args.generate_tokens, args.samples, args.sample_temperature, args.seed),
         choices=args.choices.split(",") if args.choices else [],
         template=args.template.replace("\\n", "\n"),
         targets=calibrate.TuneTargets(
@@ -315,6 +329,11 @@ def _add_eval(commands) -> None:
     )  # fmt: skip
     p.add_argument("--max-chats", type=int, default=32, help="chat prompts at most (those that fit the context)")
     p.add_argument(
+        "--continuation-tokens", type=int, default=128, help="with --chats: full depth's greedy continuation of "
+        "each prompt, at most this long (generated once, cached), scores every exit head and setting on the "
+        "generated tokens teacher-forced (default 128; 0 skips)",
+    )  # fmt: skip
+    p.add_argument(
         "--policies",
         default="static,confidence-untrained,confidence,learned",
         help="comma-separated: static, confidence-untrained, confidence (adapted heads), learned",
@@ -329,7 +348,7 @@ def _add_eval(commands) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from serving.engine.config import EngineConfig
-    from serving.quality import evaluation
+    from serving.quality import sweep
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
@@ -339,8 +358,9 @@ def _eval(args: argparse.Namespace) -> int:
     part = _held_out(args.corpus, trained_on)
     windows = list(itertools.islice(text_windows(part, tokenizer, args.window), -(-args.max_tokens // args.window)))
     arch = ModelArch.from_config(load_config(path))
+    served = args.continuation_tokens if args.chats else 0
     max_len = max(args.window + 1, 512)
-    chats = _chats(args, tokenizer, max_len - args.chat_tokens) if args.chat_tokens else []
+    chats = _chats(args, tokenizer, max_len - max(args.chat_tokens, served)) if args.chat_tokens or served else []
     seqs = max(len(windows), len(chats))
     config = EngineConfig(
         model=args.model,
@@ -353,7 +373,7 @@ def _eval(args: argparse.Namespace) -> int:
     )
     policies = args.policies.split(",")
     points = pack.exit_points if pack else config.exit_points or []
-    settings = evaluation.sweep(
+    settings = sweep.settings(
         points, arch.num_layers, policies, args.backfills.split(","),
         [float(t) for t in args.thresholds.split(",")], [float(t) for t in args.learned_thresholds.split(",")],
     )  # fmt: skip
@@ -363,15 +383,15 @@ def _eval(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    report = asyncio.run(evaluation.evaluate(config, windows, chats, args.chat_tokens, settings, progress))
+    report = asyncio.run(sweep.evaluate(config, windows, chats, args.chat_tokens, settings, progress, served))
     report = {"model": args.model, "exit_pack": str(where), "corpus": part.describe(), **report}
     if args.plot:
-        evaluation.plot(report, args.plot)
+        sweep.plot(report, args.plot)
         progress(f"wrote {args.plot}")
     if args.json:
         print(json.dumps(report))
     else:
-        print(evaluation.table(report))
+        print(sweep.table(report))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -16,6 +17,7 @@ from serving.cli import main
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
+from serving.quality.continuations import Traffic, self_generated
 from serving.quality.evaluation import teacher_forced
 from workers.exit_pack import SHIPPED, ExitPack, ExitPackError, load_pack
 from workers.model_store import DEFAULT_MODEL, fingerprint, load_tokenizer
@@ -144,13 +146,14 @@ def test_learned_router_respects_the_request_threshold(tiny_chat_dir, pack_dir):
     assert depths[1] < depths[3] and depths[-1] > 4.0
 
 
-def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path):
+def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADEPT_CACHE_DIR", str(tmp_path / "cache"))  # the chat continuations' cache
     plot = tmp_path / "pareto.png"
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Name a river.", "Why?", "x " * 600)))
     code, out = adept(
         "eval", "--model", tiny_chat_dir, "--exit-pack", pack_dir, "--corpus", corpus, "--max-tokens", 128,
-        "--window", 64, "--chat-tokens", 4, "--chats", chats, "--chat-part", "0,1",
+        "--window", 64, "--chat-tokens", 4, "--chats", chats, "--chat-part", "0,1", "--continuation-tokens", 6,
         "--policies", "static,confidence-untrained,confidence,learned",
         "--backfills", "exact,decoupled,mapped", "--thresholds", "0.5", "--learned-thresholds", "0.2,0.8",
         "--json", "--plot", plot,
@@ -186,6 +189,14 @@ def test_eval_json_and_plot(tiny_chat_dir, pack_dir, corpus, tmp_path):
     assert report["full"]["chat_prompts"] == 2 and report["full"]["free_running_perplexity"] > 0
     for r in [r for r in rows if r["free_running_agreement"] == 1.0]:  # the same continuations score the same
         assert r["free_running_perplexity"] == pytest.approx(report["full"]["free_running_perplexity"], rel=1e-4)
+        assert r["free_running_rouge_l"] == 1.0  # the same text
+    assert all(0.0 <= r["free_running_rouge_l"] <= 1.0 for r in rows)
+    # the same settings and every exit head on full depth's own continuations of those two prompts
+    served = report["served"]
+    assert served["full"]["chat_prompts"] == 2 and 0 < served["full"]["tokens"] <= 2 * 5
+    assert set(served["heads"]) == {"2", "3", "4", "5"} and len(served["rows"]) == len(rows)
+    for figures in served["heads"].values():
+        assert set(figures) == {"adapted", "untrained"} and all(0.0 <= v <= 1.0 for v in figures.values())
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -213,7 +224,8 @@ def test_shipped_pack_beats_the_untrained_heads(default_model_dir):
 
 
 def test_calibration_from_jsonl_and_self_generated_continuations(tiny_chat_dir, tmp_path):
-    """A JSONL corpus of texts, plus chat prompts the model continues itself (data like served traffic)."""
+    """A JSONL corpus of texts, plus chat prompts the model continues itself (data like served traffic),
+    and chat prompts alone (no corpus: tuning reads their greedy continuations)."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": line}) for line in TEXT.splitlines()[:200]) + "\n")
     prompts = tmp_path / "prompts.jsonl"
@@ -221,16 +233,42 @@ def test_calibration_from_jsonl_and_self_generated_continuations(tiny_chat_dir, 
         json.dumps({"prompt": "Tell me about rivers."}) + "\n"
         + json.dumps({"messages": [{"role": "user", "content": "Name a bridge."}]}) + "\n"
     )  # fmt: skip
+    small = ("--exit-points", POINTS, "--max-tokens", 1200, "--window", 64, "--steps", 5, "--router-steps", 20,
+             "--adapter-rank", 8, "--map-rank", 4)  # fmt: skip
     out = tmp_path / "pack"
     code, _ = adept(
-        "calibrate", "--model", tiny_chat_dir, "--corpus", corpus, "--prompts", prompts, "--generate-tokens", 16,
-        "--exit-points", POINTS, "--max-tokens", 1200, "--window", 64, "--steps", 5, "--router-steps", 20,
-        "--adapter-rank", 8, "--map-rank", 4, "--output", out,
+        "calibrate", "--model", tiny_chat_dir, "--corpus", corpus, "--prompts", prompts, "--prompts-part", "0,1",
+        "--generate-tokens", 16, "--samples", 2, "--seed", 3, *small, "--output", out,
     )  # fmt: skip
     assert code == 0
     data = ExitPack.load(out, fingerprint(tiny_chat_dir)).manifest["training"]["data"]
-    assert data["prompts"]["path"] == str(prompts) and data["prompts"]["generated_tokens"] == 16
+    assert data["prompts"]["path"] == str(prompts) and data["prompts"]["max_tokens"] == 16
+    assert data["prompts"]["samples"] == 2 and data["prompts"]["seed"] == 3 and data["prompts"]["temperature"] == 0.7
+    assert data["prompts"]["prompts_used"] == 2 and data["prompts"]["continuations"] == 6
+    assert 0 < data["prompts"]["generated_tokens"] <= 6 * 16
     assert data["corpus"]["path"] == str(corpus) and data["corpus"]["lines"] == [0, 100]
+    code, _ = adept("calibrate", "--model", tiny_chat_dir, "--prompts", prompts, *small, "--output", tmp_path / "p2")
+    assert code == 0
+    data = ExitPack.load(tmp_path / "p2", fingerprint(tiny_chat_dir)).manifest["training"]["data"]
+    assert "corpus" not in data and data["prompts"]["lines"] == [0, 1]  # the first half of the prompts
+
+
+def test_self_generated_continuations_are_the_engines_and_seeded(tiny_chat_dir):
+    """Calibration's continuations come from the engine: the greedy one of each prompt is what `adept
+    generate --chat` prints, and the sampled ones repeat with their seed."""
+    chats = [[{"role": "user", "content": "Tell me about rivers."}], [{"role": "user", "content": "Name a bridge."}]]
+    traffic = Traffic(max_tokens=12, samples=2, temperature=1.0, seed=5)
+    windows, described = self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None)
+    assert described["continuations"] == len(windows) == 6 and described["prompts_used"] == 2
+    again, _ = self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None)
+    other, _ = self_generated(str(tiny_chat_dir), chats, dataclasses.replace(traffic, seed=6), lambda _: None)
+    assert again == windows and other[:2] == windows[:2] and other[2:] != windows[2:]
+    for messages, window in zip(chats, windows[:2], strict=True):
+        code, out = adept("generate", messages[0]["content"], "--chat", "--json", "--max-tokens", 12,
+                          "--model", tiny_chat_dir, "--exit-pack", "none")  # fmt: skip
+        assert code == 0
+        generated = json.loads(out.strip().splitlines()[-1])["token_ids"]
+        assert window[-len(generated) :] == generated and len(window) > len(generated)
 
 
 def test_retune_chooses_defaults_from_task_quality(tiny_chat_dir, pack_dir, corpus, tmp_path):

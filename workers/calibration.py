@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from workers.exit_pack import ExitPack
 from workers.exits import confidence_features
 from workers.layers import rms_norm
-from workers.model_store import fingerprint, load_tokenizer
+from workers.model_store import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -370,21 +370,3 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = torch.empty_like(scores)
     ranks[scores.argsort()] = torch.arange(1, len(scores) + 1, dtype=scores.dtype)
     return float((ranks[labels > 0].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def self_generated(
-    model_path: Path, prompts: Iterable[list[dict]], max_new_tokens: int, seed: int
-) -> Iterable[list[int]]:
-    """Chat prompts with the model's own sampled continuations, so calibration data looks like served traffic."""
-    tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
-    for messages in tqdm(list(prompts), desc="generating continuations", leave=False):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
-        with torch.no_grad():
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=True,
-                temperature=0.7, top_p=0.9, pad_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
-        yield out[0].tolist()

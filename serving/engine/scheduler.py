@@ -265,17 +265,20 @@ def check_kv_capacity(pool: BlockPool, block_size: int, max_model_len: int, bloc
 class TeacherForcing:
     """Given token sequences fed in chunks beside the running batch (Engine.teacher_forced): every chunk's
     rows, and each sequence's results put back together. With `exit_every` k, only every k-th position
-    takes the sequences' exit controls; the others run at full depth."""
+    takes the sequences' exit controls, and with `exit_from`, only a sequence's positions from its entry on
+    (a chat's generated tokens after its prompt, say); the others run at full depth."""
 
     def __init__(
-        self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int
-    ) -> None:
+        self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int = 1,
+        exit_from: list[int] | None = None,
+    ) -> None:  # fmt: skip
         for ids in token_ids:
             if len(ids) >= max_model_len:
                 raise ValueError(f"{len(ids)} tokens do not fit the context of {max_model_len}")
         greedy = SamplingParams(temperature=0.0)
         self.seqs = [Sequence(f"teacher-forced-{i}", list(ids), greedy, exits, 0, 1) for i, ids in enumerate(token_ids)]
         self.chunk, self.exit_every = chunk, exit_every
+        self.exit_from = [0] * len(token_ids) if exit_from is None else exit_from
         self.parts: list[list[TokenResults]] = [[] for _ in token_ids]  # per sequence, per chunk
         self.picked: list[tuple[int, Sequence, int]] = []
 
@@ -285,7 +288,8 @@ class TeacherForcing:
         if not self.picked:
             return None
         rows = rows_for([(s, n) for _, s, n in self.picked], teacher_forced=True)
-        rows.policy[rows.positions % self.exit_every != 0] = int(Policy.NONE)
+        start = torch.cat([torch.full((n,), self.exit_from[i]) for i, _, n in self.picked])
+        rows.policy[(rows.positions % self.exit_every != 0) | (rows.positions < start)] = int(Policy.NONE)
         return rows
 
     def record(self, results: TokenResults) -> None:

@@ -6,6 +6,7 @@ chat continuations, classification accuracy for prompt tokens)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -18,9 +19,10 @@ from serving.engine.config import EngineConfig
 from serving.engine.params import ExitParams
 from serving.engine.plan import default_exit_points
 from serving.quality import evaluation
+from serving.quality.continuations import Traffic, self_generated
 from serving.quality.evaluation import Classification, backfill_harm
 from workers.arch import ModelArch
-from workers.calibration import CalibrationSettings, calibrate, self_generated
+from workers.calibration import CalibrationSettings, calibrate
 from workers.corpus import CorpusPart, chat_prompts, labelled_texts, text_windows
 from workers.exit_pack import ExitPack
 from workers.model_store import load_config, load_tokenizer, resolve_model
@@ -39,17 +41,20 @@ class TuneTargets:
 @dataclass
 class CalibrationJob:
     """What `adept calibrate` was asked for. `settings` are CalibrationSettings' fields; exit points
-    default to the engine's default exit points for the model. `retune` skips training: it tunes the
-    defaults of the pack already at `output`. Tuning data: held-out corpus text, then the first half of
+    default to the engine's default exit points for the model. Training data: `prompts_part` of `prompts`
+    (chat prompts) with the model's own continuations (`traffic`), then the corpus less its `holdout`.
+    `retune` skips training: it tunes the defaults of the pack already at `output`. Tuning data: held-out
+    corpus text (without a corpus: the greedy continuations of the prompts), then the first half of
     `tune_chats` (chat prompts) and of `labelled` (texts in `template`, labels indexing `choices`)."""
 
     model: str
-    corpus: str
+    corpus: str | None
     output: str
     holdout: float = 0.5
     window: int = 256
     prompts: str | None = None
-    generate_tokens: int = 128
+    prompts_part: tuple[float, float] = (0.0, 0.5)  # the rest is left for adept eval's report
+    traffic: Traffic = field(default_factory=Traffic)
     exit_points: list[int] | None = None
     router_features: list[str] = field(default_factory=lambda: ["hidden"])
     settings: dict = field(default_factory=dict)
@@ -84,36 +89,45 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
     )
     ExitParams(backfill=settings.default_backfill)  # refuse a bad default early
     tokenizer = load_tokenizer(path)
-    part = CorpusPart.of(job.corpus, (0.0, 1.0 - job.holdout))
-    data = {"corpus": part.describe(), "window": job.window}
+    if job.corpus is None and job.prompts is None:
+        raise ValueError("give --corpus (text), --prompts (chat prompts the model continues) or both")
+    part = CorpusPart.of(job.corpus, (0.0, 1.0 - job.holdout)) if job.corpus else None
+    data: dict = {"window": job.window} | ({"corpus": part.describe()} if part else {})
+    chats = list(chat_prompts(CorpusPart.of(job.prompts, job.prompts_part))) if job.prompts else []
+    generated, greedy = [], []  # the model's own continuations of the prompts; the greedy ones come first
+    if chats and not job.retune:
+        generated, described = self_generated(job.model, chats, job.traffic, progress)
+        data["prompts"] = CorpusPart.of(job.prompts, job.prompts_part).describe() | described
+        greedy = generated[: described["prompts_used"]]
     if job.retune:  # the pack's own exit points, and the text it read, skipped below
         out = Path(job.output)
         trained = ExitPack.load(out).manifest
         settings.exit_points = [d for d in trained["exit_points"] if d < n]
         settings.max_tokens = trained["training"]["settings"]["max_tokens"]
     else:
-        windows = text_windows(part, tokenizer, job.window)
-        if job.prompts:
-            prompts = CorpusPart.of(job.prompts)
-            data["prompts"] = prompts.describe() | {"generated_tokens": job.generate_tokens}
-            generated = self_generated(path, chat_prompts(prompts), job.generate_tokens, settings.seed)
-            windows = itertools.chain(generated, windows)
+        windows = itertools.chain(generated, text_windows(part, tokenizer, job.window) if part else ())
         pack = calibrate(path, windows, settings, data, model_name=job.model)
         out = pack.save(job.output)
-    # The cost model's last parts and the defaults need the pack in a real engine, on data training did not read.
-    unread = itertools.islice(text_windows(part, tokenizer, 256), settings.max_tokens // 256 + 1, None)
-    probe = list(itertools.islice(unread, 8)) or list(itertools.islice(text_windows(part, tokenizer, 256), 8))
-    chats = [] if job.tune_chats is None else list(
+    # The cost model's last parts and the defaults need the pack in a real engine, on data training did not
+    # read: held-out text; without a corpus, the prompts' greedy continuations.
+    if part is not None:
+        unread = itertools.islice(text_windows(part, tokenizer, 256), settings.max_tokens // 256 + 1, None)
+        probe = list(itertools.islice(unread, 8)) or list(itertools.islice(text_windows(part, tokenizer, 256), 8))
+    else:
+        if not greedy:  # re-tuning without a corpus
+            greedy, _ = self_generated(job.model, chats, dataclasses.replace(job.traffic, samples=0), progress)
+        probe = [w for w in greedy if len(w) < 1024][:8]  # the tuning engine's context below
+    tune_chats = [] if job.tune_chats is None else list(
         itertools.islice(chat_prompts(CorpusPart.of(job.tune_chats, (0.0, 0.5))), job.max_chats)
     )  # fmt: skip
     task = None
     if job.labelled:
         rows = labelled_texts(CorpusPart.of(job.labelled, (0.0, 0.5)))
         task = Classification.of(tokenizer, rows, job.template, job.choices)
-    tune = TuneData(probe, chats, job.chat_tokens, task)
+    tune = TuneData(probe, tune_chats, job.chat_tokens, task)
     engine = EngineConfig(
         model=job.model, exit_pack=str(out), num_layer_groups=1, max_model_len=min(1024, arch.max_position_embeddings),
-        max_num_seqs=max(len(probe), len(chats), 32), min_exit_depth=min(settings.exit_points),
+        max_num_seqs=max(len(probe), len(tune_chats), 32), min_exit_depth=min(settings.exit_points),
     )  # fmt: skip
     pack = asyncio.run(tune_pack(engine, tune, settings.exit_points, job.targets, progress))
     for line in summary(pack):

@@ -1,7 +1,8 @@
-"""Quality of early exit against full depth, through the real engine (every token exits where its policy
-says, its deeper K/V back-filled as served): teacher-forced over held-out text (agreement of each
-prediction with the full model's, perplexity) and free-running (greedy generations compared), swept over
-policies, back-fill modes and thresholds, with the layer compute each configuration saves."""
+"""Measures of early exit against full depth, through the real engine (every token exits where its policy
+says, its deeper K/V back-filled as served): teacher-forced runs (agreement of each prediction with the
+full model's, perplexity), free-running ones (greedy generations compared, and scored by the full model),
+classification, and the layer compute a configuration uses. serving/quality/sweep.py sweeps settings with
+them; calibration tunes the pack's defaults with them."""
 
 from __future__ import annotations
 
@@ -9,14 +10,11 @@ import asyncio
 import functools
 import math
 import operator
-import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from serving.engine import Engine
-from serving.engine.config import EngineConfig
 from serving.engine.messages import Usage
 from serving.engine.params import MAX_TOP_LOGPROBS, ExitParams
 from workers.arch import ModelArch
@@ -45,9 +43,10 @@ async def teacher_forced(
     exit: ExitParams | dict | None = None,
     chunk: int = 128,
     exit_every: int = 1,
+    exit_from: list[int] | None = None,
 ) -> TeacherForced:
     """Every window through the engine teacher-forced (Engine.teacher_forced), results in window order."""
-    per_window = await engine.teacher_forced(windows, exit, chunk, exit_every)
+    per_window = await engine.teacher_forced(windows, exit, chunk, exit_every, exit_from)
     return TeacherForced(
         torch.cat([w.tokens for w in per_window]),
         torch.cat([w.exit_layer for w in per_window]),
@@ -133,6 +132,15 @@ async def continuation_perplexity(engine: Engine, prompts: list[list[int]], cont
     pairs = list(zip(prompts, continuations, strict=True))
     total = await continuation_logprobs(engine, pairs, {"policy": "none"})
     return math.exp(-sum(total) / sum(map(len, continuations)))
+
+
+def rouge_l(outputs: list[str], references: list[str]) -> float:
+    """CALM's textual consistency: mean ROUGE-L F-measure of each output against its reference text."""
+    from rouge_score import rouge_scorer  # here: it loads nltk, which only this measure needs
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [scorer.score(ref, out)["rougeL"].fmeasure for out, ref in zip(outputs, references, strict=True)]
+    return round(sum(scores) / len(scores), 4) if scores else 1.0
 
 
 @dataclass(frozen=True)
@@ -265,211 +273,3 @@ class Setting:
         if self.max_depth is not None:
             e["max_depth"] = self.max_depth
         return e
-
-
-def sweep(
-    exit_points: list[int],
-    num_layers: int,
-    policies: list[str],
-    backfills: list[str],
-    confidence_thresholds: list[float],
-    learned_thresholds: list[float],
-) -> list[Setting]:
-    settings = []
-    for b in backfills:
-        if "static" in policies:
-            settings += [Setting("static", b, max_depth=d) for d in exit_points if d < num_layers]
-        if "confidence-untrained" in policies:
-            settings += [Setting("confidence", b, t, head="untrained") for t in confidence_thresholds]
-        if "confidence" in policies:
-            settings += [Setting("confidence", b, t) for t in confidence_thresholds]
-        if "learned" in policies:
-            settings += [Setting("learned", b, t) for t in learned_thresholds]
-    return settings
-
-
-async def evaluate(
-    config: EngineConfig,
-    windows: list[list[int]],
-    chats: list[list[dict[str, str]]],
-    chat_tokens: int,
-    settings: list[Setting],
-    progress: Callable[[str], None] = lambda _: None,
-) -> dict:
-    """Every setting's row, and the full model's reference figures. Free-running quality: each setting's
-    greedy continuations of the chat prompts, against full depth's (agreement, common prefix) and as the
-    full model's perplexity of them (full depth's own continuations are the reference). Two engines: one
-    with the exit pack (adapted heads, routers, maps) and one without it (the untrained heads)."""
-    engines = {"adapted": Engine.local(config)}
-    if any(s.head == "untrained" for s in settings):  # the same exit points, without the pack
-        points = list(engines["adapted"].plan.exit_points)
-        engines["untrained"] = Engine.local(config.model_copy(update={"exit_pack": "none", "exit_points": points}))
-    try:
-        engine = engines["adapted"]
-        chat_ids = [engine.chat_prompt(messages) for messages in chats]
-        plan = engine.plan
-        costs = costs_of(engine)
-        progress(f"full depth on {sum(map(len, windows))} held-out tokens")
-        full = await teacher_forced(engine, windows, {"policy": "none"})
-        full_chat = await generate_greedy(engine, chat_ids, chat_tokens, {"policy": "none"})
-        reference = {
-            "perplexity": round(math.exp(-float(full.target_logprobs.mean())), 3),
-            "tokens": int(full.predictions.numel()),
-        }
-        if chat_ids:
-            reference["chat_prompts"] = len(chat_ids)
-            reference["free_running_perplexity"] = round(await continuation_perplexity(engine, chat_ids, full_chat), 3)
-        rows = []
-        static_exact: dict[int, TeacherForced] = {}  # per depth: what the adapted heads predict there
-        for i, s in enumerate(settings):
-            e = engines[s.head]
-            tf = await teacher_forced(e, windows, s.exit())
-            if (s.policy, s.backfill, s.head) == ("static", "exact", "adapted"):
-                static_exact[s.max_depth] = tf
-            layers, overhead = compute_used(
-                tf.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill,
-                plan.min_exit_depth, costs,
-            )  # fmt: skip
-            row = {
-                "policy": s.policy,
-                "head": s.head,
-                "backfill": s.backfill,
-                "threshold": s.threshold,
-                "max_depth": s.max_depth,
-                "curve": s.curve,
-                "mean_exit_depth": round(float(tf.exit_layers.double().mean()), 3),
-                "compute_saved": round(1.0 - layers, 4),
-                "decision_overhead": round(overhead, 4),
-                "agreement": round(agreement(tf.predictions, full.predictions), 4),
-                "perplexity": round(math.exp(-float(tf.target_logprobs.mean())), 3),
-            }
-            if chat_ids:
-                out = await generate_greedy(e, chat_ids, chat_tokens, s.exit())
-                row["free_running_agreement"] = round(
-                    statistics.fmean(agreement(a, b) for a, b in zip(out, full_chat, strict=True)), 4
-                )
-                row["free_running_common_prefix"] = round(
-                    statistics.fmean(common_prefix(a, b) for a, b in zip(out, full_chat, strict=True)), 2
-                )
-                row["free_running_perplexity"] = round(await continuation_perplexity(engine, chat_ids, out), 3)
-            rows.append(row)
-            progress(
-                f"[{i + 1}/{len(settings)}] {s.curve} {_knob(row)}: depth {row['mean_exit_depth']:.1f}, saved "
-                f"{row['compute_saved']:.1%}, agreement {row['agreement']:.1%}, perplexity {row['perplexity']:.2f}"
-            )
-        backfills = dict.fromkeys(s.backfill for s in settings if s.backfill != "exact")
-        if static_exact and set(static_exact) >= {d for d in plan.exit_points if d < plan.num_layers}:
-            rows += [oracle_row(static_exact, full, plan.num_layers, plan.min_exit_depth, b, costs) for b in backfills]
-    finally:
-        for e in engines.values():
-            await e.shutdown()
-    return {"full": reference, "rows": rows, "at_agreement": at_agreement(rows, (0.95, 0.99))}
-
-
-def oracle_row(
-    static_exact: dict[int, TeacherForced],
-    full: TeacherForced,
-    num_layers: int,
-    min_depth: int,
-    backfill: str,
-    costs: Costs,
-) -> dict:
-    """A perfect exit decision on the same heads: each token leaves at the shallowest exit point whose
-    adapted head predicts the full model's token (read from the static runs with exact back-fill, whose
-    caches are the full model's), else at full depth. Its compute is counted with `backfill`'s cost of a
-    skipped layer; its perplexity is what the heads give there with exact caches (an approximate back-fill
-    would do worse)."""
-    depth = torch.full_like(full.predictions, num_layers)
-    logp = full.target_logprobs.clone()
-    for d in sorted(static_exact, reverse=True):  # shallower depths overwrite deeper ones
-        tf = static_exact[d]
-        hit = tf.predictions == full.predictions
-        depth[hit] = d
-        logp[hit[full.scored]] = tf.target_logprobs[hit[full.scored]]
-    layers, _ = compute_used(depth, sorted(static_exact), num_layers, "oracle", backfill, min_depth, costs)
-    return {
-        "policy": "oracle",
-        "head": "adapted",
-        "backfill": backfill,
-        "threshold": None,
-        "max_depth": None,
-        "curve": f"oracle, {backfill}",
-        "mean_exit_depth": round(float(depth.double().mean()), 3),
-        "compute_saved": round(1.0 - layers, 4),
-        "decision_overhead": 0.0,
-        "agreement": 1.0,
-        "perplexity": round(math.exp(-float(logp.mean())), 3),
-    }
-
-
-def _knob(row: dict) -> str:
-    if row["policy"] == "oracle":
-        return "perfect"
-    return f"depth {row['max_depth']}" if row["max_depth"] is not None else f"threshold {row['threshold']}"
-
-
-def at_agreement(rows: list[dict], targets: tuple[float, ...]) -> dict:
-    """Per curve and target agreement: the most compute saved by a setting that reaches it, with its
-    perplexity (None where no setting reaches it)."""
-    out: dict = {}
-    for target in targets:
-        key = f"{target:.2f}"
-        out[key] = {}
-        for curve in dict.fromkeys(r["curve"] for r in rows):
-            ok = [r for r in rows if r["curve"] == curve and r["agreement"] >= target]
-            best = max(ok, key=lambda r: r["compute_saved"], default=None)
-            out[key][curve] = (
-                None
-                if best is None
-                else {k: best[k] for k in ("compute_saved", "agreement", "perplexity", "threshold", "max_depth")}
-            )
-    return out
-
-
-def table(report: dict) -> str:
-    """The sweep as a text table, then compute saved at 95% and 99% agreement per curve."""
-    lines = [f"full depth: perplexity {report['full']['perplexity']:.3f} on {report['full']['tokens']} tokens", ""]
-    header = f"{'curve':<36} {'setting':>14} {'depth':>6} {'saved':>7} {'overhead':>8} {'agree':>7} {'ppl':>8}"
-    lines += [header, "-" * len(header)]
-    for r in report["rows"]:
-        lines.append(
-            f"{r['curve']:<36} {_knob(r):>14} {r['mean_exit_depth']:>6.2f} {r['compute_saved']:>7.1%} "
-            f"{r['decision_overhead']:>8.1%} {r['agreement']:>7.1%} {r['perplexity']:>8.3f}"
-        )
-    for target, curves in report["at_agreement"].items():
-        lines += ["", f"most compute saved at >= {float(target):.0%} agreement:"]
-        for curve, best in curves.items():
-            lines.append(f"  {curve:<36} " + ("-" if best is None else
-                         f"{best['compute_saved']:.1%} (perplexity {best['perplexity']:.3f})"))  # fmt: skip
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: str) -> None:
-    """Pareto curves: compute saved against agreement, one curve per policy and back-fill mode."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError("--plot needs matplotlib: pip install 'adept-serve[eval]'") from e
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    styles = {"exact": ":", "decoupled": "-", "mapped": "--"}  # line style: back-fill; colour: policy
-    policies = dict.fromkeys(r["curve"].rsplit(", ", 1)[0] for r in report["rows"])
-    colours = dict(zip(policies, plt.cm.tab10.colors, strict=False))
-    for curve in dict.fromkeys(r["curve"] for r in report["rows"]):
-        points = sorted((r["compute_saved"], r["agreement"]) for r in report["rows"] if r["curve"] == curve)
-        policy, backfill = curve.rsplit(", ", 1)
-        ax.plot(*zip(*points, strict=True), styles.get(backfill, "-"), color=colours[policy], marker="o",
-                markersize=3, label=curve)  # fmt: skip
-    for target in (0.95, 0.99):
-        ax.axhline(target, color="grey", linewidth=0.6)
-    ax.set_ylim(top=1.0)
-    ax.set_xlabel("layer compute saved (back-fill counted; exact back-fill saves none)")
-    ax.set_ylabel("teacher-forced agreement with the full model")
-    ax.set_title(f"{report.get('model', '')}: early exit, quality against compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
