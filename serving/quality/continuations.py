@@ -86,7 +86,11 @@ async def generate(
 
 
 async def continuations(
-    engine: Engine, prompts: list[list[int]], max_tokens: int, cache: Path | None = None
+    engine: Engine,
+    prompts: list[list[int]],
+    max_tokens: int,
+    cache: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Continuations:
     """The full model's greedy continuation of every prompt (`generate`), kept under `cache` (default: the
     user cache) so that later evaluations reuse them."""
@@ -94,7 +98,7 @@ async def continuations(
     path = cache / f"{_cache_key(engine, prompts, max_tokens)}.json"
     if path.exists():
         return Continuations(prompts, json.loads(path.read_text())["tokens"])
-    tokens = await generate(engine, prompts, max_tokens)
+    tokens = await generate(engine, prompts, max_tokens, progress=progress)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"model": engine.config.model, "max_tokens": max_tokens, "tokens": tokens}))
     return Continuations(prompts, tokens)
@@ -208,7 +212,7 @@ async def score_exits(
     reference = {"perplexity": round(math.exp(-float(full.logprobs.mean())), 3), "tokens": int(mask.sum()),
                  "chat_prompts": len(conts.prompts)}  # fmt: skip
     rows = []
-    for s in settings:
+    for i, s in enumerate(settings):
         got = await _run(engines[s.head], conts, s.exit(), mask)
         layers, overhead = compute_used(
             got.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill, plan.min_exit_depth, costs
@@ -220,6 +224,9 @@ async def score_exits(
             "agreement": _agreement(got.predictions, full.predictions),
             "perplexity": round(math.exp(-float(got.logprobs.mean())), 3),
         })  # fmt: skip
+        row = rows[-1]
+        progress(f"served traffic [{i + 1}/{len(settings)}] {s.curve} {s.exit()}: saved {row['compute_saved']:.1%}, "
+                 f"agreement {row['agreement']:.1%}")  # fmt: skip
     return {"full": reference, "heads": heads, "oracle": {"reached": round(float((exit_at < plan.num_layers)
             .double().mean()), 4), "compute_saved": oracle}, "rows": rows}  # fmt: skip
 

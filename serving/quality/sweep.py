@@ -131,7 +131,7 @@ async def evaluate(
         if static_exact and set(static_exact) >= {d for d in plan.exit_points if d < plan.num_layers}:
             rows += [oracle_row(static_exact, full, plan.num_layers, plan.min_exit_depth, b, costs) for b in backfills]
         if served:
-            conts = await continuations.continuations(engine, chat_ids, continuation_tokens)
+            conts = await continuations.continuations(engine, chat_ids, continuation_tokens, progress=progress)
             report_served = await continuations.score_exits(engines, conts, settings, costs, progress)
     finally:
         for e in engines.values():
