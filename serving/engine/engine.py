@@ -197,8 +197,7 @@ class Engine:
         token greedily at its exit and scores the sequence's actual next token, as echo scoring of the same
         prompt does. Per sequence, one row per position (`exit_every`, `exit_from`: see TeacherForcing)."""
         exits = PhaseExits.same(self.admission.resolve_exit(exit).prefill)
-        forced = TeacherForcing(token_ids, exits, self.plan.max_model_len, chunk, exit_every, exit_from)
-        self.scheduler.reserve(forced.seqs)
+        forced = self.scheduler.teacher_forcing(token_ids, exits, self.plan.max_model_len, chunk, exit_every, exit_from)
         # Shielded: a caller that gives up does not cancel worker calls mid-pipeline; the run ends and frees.
         return await asyncio.shield(self._spawn(self._teacher_forced(forced)))
 

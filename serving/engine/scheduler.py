@@ -139,6 +139,16 @@ class Scheduler:
             seq.in_flight = False
         return list(self.running)
 
+    def teacher_forcing(
+        self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int,
+        exit_from: list[int] | None,
+    ) -> TeacherForcing:  # fmt: skip
+        """Sequences the caller feeds itself (Engine.teacher_forced), their KV blocks reserved; a step's rows
+        within the token budget."""
+        forced = TeacherForcing(token_ids, exits, max_model_len, chunk, exit_every, exit_from, self.token_budget)
+        self.reserve(forced.seqs)
+        return forced
+
     def reserve(self, seqs: list[Sequence]) -> None:
         """KV blocks for the whole of sequences the caller feeds itself (teacher forcing), outside the
         running batch."""
@@ -264,13 +274,14 @@ def check_kv_capacity(pool: BlockPool, block_size: int, max_model_len: int, bloc
 
 class TeacherForcing:
     """Given token sequences fed in chunks beside the running batch (Engine.teacher_forced): every chunk's
-    rows, and each sequence's results put back together. With `exit_every` k, only every k-th position
-    takes the sequences' exit controls, and with `exit_from`, only a sequence's positions from its entry on
-    (a chat's generated tokens after its prompt, say); the others run at full depth."""
+    rows (at most `max_rows` a step), and each sequence's results put back together. With `exit_every` k,
+    only every k-th position takes the sequences' exit controls, and with `exit_from`, only a sequence's
+    positions from its entry on (a chat's generated tokens after its prompt, say); the others run at full
+    depth."""
 
     def __init__(
         self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int = 1,
-        exit_from: list[int] | None = None,
+        exit_from: list[int] | None = None, max_rows: int | None = None,
     ) -> None:  # fmt: skip
         for ids in token_ids:
             if len(ids) >= max_model_len:
@@ -278,13 +289,18 @@ class TeacherForcing:
         greedy = SamplingParams(temperature=0.0)
         self.seqs = [Sequence(f"teacher-forced-{i}", list(ids), greedy, exits, 0, 1) for i, ids in enumerate(token_ids)]
         self.chunk, self.exit_every = chunk, exit_every
+        self.max_rows = max_rows or chunk * len(token_ids)  # a step's rows: their logits are the memory it takes
         self.exit_from = [0] * len(token_ids) if exit_from is None else exit_from
         self.parts: list[list[TokenResults]] = [[] for _ in token_ids]  # per sequence, per chunk
         self.picked: list[tuple[int, Sequence, int]] = []
 
     def next_rows(self) -> Rows | None:
-        picked = [(i, s, min(self.chunk, len(s.tokens) - s.num_computed)) for i, s in enumerate(self.seqs)]
-        self.picked = [(i, s, n) for i, s, n in picked if n > 0]
+        self.picked, room = [], self.max_rows
+        for i, s in enumerate(self.seqs):
+            n = min(self.chunk, len(s.tokens) - s.num_computed, room)
+            if n > 0:
+                self.picked.append((i, s, n))
+                room -= n
         if not self.picked:
             return None
         rows = rows_for([(s, n) for _, s, n in self.picked], teacher_forced=True)
