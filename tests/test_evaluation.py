@@ -9,8 +9,7 @@ import torch
 
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
-from serving.quality.evaluation import Costs, TeacherForced, agreement, common_prefix, teacher_forced
-from serving.quality.sweep import oracle_row
+from serving.quality.evaluation import Costs, TeacherForced, agreement, common_prefix, oracle_row, teacher_forced
 from tests.helpers import hf_model
 from workers.model_store import load_tokenizer
 

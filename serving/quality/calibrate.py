@@ -93,11 +93,12 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
         raise ValueError("give --corpus (text), --prompts (chat prompts the model continues) or both")
     part = CorpusPart.of(job.corpus, (0.0, 1.0 - job.holdout)) if job.corpus else None
     data: dict = {"window": job.window} | ({"corpus": part.describe()} if part else {})
-    chats = list(chat_prompts(CorpusPart.of(job.prompts, job.prompts_part))) if job.prompts else []
+    prompts = CorpusPart.of(job.prompts, job.prompts_part) if job.prompts else None
+    chats = list(chat_prompts(prompts)) if prompts else []
     generated, greedy = [], []  # the model's own continuations of the prompts; the greedy ones come first
     if chats and not job.retune:
         generated, described = self_generated(job.model, chats, job.traffic, progress)
-        data["prompts"] = CorpusPart.of(job.prompts, job.prompts_part).describe() | described
+        data["prompts"] = prompts.describe() | described
         greedy = generated[: described["prompts_used"]]
     if job.retune:  # the pack's own exit points, and the text it read, skipped below
         out = Path(job.output)

@@ -19,8 +19,19 @@ import torch
 
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
-from serving.quality.evaluation import Costs, Setting, TeacherForced, compute_used, teacher_forced
+from serving.quality.evaluation import (
+    Costs,
+    Setting,
+    TeacherForced,
+    agreement,
+    generate,
+    oracle_row,
+    setting_row,
+    teacher_forced,
+)
 from workers.model_store import cache_dir, resolve_model
+
+FULL_DEPTH = {"policy": "none"}
 
 
 @dataclass(frozen=True)
@@ -57,34 +68,6 @@ def _cache_key(engine: Engine, prompts: list[list[int]], max_tokens: int) -> str
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 
-async def generate(
-    engine: Engine,
-    prompts: list[list[int]],
-    max_tokens: int,
-    temperature: float = 0.0,
-    seeds: list[int | None] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> list[list[int]]:
-    """The model's own continuation of every prompt at full depth, at most `max_tokens`, ending at EOS as a
-    served answer does: greedy, or sampled at `temperature` with request `seeds` (the same seed, the same
-    continuation). All are submitted at once; the engine's scheduler batches them."""
-    seeds = seeds or [None] * len(prompts)
-    done = 0
-
-    async def one(prompt: list[int], seed: int | None) -> list[int]:
-        nonlocal done
-        out: list[int] = []
-        sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-        async for item in engine.submit(prompt, sampling, {"policy": "none"}):
-            out += item.token_ids
-        done += 1
-        if progress and (done % 32 == 0 or done == len(prompts)):
-            progress(f"generated {done}/{len(prompts)} continuations")
-        return out
-
-    return list(await asyncio.gather(*(one(p, s) for p, s in zip(prompts, seeds, strict=True))))
-
-
 async def continuations(
     engine: Engine,
     prompts: list[list[int]],
@@ -92,13 +75,14 @@ async def continuations(
     cache: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Continuations:
-    """The full model's greedy continuation of every prompt (`generate`), kept under `cache` (default: the
+    """The full model's greedy continuation of every prompt, at most `max_tokens`, ending at EOS as a served
+    answer does, kept under `cache` (default: the
     user cache) so that later evaluations reuse them."""
     cache = cache or cache_dir() / "continuations"
     path = cache / f"{_cache_key(engine, prompts, max_tokens)}.json"
     if path.exists():
         return Continuations(prompts, json.loads(path.read_text())["tokens"])
-    tokens = await generate(engine, prompts, max_tokens, progress=progress)
+    tokens = await generate(engine, prompts, max_tokens, FULL_DEPTH, progress=progress)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"model": engine.config.model, "max_tokens": max_tokens, "tokens": tokens}))
     return Continuations(prompts, tokens)
@@ -131,9 +115,11 @@ def self_generated(
             n = traffic.samples
             seeds = [traffic.seed + i * n + k for i in range(len(prompts)) for k in range(n)]
             progress(f"generating {len(prompts) * (1 + n)} continuations of {len(prompts)} chat prompts")
-            greedy = await generate(engine, prompts, traffic.max_tokens, progress=progress)
+            greedy = await generate(engine, prompts, traffic.max_tokens, FULL_DEPTH, progress=progress)
             sampled_prompts = [p for p in prompts for _ in range(n)]
-            sampled = await generate(engine, sampled_prompts, traffic.max_tokens, traffic.temperature, seeds, progress)
+            sampled = await generate(
+                engine, sampled_prompts, traffic.max_tokens, FULL_DEPTH, traffic.temperature, seeds, progress=progress
+            )
             return prompts + sampled_prompts, greedy + sampled
         finally:
             await engine.shutdown()
@@ -149,32 +135,11 @@ def self_generated(
     return windows, described
 
 
-@dataclass
-class _Scored:
-    """A teacher-forced run over the continuations, read on their generated positions only."""
-
-    tf: TeacherForced
-    mask: torch.Tensor  # generated positions with a next token
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.tf.predictions[self.mask]
-
-    @property
-    def exit_layers(self) -> torch.Tensor:
-        return self.tf.exit_layers[self.mask]
-
-    @property
-    def logprobs(self) -> torch.Tensor:
-        return self.tf.target_logprobs[self.mask[self.tf.scored]]
-
-
-async def _run(engine: Engine, conts: Continuations, exit: dict, mask: torch.Tensor) -> _Scored:
-    return _Scored(await teacher_forced(engine, conts.windows, exit, exit_from=conts.starts), mask)
-
-
-def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    return round(float((a == b).double().mean()), 4) if a.numel() else 1.0
+async def _run(engine: Engine, conts: Continuations, exit: dict, mask: torch.Tensor) -> TeacherForced:
+    """A teacher-forced run over the continuations, kept on their generated positions only."""
+    tf = await teacher_forced(engine, conts.windows, exit, exit_from=conts.starts)
+    return TeacherForced(tf.predictions[mask], tf.exit_layers[mask], tf.target_logprobs[mask[tf.scored]],
+                         torch.ones(int(mask.sum()), dtype=torch.bool))  # fmt: skip
 
 
 async def score_exits(
@@ -194,41 +159,28 @@ async def score_exits(
     full = await _run(engine, conts, {"policy": "none"}, mask)
     depths = [d for d in plan.exit_points if d < plan.num_layers]
     heads: dict[str, dict[str, float]] = {}
-    hits: dict[int, torch.Tensor] = {}  # per depth: where the adapted head predicts the full model's token
+    static_exact: dict[int, TeacherForced] = {}  # per depth: what the adapted head predicts there
     for kind, e in engines.items():
         for d in depths:
             got = await _run(e, conts, {"policy": "static", "max_depth": d, "backfill": "exact"}, mask)
-            heads.setdefault(str(d), {})[kind] = _agreement(got.predictions, full.predictions)
+            heads.setdefault(str(d), {})[kind] = round(agreement(got.predictions, full.predictions), 4)
             if kind == "adapted":
-                hits[d] = got.predictions == full.predictions
+                static_exact[d] = got
         progress(f"served traffic, {kind} heads: " + ", ".join(f"{d} {heads[str(d)][kind]:.1%}" for d in depths))
-    exit_at = torch.full_like(full.predictions, plan.num_layers)
-    for d in sorted(hits, reverse=True):  # shallower depths overwrite deeper ones
-        exit_at[hits[d]] = d
-    oracle = {
-        b: round(1 - compute_used(exit_at, depths, plan.num_layers, "oracle", b, plan.min_exit_depth, costs)[0], 4)
-        for b in ("decoupled", "mapped")
-    }
-    reference = {"perplexity": round(math.exp(-float(full.logprobs.mean())), 3), "tokens": int(mask.sum()),
+    oracles = {b: oracle_row(static_exact, full, plan.num_layers, plan.min_exit_depth, b, costs)
+               for b in ("decoupled", "mapped")}  # fmt: skip
+    hits = [got.predictions == full.predictions for got in static_exact.values()]
+    reached = float(torch.stack(hits).any(0).double().mean()) if hits else 0.0
+    reference = {"perplexity": round(math.exp(-float(full.target_logprobs.mean())), 3), "tokens": int(mask.sum()),
                  "chat_prompts": len(conts.prompts)}  # fmt: skip
     rows = []
     for i, s in enumerate(settings):
-        got = await _run(engines[s.head], conts, s.exit(), mask)
-        layers, overhead = compute_used(
-            got.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill, plan.min_exit_depth, costs
-        )
-        rows.append({
-            "curve": s.curve, "policy": s.policy, "head": s.head, "backfill": s.backfill, "threshold": s.threshold,
-            "max_depth": s.max_depth, "mean_exit_depth": round(float(got.exit_layers.double().mean()), 3),
-            "compute_saved": round(1.0 - layers, 4), "decision_overhead": round(overhead, 4),
-            "agreement": _agreement(got.predictions, full.predictions),
-            "perplexity": round(math.exp(-float(got.logprobs.mean())), 3),
-        })  # fmt: skip
-        row = rows[-1]
+        row = setting_row(s, await _run(engines[s.head], conts, s.exit(), mask), full, plan, costs)
+        rows.append(row)
         progress(f"served traffic [{i + 1}/{len(settings)}] {s.curve} {s.exit()}: saved {row['compute_saved']:.1%}, "
                  f"agreement {row['agreement']:.1%}")  # fmt: skip
-    return {"full": reference, "heads": heads, "oracle": {"reached": round(float((exit_at < plan.num_layers)
-            .double().mean()), 4), "compute_saved": oracle}, "rows": rows}  # fmt: skip
+    oracle = {"reached": round(reached, 4), "compute_saved": {b: r["compute_saved"] for b, r in oracles.items()}}
+    return {"full": reference, "heads": heads, "oracle": oracle, "rows": rows}
 
 
 def table(report: dict) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from serving.engine import Engine
 from serving.engine.messages import Usage
 from serving.engine.params import MAX_TOP_LOGPROBS, ExitParams
+from serving.engine.plan import PipelinePlan
 from workers.arch import ModelArch
 
 # Free-running agreement: short chat prompts of the kind people send.
@@ -100,17 +102,38 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-async def generate_greedy(engine: Engine, prompts: list[list[int]], max_tokens: int, exit: dict) -> list[list[int]]:
-    """Greedy continuations of every prompt, run concurrently (batched by the engine's scheduler)."""
+async def generate(
+    engine: Engine,
+    prompts: list[list[int]],
+    max_tokens: int,
+    exit: dict,
+    temperature: float = 0.0,
+    seeds: list[int | None] | None = None,
+    ignore_eos: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[list[int]]:
+    """A continuation of every prompt under `exit`: greedy, or sampled at `temperature` with request `seeds`
+    (the same seed, the same continuation). All are submitted at once; the engine's scheduler batches them."""
+    seeds = seeds or [None] * len(prompts)
+    done = 0
 
-    async def one(prompt: list[int]) -> list[int]:
+    async def one(prompt: list[int], seed: int | None) -> list[int]:
+        nonlocal done
         out: list[int] = []
-        sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed, "ignore_eos": ignore_eos}
         async for item in engine.submit(prompt, sampling, exit):
             out += item.token_ids
+        done += 1
+        if progress and (done % 32 == 0 or done == len(prompts)):
+            progress(f"generated {done}/{len(prompts)} continuations")
         return out
 
-    return list(await asyncio.gather(*(one(p) for p in prompts)))
+    return list(await asyncio.gather(*(one(p, s) for p, s in zip(prompts, seeds, strict=True))))
+
+
+async def generate_greedy(engine: Engine, prompts: list[list[int]], max_tokens: int, exit: dict) -> list[list[int]]:
+    """Greedy continuations of every prompt, exactly `max_tokens` each (free-running comparisons)."""
+    return await generate(engine, prompts, max_tokens, exit, ignore_eos=True)
 
 
 async def continuation_logprobs(
@@ -273,3 +296,59 @@ class Setting:
         if self.max_depth is not None:
             e["max_depth"] = self.max_depth
         return e
+
+
+def setting_row(s: Setting, tf: TeacherForced, full: TeacherForced, plan: PipelinePlan, costs: Costs) -> dict:
+    """A setting's figures on a teacher-forced run, against full depth's run on the same tokens."""
+    layers, overhead = compute_used(
+        tf.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill, plan.min_exit_depth, costs
+    )
+    return {
+        "policy": s.policy,
+        "head": s.head,
+        "backfill": s.backfill,
+        "threshold": s.threshold,
+        "max_depth": s.max_depth,
+        "curve": s.curve,
+        "mean_exit_depth": round(float(tf.exit_layers.double().mean()), 3),
+        "compute_saved": round(1.0 - layers, 4),
+        "decision_overhead": round(overhead, 4),
+        "agreement": round(agreement(tf.predictions, full.predictions), 4),
+        "perplexity": round(math.exp(-float(tf.target_logprobs.mean())), 3),
+    }
+
+
+def oracle_row(
+    static_exact: dict[int, TeacherForced],
+    full: TeacherForced,
+    num_layers: int,
+    min_depth: int,
+    backfill: str,
+    costs: Costs,
+) -> dict:
+    """A perfect exit decision on the same heads: each token leaves at the shallowest exit point whose
+    adapted head predicts the full model's token (read from the static runs with exact back-fill, whose
+    caches are the full model's), else at full depth. Its compute is counted with `backfill`'s cost of a
+    skipped layer; its perplexity is what the heads give there with exact caches (an approximate back-fill
+    would do worse)."""
+    depth = torch.full_like(full.predictions, num_layers)
+    logp = full.target_logprobs.clone()
+    for d in sorted(static_exact, reverse=True):  # shallower depths overwrite deeper ones
+        tf = static_exact[d]
+        hit = tf.predictions == full.predictions
+        depth[hit] = d
+        logp[hit[full.scored]] = tf.target_logprobs[hit[full.scored]]
+    layers, _ = compute_used(depth, sorted(static_exact), num_layers, "oracle", backfill, min_depth, costs)
+    return {
+        "policy": "oracle",
+        "head": "adapted",
+        "backfill": backfill,
+        "threshold": None,
+        "max_depth": None,
+        "curve": f"oracle, {backfill}",
+        "mean_exit_depth": round(float(depth.double().mean()), 3),
+        "compute_saved": round(1.0 - layers, 4),
+        "decision_overhead": 0.0,
+        "agreement": 1.0,
+        "perplexity": round(math.exp(-float(logp.mean())), 3),
+    }

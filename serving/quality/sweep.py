@@ -10,22 +10,20 @@ import math
 import statistics
 from collections.abc import Callable
 
-import torch
-
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
 from serving.quality import continuations
 from serving.quality.evaluation import (
-    Costs,
     Setting,
     TeacherForced,
     agreement,
     common_prefix,
-    compute_used,
     continuation_perplexity,
     costs_of,
     generate_greedy,
+    oracle_row,
     rouge_l,
+    setting_row,
     teacher_forced,
 )
 
@@ -95,23 +93,7 @@ async def evaluate(
             tf = await teacher_forced(e, windows, s.exit())
             if (s.policy, s.backfill, s.head) == ("static", "exact", "adapted"):
                 static_exact[s.max_depth] = tf
-            layers, overhead = compute_used(
-                tf.exit_layers, list(plan.exit_points), plan.num_layers, s.policy, s.backfill,
-                plan.min_exit_depth, costs,
-            )  # fmt: skip
-            row = {
-                "policy": s.policy,
-                "head": s.head,
-                "backfill": s.backfill,
-                "threshold": s.threshold,
-                "max_depth": s.max_depth,
-                "curve": s.curve,
-                "mean_exit_depth": round(float(tf.exit_layers.double().mean()), 3),
-                "compute_saved": round(1.0 - layers, 4),
-                "decision_overhead": round(overhead, 4),
-                "agreement": round(agreement(tf.predictions, full.predictions), 4),
-                "perplexity": round(math.exp(-float(tf.target_logprobs.mean())), 3),
-            }
+            row = setting_row(s, tf, full, plan, costs)
             if free_ids:
                 out = await generate_greedy(e, free_ids, chat_tokens, s.exit())
                 row["free_running_agreement"] = round(
@@ -138,42 +120,6 @@ async def evaluate(
             await e.shutdown()
     report = {"full": reference, "rows": rows, "at_agreement": at_agreement(rows, (0.95, 0.99))}
     return report | ({"served": report_served} if served else {})
-
-
-def oracle_row(
-    static_exact: dict[int, TeacherForced],
-    full: TeacherForced,
-    num_layers: int,
-    min_depth: int,
-    backfill: str,
-    costs: Costs,
-) -> dict:
-    """A perfect exit decision on the same heads: each token leaves at the shallowest exit point whose
-    adapted head predicts the full model's token (read from the static runs with exact back-fill, whose
-    caches are the full model's), else at full depth. Its compute is counted with `backfill`'s cost of a
-    skipped layer; its perplexity is what the heads give there with exact caches (an approximate back-fill
-    would do worse)."""
-    depth = torch.full_like(full.predictions, num_layers)
-    logp = full.target_logprobs.clone()
-    for d in sorted(static_exact, reverse=True):  # shallower depths overwrite deeper ones
-        tf = static_exact[d]
-        hit = tf.predictions == full.predictions
-        depth[hit] = d
-        logp[hit[full.scored]] = tf.target_logprobs[hit[full.scored]]
-    layers, _ = compute_used(depth, sorted(static_exact), num_layers, "oracle", backfill, min_depth, costs)
-    return {
-        "policy": "oracle",
-        "head": "adapted",
-        "backfill": backfill,
-        "threshold": None,
-        "max_depth": None,
-        "curve": f"oracle, {backfill}",
-        "mean_exit_depth": round(float(depth.double().mean()), 3),
-        "compute_saved": round(1.0 - layers, 4),
-        "decision_overhead": 0.0,
-        "agreement": 1.0,
-        "perplexity": round(math.exp(-float(logp.mean())), 3),
-    }
 
 
 def _knob(row: dict) -> str:
