@@ -20,7 +20,7 @@ from serving.quality import calibrate
 from serving.quality.continuations import Traffic
 from serving.quality.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
 from workers.arch import ModelArch
-from workers.calibration import CalibrationSettings
+from workers.calibration import HEAD_KINDS, CalibrationSettings
 from workers.corpus import CorpusPart, chat_prompts, text_windows
 from workers.exit_pack import ExitPack, resolve_pack
 from workers.kv_cache import kv_bytes_per_token
@@ -29,8 +29,8 @@ from workers.model_store import DEFAULT_MODEL, load_config, load_tokenizer, reso
 log = logging.getLogger("adept")
 
 CALIBRATION_FLAGS = (
-    "max_tokens", "adapter_rank", "map_rank", "steps", "batch_size", "lr", "router_steps", "cost_weight", "seed",
-    "default_backfill",
+    "max_tokens", "adapter_rank", "mlp_hidden", "map_rank", "steps", "batch_size", "lr", "router_steps",
+    "cost_weight", "seed", "default_backfill",
 )  # fmt: skip
 ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 
@@ -262,6 +262,9 @@ def _add_calibrate(commands) -> None:
     for name in CALIBRATION_FLAGS:
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
+    p.add_argument("--heads", default=",".join(defaults.heads), help="exit-head kinds to train, of "
+                   f"{', '.join(HEAD_KINDS)}; each exit point keeps the one that saves the most on validation "
+                   f"after its own cost (default {','.join(defaults.heads)})")  # fmt: skip
     p.add_argument("--router-features", default="hidden", help="'hidden' (default) or 'hidden,confidence'")
     p.add_argument("--output", "-o", required=True, help="pack directory to write")
     t = p.add_argument_group(
@@ -291,7 +294,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         **{k: getattr(args, k) for k in same},
         exit_points=[int(d) for d in args.exit_points.split(",")] if args.exit_points else None,
         router_features=args.router_features.split(","),
-        settings={k: getattr(args, k) for k in CALIBRATION_FLAGS},
+        settings={k: getattr(args, k) for k in CALIBRATION_FLAGS} | {"heads": args.heads.split(",")},
         prompts_part=tuple(float(x) for x in args.prompts_part.split(",")),
         traffic=Traffic(args.generate_tokens, args.samples, args.sample_temperature, args.seed),
         choices=args.choices.split(",") if args.choices else [],

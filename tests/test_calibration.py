@@ -19,8 +19,9 @@ from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
 from serving.quality.continuations import Traffic, self_generated
 from serving.quality.evaluation import teacher_forced
-from workers.exit_pack import SHIPPED, ExitPack, ExitPackError, load_pack
-from workers.model_store import DEFAULT_MODEL, fingerprint, load_tokenizer
+from workers.calibration import HEAD_KINDS, CalibrationSettings, Window, calibrate, head_cost
+from workers.exit_pack import SHIPPED, VERSION, ExitPack, ExitPackError, load_pack
+from workers.model_store import DEFAULT_MODEL, fingerprint, load_config, load_tokenizer
 
 POINTS = "2,3,4,5"
 # Plain English, long enough for a few thousand tokens; calibration on a random model needs no meaning.
@@ -63,16 +64,18 @@ def pack_dir(tiny_chat_dir, corpus, tmp_path_factory):
 def test_calibration_trains_every_part_and_lowers_the_distillation_loss(pack_dir, tiny_chat_dir, corpus):
     pack = ExitPack.load(pack_dir, fingerprint(tiny_chat_dir))
     assert pack.exit_points == [2, 3, 4, 5, 6] and pack.has_routers()
+    keys = {"linear": {"weight", "bias"}, "mlp": {"weight", "bias", "w1", "b1", "w2"}}  # the default kinds
     for d in (2, 3, 4, 5):
-        assert pack.prefixed(f"adapter.{d}.").keys() == {"down", "up", "bias"}
+        figures = pack.manifest["evaluation"]["validation"][str(d)]
+        assert figures["head"] == pack.manifest["heads"][str(d)] and set(figures["heads"]) == {"linear", "mlp"}
+        assert pack.prefixed(f"adapter.{d}.").keys() == keys[figures["head"]]
         assert pack.prefixed(f"router.{d}.").keys() == {"w1", "b1", "w2", "b2"}
         assert all(pack.map_for(d, layer) is not None for layer in range(d + 1, 6))
-        figures = pack.manifest["evaluation"]["validation"][str(d)]
         # KL(full || exit head) on held-out tokens: the adapters lower it
         assert figures["kl_adapted"] < figures["kl_untrained"] and figures["kl_least_squares"] < figures["kl_untrained"]
         assert 0.0 <= figures["router_auc"] <= 1.0
     training = pack.manifest["training"]
-    assert training["distillation_loss"]["after"] < training["distillation_loss"]["before"]
+    assert all(loss["after"] < loss["before"] for loss in training["distillation_loss"].values())
     tuned = pack.manifest["evaluation"]["defaults"]  # the lowest threshold within 5% of full depth's perplexity
     assert pack.defaults["policy"] == ("learned" if tuned["compute_saved"] > 0 else "none")
     assert pack.defaults["backfill"] == "mapped"
@@ -98,7 +101,7 @@ def test_calibration_is_reproducible(pack_dir, tiny_chat_dir, corpus, tmp_path):
 def test_pack_round_trips_and_refuses_another_model(pack_dir, tiny_chat_dir, tiny_llama_dir, tmp_path):
     pack = ExitPack.load(pack_dir, fingerprint(tiny_chat_dir))
     again = ExitPack.load(pack.save(tmp_path / "copy"), fingerprint(tiny_chat_dir))
-    assert again.manifest == {**pack.manifest, "format": "adept-exit-pack", "version": 1}
+    assert again.manifest == {**pack.manifest, "format": "adept-exit-pack", "version": VERSION}
     assert again.tensors.keys() == pack.tensors.keys()
     assert all(torch.equal(again.tensors[k], v) for k, v in pack.tensors.items())
     with pytest.raises(ExitPackError, match="made for another model"):
@@ -260,6 +263,7 @@ def test_self_generated_continuations_are_the_engines_and_seeded(tiny_chat_dir):
     traffic = Traffic(max_tokens=12, samples=2, temperature=1.0, seed=5)
     windows, described = self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None)
     assert described["continuations"] == len(windows) == 6 and described["prompts_used"] == 2
+    assert [w.group for w in windows] == [0, 1, 0, 0, 1, 1]  # greedy ones first, then the samples per prompt
     again, _ = self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None)
     other, _ = self_generated(str(tiny_chat_dir), chats, dataclasses.replace(traffic, seed=6), lambda _: None)
     assert again == windows and other[:2] == windows[:2] and other[2:] != windows[2:]
@@ -268,7 +272,7 @@ def test_self_generated_continuations_are_the_engines_and_seeded(tiny_chat_dir):
                           "--model", tiny_chat_dir, "--exit-pack", "none")  # fmt: skip
         assert code == 0
         generated = json.loads(out.strip().splitlines()[-1])["token_ids"]
-        assert window[-len(generated) :] == generated and len(window) > len(generated)
+        assert window.ids[window.start :] == generated and window.start > 0  # the heads train on these
 
 
 def test_retune_chooses_defaults_from_task_quality(tiny_chat_dir, pack_dir, corpus, tmp_path):
@@ -326,3 +330,36 @@ def test_pack_prefill_defaults_and_the_configurations_own(tiny_chat_dir, pack_di
     assert asyncio.run(prompt_exits({})) == [3] * 19 + [6]
     assert asyncio.run(prompt_exits({"policy": "none"})) == [6] * 20
     assert asyncio.run(prompt_exits({"prefill": {"max_depth": 4}})) == [4] * 19 + [6]
+
+
+def test_every_head_kind_trains_and_lowers_its_loss(tiny_chat_dir):
+    """Each head kind starts from least squares and distillation lowers its KL to the full model; each
+    exit point keeps the kind that saves the most on validation after its cost, and heads train only on
+    positions from each window's start, validated on whole groups."""
+    tokenizer = load_tokenizer(tiny_chat_dir)
+    lines = TEXT.splitlines()
+    windows = [Window(tokenizer.encode(" ".join(lines[i : i + 4])), start=8, group=i // 16) for i in range(0, 160, 4)]
+    settings = CalibrationSettings(exit_points=[2, 4], heads=list(HEAD_KINDS), max_tokens=100_000, steps=30,
+                                   batch_size=128, lr=3e-3, adapter_rank=8, mlp_hidden=32, router_steps=20)  # fmt: skip
+    pack = calibrate(tiny_chat_dir, windows, settings, {"test": True})
+    training = pack.manifest["training"]
+    assert training["tokens"] == sum(len(w.ids) - w.start for w in windows)
+    assert set(training["distillation_loss"]) == {"low_rank", "linear", "mlp"}
+    for kind, loss in training["distillation_loss"].items():
+        assert loss["after"] < loss["before"], kind
+    validation = pack.manifest["evaluation"]["validation"]
+    config = load_config(tiny_chat_dir)
+    for d in ("2", "4"):
+        table = validation[d]["heads"]
+        assert set(table) == set(HEAD_KINDS)
+        for kind in ("low_rank", "linear", "mlp"):
+            assert table[kind]["kl"] < table["identity"]["kl"], (d, kind)
+        costs = {k: head_cost(k, config, settings) for k in HEAD_KINDS}
+        assert costs["identity"] == 0 < costs["low_rank"] < costs["linear"] < costs["mlp"]
+        layers_after = 6 - int(d)
+        best = max(table, key=lambda k: table[k]["agreement"] * layers_after - costs[k])
+        assert validation[d]["head"] == pack.manifest["heads"][d] == best
+    # validation holds out the last tenth of the groups (here 10 groups of 4 windows: the last one)
+    assert training["validation_tokens"] == sum(len(w.ids) - w.start for w in windows if w.group == 9)
+    with pytest.raises(ValueError, match="head kinds must be some of"):
+        calibrate(tiny_chat_dir, windows, dataclasses.replace(settings, heads=["attention"]), {})

@@ -196,3 +196,69 @@ def test_one_lm_head_and_one_backfill_per_group_for_rows_exiting_at_several_poin
             k, v = group_kv(groups[g], layer, slot=i, length=1)
             k_alone, v_alone = group_kv(alone[g], layer, slot=i, length=1)
             assert torch.allclose(k, k_alone, atol=1e-5) and torch.allclose(v, v_alone, atol=1e-5), (i, layer)
+
+
+def test_a_pack_with_every_head_kind_saves_loads_and_serves(tiny_llama_dir, tmp_path):
+    """Exit points 2-5 with a low-rank, a full-rank linear, an MLP and the identity head: saved, loaded and
+    served, each exit's log-probabilities are the head's own formula on the full model's hidden state."""
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape) -> torch.Tensor:
+        return 0.1 * torch.randn(*shape, generator=gen)
+
+    mlp = {"weight": rand(HIDDEN, HIDDEN), "bias": rand(HIDDEN), "w1": rand(16, HIDDEN), "b1": rand(16),
+           "w2": rand(HIDDEN, 16)}  # fmt: skip
+    heads = {2: {"down": rand(4, HIDDEN), "up": rand(HIDDEN, 4), "bias": rand(HIDDEN)},
+             3: {"weight": rand(HIDDEN, HIDDEN), "bias": rand(HIDDEN)}, 4: mlp, 5: {}}  # fmt: skip
+    tensors = {f"adapter.{d}.{k}": v for d, t in heads.items() for k, v in t.items()}
+    _pack(tiny_llama_dir, tensors, heads={"2": "low_rank", "3": "linear", "4": "mlp", "5": "identity"}).save(
+        tmp_path / "pack"
+    )
+    pack = ExitPack.load(tmp_path / "pack", fingerprint(tiny_llama_dir))
+    assert pack.manifest["version"] == 2
+    model = hf_model(tiny_llama_dir)
+    tokens = [5, 9, 11, 40]
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+    eps = model.config.rms_norm_eps
+
+    def expected(d: int) -> torch.Tensor:
+        h, t = hidden[d][0], heads[d]
+        if "down" in t:
+            out = h + (h @ t["down"].T) @ t["up"].T + t["bias"]
+        elif "w1" in t:
+            scale = (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            mlp_out = scale * (torch.nn.functional.gelu((h / scale) @ t["w1"].T + t["b1"]) @ t["w2"].T)
+            out = h + h @ t["weight"].T + mlp_out + t["bias"]
+        elif t:
+            out = h + h @ t["weight"].T + t["bias"]
+        else:
+            out = h
+        return torch.log_softmax(rms_norm(out, model.model.norm.weight, eps) @ model.lm_head.weight.T, -1)
+
+    for d in heads:
+        pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack))
+        r = rows(tokens, range(4), policy=Policy.STATIC, max_depth=d, backfill=Backfill.EXACT, logprobs=VOCAB,
+                 sample_all=True)  # fmt: skip
+        out = run(pipe, r)
+        assert (out.exit_layer == d).all()
+        assert torch.allclose(full_logprobs(out, VOCAB), expected(d), atol=1e-4), d
+
+
+def test_an_old_format_pack_still_loads_and_an_unknown_one_is_refused(tiny_llama_dir, tmp_path):
+    """Version 1 (low-rank or linear adapters, no "heads" in the manifest) loads and serves as before."""
+    w = 0.1 * torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(3))
+    _pack(tiny_llama_dir, {"adapter.2.weight": w}).save(tmp_path / "v1")
+    manifest = tmp_path / "v1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    old = ExitPack.load(tmp_path / "v1", fingerprint(tiny_llama_dir))
+    assert old.manifest["version"] == 1 and "heads" not in old.manifest
+    pipe = pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=old))
+    r = rows([5, 9], [0, 1], policy=Policy.STATIC, max_depth=2, logprobs=VOCAB, sample_all=True)
+    out, plain = run(pipe, r), run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS)), r)
+    assert not torch.allclose(full_logprobs(out, VOCAB), full_logprobs(plain, VOCAB), atol=1e-3)  # the adapter acts
+    old.save(tmp_path / "again")  # re-saving an old pack keeps its version
+    assert ExitPack.load(tmp_path / "again").manifest["version"] == 1
+    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 3'))
+    with pytest.raises(ExitPackError, match="of version 1 or 2"):
+        ExitPack.load(tmp_path / "v1")

@@ -1,17 +1,23 @@
-"""Exit calibration: an exit pack trained from the model's own hidden states on a corpus.
+"""Exit calibration: an exit pack trained from the model's own hidden states, on served-like data (chat
+prompts with the model's own continuations) and text.
 
 Per early exit point d (depth: layers run), everything fitted to the full model:
-- adapter: a residual low-rank map on h_d, started from least squares towards the last layer's hidden
-  state, then distilled: KL from the full model's next-token distribution to the exit head's;
+- exit head: one adapter kind per exit point (identity, residual low-rank, residual full-rank linear, or
+  linear plus a small MLP; `workers.exits.Adapter`), started from ridge least squares towards the last
+  layer's hidden state and distilled: KL from the full model's next-token distribution to the exit head's
+  (the tuned lens). Every kind asked for trains; the one that saves the most on validation after its own
+  cost is kept;
 - router: a small MLP on h_d (and optionally the head's confidence features) estimating the probability
   that exiting at d keeps the full model's token; the exit decision weighs it against the compute exiting
   saves and the harm its back-filled K/V does to later tokens (`workers.exits.ExitCost`);
 - maps (for `mapped` back-fill): per skipped layer l > d, a least-squares low-rank residual map from h_d
-  to layer l's real input.
+  to layer l's real input, on every position read (prompts included).
 
-Memory stays bounded on long corpora: windows stream through the model; the maps need only running first
-and second moments; adapters and routers train on the exit-point hidden states of at most `max_tokens`
-tokens (float16), never on every layer's."""
+Heads and routers train on each window's positions from its `start` (a chat continuation's generated
+positions), validation on whole groups (one prompt's continuations) training never read. Memory stays
+bounded on long corpora: windows stream through the model; the maps need only running first and second
+moments; heads and routers keep the exit-point hidden states of at most `max_tokens` positions (float16),
+never every layer's."""
 
 from __future__ import annotations
 
@@ -28,18 +34,24 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from workers.exit_pack import ExitPack
-from workers.exits import confidence_features
+from workers.exits import Adapter, confidence_features
 from workers.layers import rms_norm
 from workers.model_store import fingerprint
 
 log = logging.getLogger(__name__)
 
+# Exit-head kinds calibration can train (workers.exits.Adapter): the model's own head, a residual low-rank
+# map, a residual full-rank linear map, the linear map plus a small MLP.
+HEAD_KINDS = ("identity", "low_rank", "linear", "mlp")
+
 
 @dataclass
 class CalibrationSettings:
     exit_points: list[int]  # early exit points (depths below the model's layer count)
-    max_tokens: int = 32768  # corpus tokens read; adapters and routers keep all of them
-    adapter_rank: int = 128
+    max_tokens: int = 32768  # positions the heads and routers train on (every window position fits the maps)
+    heads: list[str] = field(default_factory=lambda: ["linear", "mlp"])  # kinds trained; validation picks one
+    adapter_rank: int = 128  # of a low_rank head
+    mlp_hidden: int = 1024  # of an mlp head
     map_rank: int = 12
     steps: int = 300  # distillation steps (all exit points train together on one batch per step)
     batch_size: int = 256
@@ -102,85 +114,125 @@ def _reduced_rank(x: _Inputs, y: _Targets, rank: int, ridge: float) -> tuple[tor
     return wr.T.float(), v.float(), (my - (mx @ wr) @ v.T).float()
 
 
+def _ridge(x: _Inputs, y: _Targets, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-rank ridge least squares of y on x: (weight [H, H], bias [H]) with y ≈ weight x + bias."""
+    mx, my = x.sx / x.n, y.sy / x.n
+    cxx = x.sxx / x.n - torch.outer(mx, mx)
+    cxy = y.sxy / x.n - torch.outer(mx, my)
+    h = cxx.shape[0]
+    w = torch.linalg.solve(cxx + ridge * cxx.trace() / h * torch.eye(h, dtype=cxx.dtype), cxy)
+    return w.T.float(), (my - mx @ w).float()
+
+
+@dataclass(frozen=True)
+class Window:
+    """Token ids the model reads in one pass. Positions from `start` on train the exit heads and routers
+    (for a chat prompt with the model's continuation: the generated ones), every position the back-fill
+    maps. Windows of one `group` (one prompt's continuations) fall on one side of the validation split;
+    without a group a window is its own."""
+
+    ids: list[int]
+    start: int = 0
+    group: int | None = None
+
+
 @dataclass
 class _Kept:
-    """Exit-point hidden states and the full model's final normed hidden state of the kept tokens."""
+    """Exit-point hidden states, the full model's final normed hidden state and the group of the kept
+    positions."""
 
     hidden: dict[int, list[torch.Tensor]]
     final: list[torch.Tensor]
+    groups: list[int] = field(default_factory=list)
     count: int = 0
 
 
 def calibrate(
     model_path: Path,
-    windows: Iterable[list[int]],
+    windows: Iterable[Window],
     settings: CalibrationSettings,
     describe_data: dict,
     model_name: str | None = None,
 ) -> ExitPack:
-    """Read windows (token id lists) until `max_tokens`, fit, distill and train; the pack it returns
-    records the settings, the data and its own validation figures."""
+    """Read windows until `max_tokens` kept positions, fit, distill and train; the pack it returns records
+    the settings, the data and its own validation figures (on whole groups training did not read)."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
+    unknown = set(settings.heads) - set(HEAD_KINDS)
+    if unknown or not settings.heads:
+        raise ValueError(f"head kinds must be some of {', '.join(HEAD_KINDS)}, got {settings.heads}")
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = model.config.num_hidden_layers
     points = sorted(settings.exit_points)
     if not points or points[0] < 1 or points[-1] >= num_layers:
         raise ValueError(f"exit points to calibrate must be depths in [1, {num_layers - 1}], got {points}")
     eps = model.config.rms_norm_eps
-    norm_w = model.model.norm.weight.detach()
-    lm_head = model.get_output_embeddings().weight.detach()
+    head = _Head(model.model.norm.weight.detach(), model.get_output_embeddings().weight.detach(), eps)
 
-    x_m, adapter_m, map_m, kept = _read(model, windows, points, settings.max_tokens)
-    log.info("fitting %d back-fill maps and %d adapters by least squares", len(map_m), len(adapter_m))
+    x_m, map_m, kept = _read(model, windows, points, settings.max_tokens)
+    log.info("fitting %d back-fill maps by least squares", len(map_m))
     tensors: dict[str, torch.Tensor] = {}
     for (d, layer), m in map_m.items():
         down, up, bias = _reduced_rank(x_m[d], m, settings.map_rank, settings.ridge)
         tensors |= {f"map.{d}.{layer}.down": down, f"map.{d}.{layer}.up": up, f"map.{d}.{layer}.bias": bias}
-    adapters = {d: _reduced_rank(x_m[d], adapter_m[d], settings.adapter_rank, settings.ridge) for d in points}
 
     hidden = {d: torch.cat(kept.hidden[d]) for d in points}
     final = torch.cat(kept.final)
-    n_val = max(1, int(settings.validation_fraction * kept.count))
-    train, val = slice(0, kept.count - n_val), slice(kept.count - n_val, kept.count)
-    head = _Head(norm_w, lm_head, eps)
-    before = {d: head.figures(hidden[d][val], final[val], None) for d in points}
-    least_squares = {d: head.figures(hidden[d][val], final[val], adapters[d]) for d in points}
-    probe = slice(0, min(train.stop, 2048))  # the distillation loss on fixed training tokens, before and after
-    loss_before = statistics.fmean(head.figures(hidden[d][probe], final[probe], adapters[d])["kl"] for d in points)
-    adapters = _distill(head, hidden, final, train, adapters, settings)
-    loss_after = statistics.fmean(head.figures(hidden[d][probe], final[probe], adapters[d])["kl"] for d in points)
-    log.info("distillation loss (mean KL over exit points) %.4f -> %.4f", loss_before, loss_after)
-    after = {d: head.figures(hidden[d][val], final[val], adapters[d]) for d in points}
-    for d, (down, up, bias) in adapters.items():
-        tensors |= {f"adapter.{d}.down": down, f"adapter.{d}.up": up, f"adapter.{d}.bias": bias}
+    train, val = _split(torch.tensor(kept.groups), settings.validation_fraction)
+    log.info("%d positions train the heads, %d (whole groups) validate them", len(train), len(val))
+    candidates = {
+        kind: {d: _least_squares(kind, hidden[d][train], final[train], settings, eps) for d in points}
+        for kind in settings.heads
+    }
+    least_squares = {kind: {d: head.figures(hidden[d][val], final[val], a) for d, a in by_d.items()}
+                     for kind, by_d in candidates.items()}  # fmt: skip
+    distilled = [k for k in settings.heads if k != "identity"]
+    probe = train[: min(len(train), 2048)]  # the distillation loss on fixed training positions, before and after
 
+    def loss_on_probe(kind: str) -> float:
+        return statistics.fmean(head.figures(hidden[d][probe], final[probe], candidates[kind][d])["kl"] for d in points)
+
+    before = {k: loss_on_probe(k) for k in distilled}
+    candidates |= _distill(head, hidden, final, train, {k: candidates[k] for k in distilled}, settings)
+    loss = {k: {"before": round(before[k], 4), "after": round(loss_on_probe(k), 4)} for k in distilled}
+    log.info("distillation loss (mean KL over exit points): %s",
+             ", ".join(f"{k} {v['before']:.3f} -> {v['after']:.3f}" for k, v in loss.items()))  # fmt: skip
+    untrained = {d: head.figures(hidden[d][val], final[val], Adapter()) for d in points}
+    table = {d: {k: head.figures(hidden[d][val], final[val], candidates[k][d]) for k in settings.heads} for d in points}
+    costs = {k: head_cost(k, model.config, settings) for k in HEAD_KINDS}
+    chosen = {d: _worth_it(table[d], costs, num_layers - d) for d in points}
+    adapters = {d: candidates[chosen[d]][d] for d in points}
+    for d, adapter in adapters.items():
+        tensors |= {f"adapter.{d}.{name}": t.detach() for name, t in _tensors(adapter).items()}
     routers, router_figures = _train_routers(head, hidden, final, train, val, adapters, settings)
     for d, r in routers.items():
         tensors |= {f"router.{d}.{k}": v for k, v in r.items()}
 
-    per_point = {
-        str(d): {
-            "agreement_untrained": before[d]["agreement"],
-            "agreement_least_squares": least_squares[d]["agreement"],
-            "agreement_adapted": after[d]["agreement"],
-            "kl_untrained": before[d]["kl"],
-            "kl_least_squares": least_squares[d]["kl"],
-            "kl_adapted": after[d]["kl"],
+    per_point = {}
+    for d in points:
+        ridge = least_squares.get("linear", least_squares.get("low_rank", {})).get(d, untrained[d])
+        per_point[str(d)] = {
+            "head": chosen[d],
+            "heads": {k: table[d][k] | {"cost_layers": round(costs[k], 4)} for k in settings.heads},
+            "agreement_untrained": untrained[d]["agreement"],
+            "agreement_least_squares": ridge["agreement"],
+            "agreement_adapted": table[d][chosen[d]]["agreement"],
+            "kl_untrained": untrained[d]["kl"],
+            "kl_least_squares": ridge["kl"],
+            "kl_adapted": table[d][chosen[d]]["kl"],
             **router_figures[d],
         }
-        for d in points
-    }
     manifest = {
         "model": {"name": model_name or model_path.name, "fingerprint": fingerprint(model_path)},
         "num_layers": num_layers,
         "exit_points": [*points, num_layers],
+        "heads": {str(d): chosen[d] for d in points},
         "router": {"features": settings.router_features, "cost": {"weight": settings.cost_weight, "harm": {}}},
         "training": {
             "data": describe_data,
             "tokens": kept.count,
-            "validation_tokens": n_val,
-            "distillation_loss": {"before": round(loss_before, 4), "after": round(loss_after, 4)},
+            "validation_tokens": len(val),
+            "distillation_loss": loss,
             "settings": asdict(settings),
             "seconds": round(time.perf_counter() - started, 1),
         },
@@ -192,10 +244,68 @@ def calibrate(
     return ExitPack(manifest, stored)
 
 
+def _split(groups: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) position indices: the last `fraction` of the groups, in reading order, validate."""
+    order = list(dict.fromkeys(groups.tolist()))
+    held = set(order[len(order) - max(1, round(fraction * len(order))) :]) if len(order) > 1 else set()
+    is_val = torch.tensor([g in held for g in groups.tolist()], dtype=torch.bool)
+    if not is_val.any() or is_val.all():  # one group: its last positions validate
+        n_val = max(1, int(fraction * len(groups)))
+        is_val = torch.arange(len(groups)) >= len(groups) - n_val
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+def head_cost(kind: str, config, settings: CalibrationSettings) -> float:
+    """An exit head's own cost per position in decoder-layer equivalents (multiply-adds of its adapter
+    against one layer's projections; the final norm and LM head are common to every kind)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+    adapter = {"identity": 0, "low_rank": 2 * h * settings.adapter_rank, "linear": h * h,
+               "mlp": h * h + 2 * h * settings.mlp_hidden}[kind]  # fmt: skip
+    return adapter / layer
+
+
+def _worth_it(figures: dict[str, dict], costs: dict[str, float], layers_after: int) -> str:
+    """The head kind that saves the most: agreement on validation times the layers an exit skips, less
+    the head's own cost (an exit is only worth taking where the head agrees)."""
+    return max(figures, key=lambda k: figures[k]["agreement"] * layers_after - costs[k])
+
+
+def _least_squares(kind: str, x: torch.Tensor, final: torch.Tensor, s: CalibrationSettings, eps: float) -> Adapter:
+    """The head's closed-form start (Din et al.): ridge least squares of the last hidden state, at h_d's
+    scale, on h_d; reduced to rank r for low_rank; an MLP starts as the linear fit plus a zero MLP."""
+    if kind == "identity":
+        return Adapter()
+    x_m, y_m = _Inputs.zeros(x.shape[1]), _Targets.zeros(x.shape[1])
+    for i in range(0, x.shape[0], 4096):
+        xc, last = x[i : i + 4096].double(), final[i : i + 4096].double()
+        x_m.add(xc)
+        y_m.add(xc, last * (_rms(xc) / _rms(last)) - xc)  # the final norm drops scale: the target at h_d's
+    if kind == "low_rank":
+        down, up, bias = _reduced_rank(x_m, y_m, s.adapter_rank, s.ridge)
+        return Adapter(down=down, up=up, bias=bias)
+    weight, bias = _ridge(x_m, y_m, s.ridge)
+    if kind == "linear":
+        return Adapter(weight=weight, bias=bias)
+    gen = torch.Generator().manual_seed(s.seed)
+    w1 = torch.randn(s.mlp_hidden, x.shape[1], generator=gen) / x.shape[1] ** 0.5
+    return Adapter(weight=weight, bias=bias, w1=w1, b1=torch.zeros(s.mlp_hidden),
+                   w2=torch.zeros(x.shape[1], s.mlp_hidden), eps=eps)  # fmt: skip
+
+
+def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    return {f: getattr(adapter, f) for f in ADAPTER_TENSORS if getattr(adapter, f) is not None}
+
+
+ADAPTER_TENSORS = ("weight", "down", "up", "bias", "w1", "b1", "w2")
+
+
 def _read(
-    model: PreTrainedModel, windows: Iterable[list[int]], points: list[int], max_tokens: int
-) -> tuple[dict[int, _Inputs], dict[int, _Targets], dict[tuple[int, int], _Targets], _Kept]:
-    """Stream windows through the full model, capturing each layer's input and the final hidden state."""
+    model: PreTrainedModel, windows: Iterable[Window], points: list[int], max_tokens: int
+) -> tuple[dict[int, _Inputs], dict[tuple[int, int], _Targets], _Kept]:
+    """Stream windows through the full model, capturing each layer's input and the final hidden state:
+    moments of every position for the maps, the kept positions for the heads."""
     layers = model.model.layers
     num_layers = len(layers)
     h = model.config.hidden_size
@@ -210,38 +320,36 @@ def _read(
     hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     hooks.append(model.model.norm.register_forward_pre_hook(capture(num_layers), with_kwargs=True))
     x_m = {d: _Inputs.zeros(h) for d in points}
-    adapter_m = {d: _Targets.zeros(h) for d in points}
     map_m = {(d, layer): _Targets.zeros(h) for d in points for layer in range(d + 1, num_layers)}
     kept = _Kept({d: [] for d in points}, [])
     norm = model.model.norm
     try:
         with torch.no_grad(), tqdm(total=max_tokens, desc="hidden states", unit="tok", leave=False) as bar:
-            for ids in windows:
-                ids = ids[: max_tokens - kept.count]
-                if len(ids) < 2:
-                    break
+            for i, w in enumerate(windows):
+                ids = w.ids[: w.start + max_tokens - kept.count]
+                if len(ids) < 2 or len(ids) <= w.start:
+                    continue
                 model.model(torch.tensor([ids]), use_cache=False)
-                last = inputs[num_layers]
+                at = slice(w.start, len(ids))
                 for d in points:
                     x = inputs[d].double()
                     x_m[d].add(x)
-                    # the adapter's target: the last hidden state at h_d's scale (the final norm drops scale)
-                    adapter_m[d].add(x, last.double() * (_rms(x) / _rms(last.double())) - x)
                     for layer in range(d + 1, num_layers):
                         map_m[(d, layer)].add(x, inputs[layer].double() - x)
-                    kept.hidden[d].append(inputs[d].half())
-                kept.final.append(norm(last).half())
-                kept.count += len(ids)
-                bar.update(len(ids))
+                    kept.hidden[d].append(inputs[d][at].half())
+                kept.final.append(norm(inputs[num_layers][at]).half())
+                kept.groups += [w.group if w.group is not None else -1 - i] * (len(ids) - w.start)
+                kept.count += len(ids) - w.start
+                bar.update(len(ids) - w.start)
                 if kept.count >= max_tokens:
                     break
     finally:
         for hook in hooks:
             hook.remove()
     if kept.count < 16:
-        raise ValueError(f"the corpus gave only {kept.count} tokens; calibration needs at least a few thousand")
-    log.info("read %d tokens", kept.count)
-    return x_m, adapter_m, map_m, kept
+        raise ValueError(f"the data gave only {kept.count} positions; calibration needs at least a few thousand")
+    log.info("read %d positions", kept.count)
+    return x_m, map_m, kept
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -256,17 +364,13 @@ class _Head:
     lm_head: torch.Tensor
     eps: float
 
-    def logits(self, h: torch.Tensor, adapter: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        h = h.float()
-        if adapter is not None:
-            down, up, bias = adapter
-            h = h + F.linear(F.linear(h, down), up) + bias
-        return F.linear(rms_norm(h, self.norm, self.eps), self.lm_head)
+    def logits(self, h: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+        return F.linear(rms_norm(adapter(h.float()), self.norm, self.eps), self.lm_head)
 
     def teacher(self, final: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(F.linear(final.float(), self.lm_head), dim=-1)
 
-    def figures(self, h: torch.Tensor, final: torch.Tensor, adapter: tuple | None, chunk: int = 512) -> dict:
+    def figures(self, h: torch.Tensor, final: torch.Tensor, adapter: Adapter, chunk: int = 512) -> dict:
         """Agreement of the head's greedy token with the full model's, and KL(full || head), per token."""
         agree, kl = 0.0, 0.0
         with torch.no_grad():
@@ -282,45 +386,49 @@ def _distill(
     head: _Head,
     hidden: dict[int, torch.Tensor],
     final: torch.Tensor,
-    train: slice,
-    init: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    train: torch.Tensor,
+    init: dict[str, dict[int, Adapter]],
     s: CalibrationSettings,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """KL distillation of every adapter at once: one batch per step, the teacher's distribution computed
-    once and shared by all exit points."""
-    params = {d: [t.clone().requires_grad_(True) for t in init[d]] for d in init}
-    optim = torch.optim.Adam([p for ps in params.values() for p in ps], lr=s.lr)
+) -> dict[str, dict[int, Adapter]]:
+    """KL distillation of every head at once (the tuned lens): one batch per step, the teacher's
+    distribution computed once and shared by every exit point and head kind."""
+    params = {k: {d: {n: t.clone().float().requires_grad_(True) for n, t in _tensors(a).items()}
+                  for d, a in by_d.items()} for k, by_d in init.items()}  # fmt: skip
+    optim = torch.optim.Adam([p for by_d in params.values() for ps in by_d.values() for p in ps.values()], lr=s.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optim, max(1, s.steps))
-    n = train.stop - train.start
     gen = torch.Generator().manual_seed(s.seed)
-    with tqdm(range(s.steps), desc="distilling adapters", leave=False) as bar:
+    eps = head.eps
+    heads = sum(len(by_d) for by_d in params.values())
+    with tqdm(range(s.steps if heads else 0), desc="distilling exit heads", leave=False) as bar:
         for _ in bar:
-            batch = torch.randint(train.start, train.stop, (min(s.batch_size, n),), generator=gen)
+            batch = train[torch.randint(0, len(train), (min(s.batch_size, len(train)),), generator=gen)]
             with torch.no_grad():
                 teacher = head.teacher(final[batch])
             optim.zero_grad()
             total = 0.0
-            for d, p in params.items():
-                student = torch.log_softmax(head.logits(hidden[d][batch], tuple(p)), dim=-1)
-                loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-                loss.backward()
-                total += float(loss.detach())
+            for by_d in params.values():
+                for d, p in by_d.items():
+                    student = torch.log_softmax(head.logits(hidden[d][batch], Adapter(**p, eps=eps)), dim=-1)
+                    loss = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+                    loss.backward()
+                    total += float(loss.detach())
             optim.step()
             schedule.step()
-            bar.set_postfix(kl=f"{total / len(params):.3f}")
-    return {d: tuple(t.detach() for t in p) for d, p in params.items()}
+            bar.set_postfix(kl=f"{total / heads:.3f}")
+    return {k: {d: Adapter(**{n: t.detach() for n, t in p.items()}, eps=eps) for d, p in by_d.items()}
+            for k, by_d in params.items()}  # fmt: skip
 
 
 def _train_routers(
     head: _Head,
     hidden: dict[int, torch.Tensor],
     final: torch.Tensor,
-    train: slice,
-    val: slice,
-    adapters: dict[int, tuple],
+    train: torch.Tensor,
+    val: torch.Tensor,
+    adapters: dict[int, Adapter],
     s: CalibrationSettings,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, dict]]:
-    """Per exit point, an MLP predicting whether the adapted head's greedy token is the full model's."""
+    """Per exit point, an MLP predicting whether the exit head's greedy token is the full model's."""
     routers, figures = {}, {}
     with torch.no_grad():
         target = torch.cat([head.teacher(final[i : i + 512]).argmax(-1) for i in range(0, final.shape[0], 512)])
@@ -341,7 +449,7 @@ def _train_routers(
         optim = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
         gen = torch.Generator().manual_seed(s.seed + d)
         for _ in range(s.router_steps):
-            batch = torch.randint(train.start, train.stop, (min(1024, train.stop - train.start),), generator=gen)
+            batch = train[torch.randint(0, len(train), (min(1024, len(train)),), generator=gen)]
             loss = F.binary_cross_entropy_with_logits(net(x[batch]).squeeze(-1), y[batch])
             optim.zero_grad()
             loss.backward()

@@ -2,11 +2,13 @@
 as a safetensors file plus a JSON manifest naming the model it belongs to.
 
 Layout of a pack directory:
-  manifest.json       {"format": "adept-exit-pack", "version": 1, "model": {"name", "fingerprint"},
-                       "exit_points": [...], "router": {"features": [...]}, "training": {...},
-                       "evaluation": {...}, "defaults": {"policy", "threshold", "backfill"}}
+  manifest.json       {"format": "adept-exit-pack", "version": 2, "model": {"name", "fingerprint"},
+                       "exit_points": [...], "heads": {d: kind}, "router": {"features": [...]},
+                       "training": {...}, "evaluation": {...}, "defaults": {"policy", "threshold", "backfill"}}
   tensors.safetensors adapter.{d}.weight [H, H] (+ adapter.{d}.bias [H])  residual linear: h + W h + b
                       adapter.{d}.down [r, H], adapter.{d}.up [H, r] (+ bias)  residual low rank
+                      + adapter.{d}.w1 [M, H], .b1 [M], .w2 [H, M]  an MLP head (workers.exits.Adapter)
+                      no adapter.{d}.*: the identity head (the model's own final norm and LM head)
                       router.{d}.w1 [R, F], router.{d}.b1 [R], router.{d}.w2 [1, R], router.{d}.b2 [1]
                       map.{e}.{l}.down [r, H], map.{e}.{l}.up [H, r], map.{e}.{l}.bias [H]
                           exit depth e -> predicted input of layer l: h + up(down(h)) + bias
@@ -26,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from workers.model_store import fingerprint
 
 FORMAT = "adept-exit-pack"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1: the same tensors without MLP heads or the manifest's "heads"
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 
@@ -101,8 +104,10 @@ class ExitPack:
         if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
             raise ExitPackError(f"{path} is not an exit pack: it needs {MANIFEST} and {TENSORS} (adept calibrate)")
         manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ExitPackError(f"{path / MANIFEST} is not a version-{VERSION} {FORMAT} manifest")
+        if manifest.get("format") != FORMAT or manifest.get("version") not in READS:
+            raise ExitPackError(
+                f"{path / MANIFEST} is not an {FORMAT} manifest of version {' or '.join(map(str, READS))}"
+            )
         made_for = manifest.get("model", {}).get("fingerprint")
         if fingerprint is not None and made_for != fingerprint:
             name = manifest.get("model", {}).get("name", "?")

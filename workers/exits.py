@@ -19,16 +19,33 @@ from workers.protocol import Rows
 
 @dataclass
 class Adapter:
-    """Residual map h + W h + b, with W full (weight) or low rank (up @ down)."""
+    """Residual map h + W h + b, with W full (weight) or low rank (up @ down), plus for an MLP head
+    rms(h) * w2 gelu(w1 h / rms(h) + b1): scaled with h, since the final norm after it drops h's scale."""
 
     weight: torch.Tensor | None = None
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    w1: torch.Tensor | None = None
+    b1: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    eps: float = 1e-6
+
+    @property
+    def kind(self) -> str:
+        return "mlp" if self.w1 is not None else "linear" if self.weight is not None else "low_rank"
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        delta = F.linear(h, self.weight) if self.weight is not None else F.linear(F.linear(h, self.down), self.up)
-        return h + delta if self.bias is None else h + delta + self.bias
+        if self.weight is not None:
+            out = h + F.linear(h, self.weight)
+        elif self.down is not None:
+            out = h + F.linear(F.linear(h, self.down), self.up)
+        else:
+            out = h
+        if self.w1 is not None:
+            scale = h.pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
+            out = out + scale * F.linear(F.gelu(F.linear(h / scale, self.w1, self.b1)), self.w2)
+        return out if self.bias is None else out + self.bias
 
 
 class ExitRouter(Protocol):
@@ -136,7 +153,7 @@ class ExitHead:
         for d in points if pack is not None else []:
             t = {k: v.to(device) for k, v in pack.prefixed(f"adapter.{d}.").items()}
             if t:
-                adapters[d] = Adapter(**{k: v.to(dtype) for k, v in t.items()})
+                adapters[d] = Adapter(**{k: v.to(dtype) for k, v in t.items()}, eps=eps)
             r = {k: v.to(device, torch.float32) for k, v in pack.prefixed(f"router.{d}.").items()}
             if r:
                 routers[d] = MLPRouter(**r, eps=eps, uses_confidence="confidence" in pack.router_features)
