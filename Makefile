@@ -56,11 +56,15 @@ CORPUS ?= $(SHARED)/data/wikitext-2/valid.txt
 TUNE := --tune-chats $(SHARED)/data/chat/instructions.jsonl --labelled $(SHARED)/data/sst2/dev.tsv \
 	--template 'Review: {text}\nSentiment (positive or negative):' --choices ' negative, positive'
 
-pack: install  ## re-make the exit pack shipped for the default model (about 30 min on 2 cores)
-	$(VENV)/bin/adept calibrate --corpus $(CORPUS) --holdout 0.5 $(TUNE) --output workers/packs/smollm2-135m
+# Training data: the model's own continuations (greedy and 2 sampled) of the first half of the chat prompts,
+# then WikiText to 65,536 positions; heads full-rank linear or linear plus MLP, whichever pays per exit point.
+TRAIN := --prompts $(SHARED)/data/chat/instructions.jsonl --corpus $(CORPUS) --holdout 0.5 --max-tokens 65536
+
+pack: install  ## re-make the exit pack shipped for the default model (about an hour on 2 cores)
+	$(VENV)/bin/adept calibrate $(TRAIN) $(TUNE) --output workers/packs/smollm2-135m
 
 retune: install  ## choose the shipped pack's defaults again, without training (about 15 min on 2 cores)
-	$(VENV)/bin/adept calibrate --corpus $(CORPUS) --holdout 0.5 $(TUNE) --retune --output workers/packs/smollm2-135m
+	$(VENV)/bin/adept calibrate $(TRAIN) $(TUNE) --retune --output workers/packs/smollm2-135m
 
 eval: install-test  ## quality against compute of early exit on held-out text: table, JSON and Pareto plot in docs/
 	mkdir -p docs

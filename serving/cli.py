@@ -265,6 +265,9 @@ def _add_calibrate(commands) -> None:
     p.add_argument("--heads", default=",".join(defaults.heads), help="exit-head kinds to train, of "
                    f"{', '.join(HEAD_KINDS)}; each exit point keeps the one that saves the most on validation "
                    f"after its own cost (default {','.join(defaults.heads)})")  # fmt: skip
+    p.add_argument("--prompt-heads", default=",".join(defaults.prompt_heads), help="kinds of the prompt tokens' "
+                   "own heads and routers, trained on the prompts' positions (and --labelled's); '' for none: prompt "
+                   f"tokens take the generated tokens' (default {','.join(defaults.prompt_heads)})")  # fmt: skip
     p.add_argument("--router-features", default="hidden", help="'hidden' (default) or 'hidden,confidence'")
     p.add_argument("--output", "-o", required=True, help="pack directory to write")
     t = p.add_argument_group(
@@ -294,7 +297,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         **{k: getattr(args, k) for k in same},
         exit_points=[int(d) for d in args.exit_points.split(",")] if args.exit_points else None,
         router_features=args.router_features.split(","),
-        settings={k: getattr(args, k) for k in CALIBRATION_FLAGS} | {"heads": args.heads.split(",")},
+        settings={k: getattr(args, k) for k in CALIBRATION_FLAGS}
+        | {"heads": args.heads.split(","), "prompt_heads": [k for k in args.prompt_heads.split(",") if k]},
         prompts_part=tuple(float(x) for x in args.prompts_part.split(",")),
         traffic=Traffic(args.generate_tokens, args.samples, args.sample_temperature, args.seed),
         choices=args.choices.split(",") if args.choices else [],

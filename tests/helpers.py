@@ -60,6 +60,7 @@ def rows(
     sample_last: bool = True,
     sample_all: bool = False,
     max_len: int = 128,
+    prompt: bool | torch.Tensor = False,
 ) -> Rows:
     token_ids = torch.as_tensor(token_ids, dtype=torch.int64)
     n = token_ids.numel()
@@ -88,6 +89,7 @@ def rows(
         seed=full(0),
         logprobs=full(logprobs),
         target=full(-1),
+        prompt=full(prompt, torch.bool),
     )
 
 

@@ -256,17 +256,25 @@ def test_calibration_from_jsonl_and_self_generated_continuations(tiny_chat_dir, 
     assert "corpus" not in data and data["prompts"]["lines"] == [0, 1]  # the first half of the prompts
 
 
-def test_self_generated_continuations_are_the_engines_and_seeded(tiny_chat_dir):
+def test_self_generated_continuations_are_the_engines_and_seeded(tiny_chat_dir, tmp_path):
     """Calibration's continuations come from the engine: the greedy one of each prompt is what `adept
-    generate --chat` prints, and the sampled ones repeat with their seed."""
+    generate --chat` prints, the sampled ones repeat with their seed (generated again, not only cached),
+    and a second calibration reads them from the cache."""
     chats = [[{"role": "user", "content": "Tell me about rivers."}], [{"role": "user", "content": "Name a bridge."}]]
     traffic = Traffic(max_tokens=12, samples=2, temperature=1.0, seed=5)
-    windows, described = self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None)
+
+    def generated(traffic: Traffic, cache: str) -> tuple[list, dict]:
+        return self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None, tmp_path / cache)
+
+    windows, described = generated(traffic, "a")
     assert described["continuations"] == len(windows) == 6 and described["prompts_used"] == 2
     assert [w.group for w in windows] == [0, 1, 0, 0, 1, 1]  # greedy ones first, then the samples per prompt
-    again, _ = self_generated(str(tiny_chat_dir), chats, traffic, lambda _: None)
-    other, _ = self_generated(str(tiny_chat_dir), chats, dataclasses.replace(traffic, seed=6), lambda _: None)
+    assert len(list((tmp_path / "a").iterdir())) == 2  # greedy and sampled, cached
+    again, _ = generated(traffic, "b")
+    other, _ = generated(dataclasses.replace(traffic, seed=6), "c")
     assert again == windows and other[:2] == windows[:2] and other[2:] != windows[2:]
+    cached, _ = generated(traffic, "a")
+    assert cached == windows
     for messages, window in zip(chats, windows[:2], strict=True):
         code, out = adept("generate", messages[0]["content"], "--chat", "--json", "--max-tokens", 12,
                           "--model", tiny_chat_dir, "--exit-pack", "none")  # fmt: skip
@@ -340,7 +348,8 @@ def test_every_head_kind_trains_and_lowers_its_loss(tiny_chat_dir):
     lines = TEXT.splitlines()
     windows = [Window(tokenizer.encode(" ".join(lines[i : i + 4])), start=8, group=i // 16) for i in range(0, 160, 4)]
     settings = CalibrationSettings(exit_points=[2, 4], heads=list(HEAD_KINDS), max_tokens=100_000, steps=30,
-                                   batch_size=128, lr=3e-3, adapter_rank=8, mlp_hidden=32, router_steps=20)  # fmt: skip
+                                   batch_size=128, lr=3e-3, adapter_rank=8, mlp_hidden=32, router_steps=20,
+                                   prompt_heads=[])  # fmt: skip
     pack = calibrate(tiny_chat_dir, windows, settings, {"test": True})
     training = pack.manifest["training"]
     assert training["tokens"] == sum(len(w.ids) - w.start for w in windows)
@@ -361,5 +370,31 @@ def test_every_head_kind_trains_and_lowers_its_loss(tiny_chat_dir):
         assert validation[d]["head"] == pack.manifest["heads"][d] == best
     # validation holds out the last tenth of the groups (here 10 groups of 4 windows: the last one)
     assert training["validation_tokens"] == sum(len(w.ids) - w.start for w in windows if w.group == 9)
+    assert "prompt_heads" not in pack.manifest and not pack.prefixed("prompt_")
     with pytest.raises(ValueError, match="head kinds must be some of"):
         calibrate(tiny_chat_dir, windows, dataclasses.replace(settings, heads=["attention"]), {})
+
+
+def test_prompt_heads_train_on_prompt_positions_once_per_prompt(tiny_chat_dir):
+    """Positions before a window's start train the prompt tokens' own heads and routers, once per group (a
+    prompt's sampled continuations repeat it); the generated tokens' train on the rest."""
+    tokenizer = load_tokenizer(tiny_chat_dir)
+    lines = TEXT.splitlines()
+    windows = [Window(tokenizer.encode(" ".join(lines[i : i + 4])), start=12, group=i // 8) for i in range(0, 240, 4)]
+    settings = CalibrationSettings(exit_points=[2, 4], heads=["linear"], prompt_heads=["low_rank", "linear"],
+                                   max_tokens=100_000, steps=20, batch_size=128, lr=3e-3, adapter_rank=8,
+                                   router_steps=20)  # fmt: skip
+    pack = calibrate(tiny_chat_dir, windows, settings, {})
+    training = pack.manifest["training"]
+    assert training["tokens"] == sum(len(w.ids) - 12 for w in windows)
+    assert training["prompt"]["tokens"] == 12 * len({w.group for w in windows})  # one window of two per group
+    assert set(training["prompt"]["distillation_loss"]) == {"low_rank", "linear"}
+    assert set(pack.manifest["prompt_heads"]) == {"2", "4"}
+    for d, kind in pack.manifest["prompt_heads"].items():
+        names = {"low_rank": {"down", "up", "bias"}, "linear": {"weight", "bias"}}[kind]
+        assert pack.prefixed(f"prompt_adapter.{d}.").keys() == names
+        assert pack.prefixed(f"prompt_router.{d}.").keys() == {"w1", "b1", "w2", "b2"}
+        figures = pack.manifest["evaluation"]["prompt_validation"][d]
+        assert figures["kl_adapted"] < figures["kl_untrained"]
+    # the prompt tokens' adapters are their own, not the generated tokens'
+    assert not torch.equal(pack.tensors["prompt_adapter.2.bias"], pack.tensors["adapter.2.bias"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -262,3 +264,68 @@ def test_an_old_format_pack_still_loads_and_an_unknown_one_is_refused(tiny_llama
     manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 3'))
     with pytest.raises(ExitPackError, match="of version 1 or 2"):
         ExitPack.load(tmp_path / "v1")
+
+
+def _routers(bias: float, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Routers at every early exit point whose score is ~1 (bias > 0: exit) or ~0 (stay), whatever the row."""
+    router = {"w1": torch.zeros(8, HIDDEN), "b1": torch.zeros(8), "w2": torch.zeros(1, 8), "b2": torch.full((1,), bias)}
+    return {f"{prefix}router.{d}.{k}": v.clone() for d in POINTS[:-1] for k, v in router.items()}
+
+
+def test_prompt_and_decode_heads_and_routers_act_on_their_own_phases(tiny_llama_dir):
+    """Rows of both phases in one batch: prompt rows take the prompt router and adapter, generated tokens'
+    rows the others; without prompt ones, prompt rows take the generated tokens'."""
+    w = 0.1 * torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(11))
+    phases = torch.tensor([True, True, False, False])
+    r = rows([3, 4, 5, 6], [0, 1, 2, 3], policy=Policy.LEARNED, threshold=0.5, min_depth=3, prompt=phases)
+    pack = _pack(tiny_llama_dir, _routers(20.0) | _routers(-20.0, "prompt_"), router={"features": ["hidden"]})
+    out = run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack)), r)
+    assert out.exit_layer.tolist() == [LAYERS, LAYERS, 3, 3]
+    pack = _pack(tiny_llama_dir, _routers(-20.0) | _routers(20.0, "prompt_"), router={"features": ["hidden"]})
+    out = run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack)), r)
+    assert out.exit_layer.tolist() == [3, 3, LAYERS, LAYERS]
+    pack = _pack(tiny_llama_dir, _routers(20.0), router={"features": ["hidden"]})  # no prompt routers
+    out = run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack)), r)
+    assert out.exit_layer.tolist() == [3, 3, 3, 3]
+
+    # A prompt adapter changes prompt rows' exit head only.
+    static = rows([3, 4, 5, 6], range(4), policy=Policy.STATIC, max_depth=2, backfill=Backfill.EXACT,
+                  logprobs=VOCAB, sample_all=True, prompt=phases)  # fmt: skip
+    plain = full_logprobs(run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS)), static), VOCAB)
+    pack = _pack(tiny_llama_dir, {"prompt_adapter.2.weight": w})
+    adapted = full_logprobs(run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack)), static), VOCAB)
+    assert torch.allclose(adapted[2:], plain[2:], atol=1e-5)
+    assert not torch.allclose(adapted[:2], plain[:2], atol=1e-3)
+
+
+def test_the_scheduler_marks_prompt_rows(tiny_chat_dir, tmp_path):
+    """Through the engine: with a prompt router that never exits and a generated tokens' router that
+    always does, a request's prompt runs at full depth and its generated tokens exit; teacher forcing takes
+    generated tokens' routers from `exit_from` on, or prompt routers with `as_prompt`."""
+    from serving.engine import Engine
+    from serving.engine.config import EngineConfig
+
+    tensors = _routers(20.0) | _routers(-20.0, "prompt_")
+    manifest = {"model": {"name": "tiny", "fingerprint": fingerprint(tiny_chat_dir)}, "exit_points": POINTS}
+    ExitPack(manifest | {"router": {"features": ["hidden"]}}, tensors).save(tmp_path / "pack")
+    engine = Engine.local(EngineConfig(model=str(tiny_chat_dir), exit_pack=str(tmp_path / "pack"), max_model_len=128,
+                                       min_exit_depth=3))  # fmt: skip
+    learned = {"policy": "learned", "threshold": 0.5, "prefill": {"policy": "learned", "threshold": 0.5}}
+
+    async def main():
+        try:
+            last = None
+            async for out in engine.generate("The quick brown fox", {"max_tokens": 6, "ignore_eos": True}, learned):
+                last = out
+            ids = engine.chat_prompt([{"role": "user", "content": "Hello there"}])
+            split = await engine.teacher_forced([ids], learned, exit_from=[4])
+            as_prompt = await engine.teacher_forced([ids], learned, exit_from=[4], as_prompt=True)
+            return last.usage, split[0].exit_layer, as_prompt[0].exit_layer
+        finally:
+            await engine.shutdown()
+
+    usage, split, as_prompt = asyncio.run(main())
+    assert usage.prompt_layers_computed == usage.prompt_layers_total  # prompt rows stayed
+    assert usage.layers_computed - usage.prompt_layers_computed == 5 * 3  # 5 generated tokens fed, each exits at 3
+    assert split[:4].tolist() == [LAYERS] * 4 and (split[4:] == 3).all()
+    assert (as_prompt == LAYERS).all()

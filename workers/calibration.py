@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from workers.exit_pack import ExitPack
+from workers.exit_pack import PROMPT_PREFIX, ExitPack
 from workers.exits import Adapter, confidence_features
 from workers.layers import rms_norm
 from workers.model_store import fingerprint
@@ -50,6 +50,7 @@ class CalibrationSettings:
     exit_points: list[int]  # early exit points (depths below the model's layer count)
     max_tokens: int = 32768  # positions the heads and routers train on (every window position fits the maps)
     heads: list[str] = field(default_factory=lambda: ["linear", "mlp"])  # kinds trained; validation picks one
+    prompt_heads: list[str] = field(default_factory=lambda: ["linear"])  # prompt tokens' own; []: none
     adapter_rank: int = 128  # of a low_rank head
     mlp_hidden: int = 1024  # of an mlp head
     map_rank: int = 12
@@ -155,38 +156,87 @@ def calibrate(
     model_name: str | None = None,
 ) -> ExitPack:
     """Read windows until `max_tokens` kept positions, fit, distill and train; the pack it returns records
-    the settings, the data and its own validation figures (on whole groups training did not read)."""
+    the settings, the data and its own validation figures (on whole groups training did not read). Heads
+    and routers for generated tokens train on positions from each window's start; with `prompt_heads`,
+    prompt tokens' own on the positions before it (once per group)."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    unknown = set(settings.heads) - set(HEAD_KINDS)
-    if unknown or not settings.heads:
-        raise ValueError(f"head kinds must be some of {', '.join(HEAD_KINDS)}, got {settings.heads}")
+    if not settings.heads or set(settings.heads + settings.prompt_heads) - set(HEAD_KINDS):
+        raise ValueError(f"head kinds must be some of {', '.join(HEAD_KINDS)}, got {settings.heads} and "
+                         f"{settings.prompt_heads} for prompts")  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     num_layers = model.config.num_hidden_layers
     points = sorted(settings.exit_points)
     if not points or points[0] < 1 or points[-1] >= num_layers:
         raise ValueError(f"exit points to calibrate must be depths in [1, {num_layers - 1}], got {points}")
-    eps = model.config.rms_norm_eps
-    head = _Head(model.model.norm.weight.detach(), model.get_output_embeddings().weight.detach(), eps)
+    head = _Head(model.model.norm.weight.detach(), model.get_output_embeddings().weight.detach(),
+                 model.config.rms_norm_eps)  # fmt: skip
 
-    x_m, map_m, kept = _read(model, windows, points, settings.max_tokens)
+    x_m, map_m, kept, prompt_kept = _read(model, windows, points, settings)
     log.info("fitting %d back-fill maps by least squares", len(map_m))
     tensors: dict[str, torch.Tensor] = {}
     for (d, layer), m in map_m.items():
         down, up, bias = _reduced_rank(x_m[d], m, settings.map_rank, settings.ridge)
         tensors |= {f"map.{d}.{layer}.down": down, f"map.{d}.{layer}.up": up, f"map.{d}.{layer}.bias": bias}
+    log.info("generated tokens' heads and routers, on %d positions", kept.count)
+    decode = _train_phase(head, kept, points, settings.heads, model.config, settings)
+    tensors |= decode.tensors
+    manifest = {
+        "model": {"name": model_name or model_path.name, "fingerprint": fingerprint(model_path)},
+        "num_layers": num_layers,
+        "exit_points": [*points, num_layers],
+        "heads": decode.chosen,
+        "router": {"features": settings.router_features, "cost": {"weight": settings.cost_weight, "harm": {}}},
+        "training": {"data": describe_data, **decode.figures, "settings": asdict(settings)},
+        "evaluation": {"validation": decode.per_point},
+        "defaults": {"policy": "learned", "backfill": settings.default_backfill},
+    }
+    if settings.prompt_heads and prompt_kept.count >= MIN_PROMPT_POSITIONS:
+        log.info("prompt tokens' heads and routers, on %d positions", prompt_kept.count)
+        prompt = _train_phase(head, prompt_kept, points, settings.prompt_heads, model.config, settings)
+        tensors |= {PROMPT_PREFIX + k: v for k, v in prompt.tensors.items()}
+        manifest["prompt_heads"] = prompt.chosen
+        manifest["training"]["prompt"] = prompt.figures
+        manifest["evaluation"]["prompt_validation"] = prompt.per_point
+    elif settings.prompt_heads:
+        log.info("%d prompt positions: too few for prompt heads (%d); prompt tokens take the generated tokens'",
+                 prompt_kept.count, MIN_PROMPT_POSITIONS)  # fmt: skip
+    manifest["training"]["seconds"] = round(time.perf_counter() - started, 1)
+    # float16 halves the pack; the routers are small and stay float32
+    stored = {k: v.half() if "router." not in k else v.float() for k, v in tensors.items()}
+    return ExitPack(manifest, stored)
 
+
+MIN_PROMPT_POSITIONS = 256
+
+
+@dataclass
+class _Phase:
+    """What one phase's heads and routers came to: tensors (adapter.*, router.*), the kind chosen per exit
+    point, validation figures per exit point, and the phase's training figures for the manifest."""
+
+    tensors: dict[str, torch.Tensor]
+    chosen: dict[str, str]
+    per_point: dict[str, dict]
+    figures: dict
+
+
+def _train_phase(
+    head: _Head, kept: _Kept, points: list[int], kinds: list[str], config, settings: CalibrationSettings
+) -> _Phase:
+    """Every head kind of `kinds` from least squares, distilled; per exit point the kind worth its cost on
+    validation; then the routers of the chosen heads."""
     hidden = {d: torch.cat(kept.hidden[d]) for d in points}
     final = torch.cat(kept.final)
     train, val = _split(torch.tensor(kept.groups), settings.validation_fraction)
     log.info("%d positions train the heads, %d (whole groups) validate them", len(train), len(val))
     candidates = {
-        kind: {d: _least_squares(kind, hidden[d][train], final[train], settings, eps) for d in points}
-        for kind in settings.heads
+        kind: {d: _least_squares(kind, hidden[d][train], final[train], settings, head.eps) for d in points}
+        for kind in kinds
     }
     least_squares = {kind: {d: head.figures(hidden[d][val], final[val], a) for d, a in by_d.items()}
                      for kind, by_d in candidates.items()}  # fmt: skip
-    distilled = [k for k in settings.heads if k != "identity"]
+    distilled = [k for k in kinds if k != "identity"]
     probe = train[: min(len(train), 2048)]  # the distillation loss on fixed training positions, before and after
 
     def loss_on_probe(kind: str) -> float:
@@ -198,22 +248,22 @@ def calibrate(
     log.info("distillation loss (mean KL over exit points): %s",
              ", ".join(f"{k} {v['before']:.3f} -> {v['after']:.3f}" for k, v in loss.items()))  # fmt: skip
     untrained = {d: head.figures(hidden[d][val], final[val], Adapter()) for d in points}
-    table = {d: {k: head.figures(hidden[d][val], final[val], candidates[k][d]) for k in settings.heads} for d in points}
-    costs = {k: head_cost(k, model.config, settings) for k in HEAD_KINDS}
-    chosen = {d: _worth_it(table[d], costs, num_layers - d) for d in points}
+    table = {d: {k: head.figures(hidden[d][val], final[val], candidates[k][d]) for k in kinds} for d in points}
+    costs = {k: head_cost(k, config, settings) for k in HEAD_KINDS}
+    chosen = {d: _worth_it(table[d], costs, config.num_hidden_layers - d) for d in points}
     adapters = {d: candidates[chosen[d]][d] for d in points}
+    tensors: dict[str, torch.Tensor] = {}
     for d, adapter in adapters.items():
         tensors |= {f"adapter.{d}.{name}": t.detach() for name, t in _tensors(adapter).items()}
     routers, router_figures = _train_routers(head, hidden, final, train, val, adapters, settings)
     for d, r in routers.items():
         tensors |= {f"router.{d}.{k}": v for k, v in r.items()}
-
     per_point = {}
     for d in points:
         ridge = least_squares.get("linear", least_squares.get("low_rank", {})).get(d, untrained[d])
         per_point[str(d)] = {
             "head": chosen[d],
-            "heads": {k: table[d][k] | {"cost_layers": round(costs[k], 4)} for k in settings.heads},
+            "heads": {k: table[d][k] | {"cost_layers": round(costs[k], 4)} for k in kinds},
             "agreement_untrained": untrained[d]["agreement"],
             "agreement_least_squares": ridge["agreement"],
             "agreement_adapted": table[d][chosen[d]]["agreement"],
@@ -222,34 +272,18 @@ def calibrate(
             "kl_adapted": table[d][chosen[d]]["kl"],
             **router_figures[d],
         }
-    manifest = {
-        "model": {"name": model_name or model_path.name, "fingerprint": fingerprint(model_path)},
-        "num_layers": num_layers,
-        "exit_points": [*points, num_layers],
-        "heads": {str(d): chosen[d] for d in points},
-        "router": {"features": settings.router_features, "cost": {"weight": settings.cost_weight, "harm": {}}},
-        "training": {
-            "data": describe_data,
-            "tokens": kept.count,
-            "validation_tokens": len(val),
-            "distillation_loss": loss,
-            "settings": asdict(settings),
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-        "evaluation": {"validation": per_point},
-        "defaults": {"policy": "learned", "backfill": settings.default_backfill},
-    }
-    # float16 halves the pack; the routers are small and stay float32
-    stored = {k: v.half() if not k.startswith("router.") else v.float() for k, v in tensors.items()}
-    return ExitPack(manifest, stored)
+    figures = {"tokens": kept.count, "validation_tokens": len(val), "distillation_loss": loss}
+    return _Phase(tensors, {str(d): k for d, k in chosen.items()}, per_point, figures)
 
 
 def _split(groups: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) position indices: the last `fraction` of the groups, in reading order, validate."""
+    """(train, validation) position indices: every k-th group in reading order validates (k = 1 / fraction),
+    so that each source of data (chat continuations, corpus text) is in both parts."""
     order = list(dict.fromkeys(groups.tolist()))
-    held = set(order[len(order) - max(1, round(fraction * len(order))) :]) if len(order) > 1 else set()
+    k = max(2, round(1 / fraction))
+    held = set(order[k - 1 :: k])
     is_val = torch.tensor([g in held for g in groups.tolist()], dtype=torch.bool)
-    if not is_val.any() or is_val.all():  # one group: its last positions validate
+    if not is_val.any() or is_val.all():  # too few groups: the last positions validate
         n_val = max(1, int(fraction * len(groups)))
         is_val = torch.arange(len(groups)) >= len(groups) - n_val
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
@@ -302,10 +336,11 @@ ADAPTER_TENSORS = ("weight", "down", "up", "bias", "w1", "b1", "w2")
 
 
 def _read(
-    model: PreTrainedModel, windows: Iterable[Window], points: list[int], max_tokens: int
-) -> tuple[dict[int, _Inputs], dict[tuple[int, int], _Targets], _Kept]:
+    model: PreTrainedModel, windows: Iterable[Window], points: list[int], settings: CalibrationSettings
+) -> tuple[dict[int, _Inputs], dict[tuple[int, int], _Targets], _Kept, _Kept]:
     """Stream windows through the full model, capturing each layer's input and the final hidden state:
-    moments of every position for the maps, the kept positions for the heads."""
+    moments of every position for the maps; the positions from each window's start (generated tokens) and,
+    for prompt heads, those before it, once per group (a prompt's sampled continuations repeat it)."""
     layers = model.model.layers
     num_layers = len(layers)
     h = model.config.hidden_size
@@ -321,35 +356,48 @@ def _read(
     hooks.append(model.model.norm.register_forward_pre_hook(capture(num_layers), with_kwargs=True))
     x_m = {d: _Inputs.zeros(h) for d in points}
     map_m = {(d, layer): _Targets.zeros(h) for d in points for layer in range(d + 1, num_layers)}
-    kept = _Kept({d: [] for d in points}, [])
+    kept, prompt_kept = _Kept({d: [] for d in points}, []), _Kept({d: [] for d in points}, [])
+    seen: set[int] = set()
+    budget = settings.max_tokens
     norm = model.model.norm
     try:
-        with torch.no_grad(), tqdm(total=max_tokens, desc="hidden states", unit="tok", leave=False) as bar:
+        with torch.no_grad(), tqdm(total=budget, desc="hidden states", unit="tok", leave=False) as bar:
             for i, w in enumerate(windows):
-                ids = w.ids[: w.start + max_tokens - kept.count]
-                if len(ids) < 2 or len(ids) <= w.start:
+                group = w.group if w.group is not None else -1 - i
+                ids = w.ids[: w.start + budget - kept.count]
+                take_prompt = bool(settings.prompt_heads) and group not in seen and prompt_kept.count < budget
+                if len(ids) < 2 or (len(ids) <= w.start and not take_prompt):
                     continue
+                seen.add(group)
                 model.model(torch.tensor([ids]), use_cache=False)
-                at = slice(w.start, len(ids))
                 for d in points:
                     x = inputs[d].double()
                     x_m[d].add(x)
                     for layer in range(d + 1, num_layers):
                         map_m[(d, layer)].add(x, inputs[layer].double() - x)
-                    kept.hidden[d].append(inputs[d][at].half())
-                kept.final.append(norm(inputs[num_layers][at]).half())
-                kept.groups += [w.group if w.group is not None else -1 - i] * (len(ids) - w.start)
-                kept.count += len(ids) - w.start
-                bar.update(len(ids) - w.start)
-                if kept.count >= max_tokens:
+                last = inputs[num_layers]  # before norm() below, whose hook would overwrite it
+                parts = [(kept, slice(w.start, len(ids)))]
+                if take_prompt:
+                    parts.append((prompt_kept, slice(0, min(w.start, len(ids)))))
+                for into, at in parts:
+                    n = at.stop - at.start
+                    if n <= 0:
+                        continue
+                    for d in points:
+                        into.hidden[d].append(inputs[d][at].half())
+                    into.final.append(norm(last[at]).half())
+                    into.groups += [group] * n
+                    into.count += n
+                bar.update(max(0, len(ids) - w.start))
+                if kept.count >= budget:
                     break
     finally:
         for hook in hooks:
             hook.remove()
     if kept.count < 16:
         raise ValueError(f"the data gave only {kept.count} positions; calibration needs at least a few thousand")
-    log.info("read %d positions", kept.count)
-    return x_m, map_m, kept
+    log.info("read %d positions of generated tokens and text, %d of prompts", kept.count, prompt_kept.count)
+    return x_m, map_m, kept, prompt_kept
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

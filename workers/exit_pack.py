@@ -3,12 +3,15 @@ as a safetensors file plus a JSON manifest naming the model it belongs to.
 
 Layout of a pack directory:
   manifest.json       {"format": "adept-exit-pack", "version": 2, "model": {"name", "fingerprint"},
-                       "exit_points": [...], "heads": {d: kind}, "router": {"features": [...]},
+                       "exit_points": [...], "heads": {d: kind}, "prompt_heads": {d: kind},
+                       "router": {"features": [...]},
                        "training": {...}, "evaluation": {...}, "defaults": {"policy", "threshold", "backfill"}}
   tensors.safetensors adapter.{d}.weight [H, H] (+ adapter.{d}.bias [H])  residual linear: h + W h + b
                       adapter.{d}.down [r, H], adapter.{d}.up [H, r] (+ bias)  residual low rank
                       + adapter.{d}.w1 [M, H], .b1 [M], .w2 [H, M]  an MLP head (workers.exits.Adapter)
                       no adapter.{d}.*: the identity head (the model's own final norm and LM head)
+                      prompt_adapter.{d}.*, prompt_router.{d}.*  the same for prompt tokens (optional:
+                          without them prompt tokens take the generated tokens' adapter and router)
                       router.{d}.w1 [R, F], router.{d}.b1 [R], router.{d}.w2 [1, R], router.{d}.b2 [1]
                       map.{e}.{l}.down [r, H], map.{e}.{l}.up [H, r], map.{e}.{l}.bias [H]
                           exit depth e -> predicted input of layer l: h + up(down(h)) + bias
@@ -29,6 +32,7 @@ from workers.model_store import fingerprint
 
 FORMAT = "adept-exit-pack"
 VERSION = 2
+PROMPT_PREFIX = "prompt_"  # of the adapters and routers prompt tokens take (the others: generated tokens')
 READS = (1, 2)  # version 1: the same tensors without MLP heads or the manifest's "heads"
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from workers.exit_pack import ExitPack, ExitPackError
+from workers.exit_pack import PROMPT_PREFIX, ExitPack, ExitPackError
 from workers.layers import rms_norm
 from workers.modes import Backfill, Policy
 from workers.protocol import Rows
@@ -121,20 +121,35 @@ def confidence_features(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=-1)
 
 
+@dataclass
+class Phase:
+    """The exit heads (adapters) and routers of one phase, per exit point."""
+
+    adapters: dict[int, Adapter] = field(default_factory=dict)
+    routers: dict[int, ExitRouter] = field(default_factory=dict)
+
+    @classmethod
+    def from_pack(cls, pack: ExitPack, prefix: str, points: list[int], eps: float, dtype, device) -> Phase:
+        phase = cls()
+        for d in points:
+            t = {k: v.to(device, dtype) for k, v in pack.prefixed(f"{prefix}adapter.{d}.").items()}
+            if t:
+                phase.adapters[d] = Adapter(**t, eps=eps)
+            r = {k: v.to(device, torch.float32) for k, v in pack.prefixed(f"{prefix}router.{d}.").items()}
+            if r:
+                phase.routers[d] = MLPRouter(**r, eps=eps, uses_confidence="confidence" in pack.router_features)
+        return phase
+
+
 class ExitHead:
-    """The exit heads of one layer group: shared final norm and LM head, one adapter per exit point."""
+    """The exit heads of one layer group: shared final norm and LM head, per exit point an adapter and a
+    router for generated tokens and, where the pack has them, others for prompt tokens (`Rows.prompt`)."""
 
     def __init__(
-        self,
-        norm: torch.Tensor,
-        lm_head: torch.Tensor,
-        eps: float,
-        adapters: dict[int, Adapter],
-        routers: dict[int, ExitRouter],
-        cost: ExitCost,
+        self, norm: torch.Tensor, lm_head: torch.Tensor, eps: float, decode: Phase, prompt: Phase, cost: ExitCost
     ) -> None:
         self.norm, self.lm_head, self.eps = norm, lm_head, eps
-        self.adapters, self.routers, self.cost = adapters, routers, cost
+        self.decode, self.prompt, self.cost = decode, prompt, cost
 
     @classmethod
     def build(
@@ -148,25 +163,31 @@ class ExitHead:
         dtype: torch.dtype,
         device: torch.device,
     ) -> ExitHead:
-        adapters: dict[int, Adapter] = {}
-        routers: dict[int, ExitRouter] = {}
-        for d in points if pack is not None else []:
-            t = {k: v.to(device) for k, v in pack.prefixed(f"adapter.{d}.").items()}
-            if t:
-                adapters[d] = Adapter(**{k: v.to(dtype) for k, v in t.items()}, eps=eps)
-            r = {k: v.to(device, torch.float32) for k, v in pack.prefixed(f"router.{d}.").items()}
-            if r:
-                routers[d] = MLPRouter(**r, eps=eps, uses_confidence="confidence" in pack.router_features)
-        cost = pack.manifest.get("router", {}).get("cost", {}) if pack is not None else {}
-        return cls(norm, lm_head, eps, adapters, routers, ExitCost.from_manifest(num_layers, cost))
+        if pack is None:
+            return cls(norm, lm_head, eps, Phase(), Phase(), ExitCost(num_layers))
+        decode = Phase.from_pack(pack, "", points, eps, dtype, device)
+        prompt = Phase.from_pack(pack, PROMPT_PREFIX, points, eps, dtype, device)
+        cost = ExitCost.from_manifest(num_layers, pack.manifest.get("router", {}).get("cost", {}))
+        return cls(norm, lm_head, eps, decode, prompt, cost)
 
-    def logits(self, h: torch.Tensor, depth: int) -> torch.Tensor:
-        return self.project(self.adapt(h, depth))
+    def logits(self, h: torch.Tensor, depth: int, prompt: torch.Tensor) -> torch.Tensor:
+        return self.project(self.adapt(h, depth, prompt))
 
-    def adapt(self, h: torch.Tensor, depth: int) -> torch.Tensor:
-        """The exit point's adapter (identity where it has none)."""
-        adapter = self.adapters.get(depth)
-        return h if adapter is None else adapter(h)
+    def adapt(self, h: torch.Tensor, depth: int, prompt: torch.Tensor) -> torch.Tensor:
+        """The exit point's adapter of each row's phase (identity where there is none); prompt rows take
+        the generated tokens' adapter where the pack has none of their own."""
+        decode = self.decode.adapters.get(depth)
+        out = h if decode is None else decode(h)
+        first = self.prompt.adapters.get(depth)
+        # both maps over every row, then a select: no host sync, and an adapter costs little next to the head
+        return out if first is None else torch.where(prompt[:, None], first(h), out)
+
+    def router(self, depth: int, h: torch.Tensor, prompt: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """p per row from its phase's router at `depth` (the generated tokens' where prompts have none)."""
+        decode, first = self.decode.routers.get(depth), self.prompt.routers.get(depth)
+        if decode is None or first is None:
+            return (decode or first)(h, features)
+        return torch.where(prompt, first(h, features), decode(h, features))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: one call weighs as much as several decoder layers (the whole vocabulary's
@@ -187,27 +208,27 @@ class ExitHead:
         open_ = (depth >= rows.min_depth) & ~exit_
         conf = (policy == Policy.CONFIDENCE) & open_
         learned = (policy == Policy.LEARNED) & open_
-        router = self.routers.get(depth)
         any_conf, any_learned = torch.stack([conf.any(), learned.any()]).tolist()  # one sync, not two
-        if any_learned and router is None:
+        routers = [r for r in (self.decode.routers.get(depth), self.prompt.routers.get(depth)) if r is not None]
+        if any_learned and not routers:
             raise ExitPackError(f"exit policy 'learned' needs a router at exit point {depth}: load an exit pack")
-        if any_learned and router.uses_confidence:
+        if any_learned and routers[0].uses_confidence:
             conf, any_conf = conf | learned, True
         logits = None
         if any_conf:
             has_logits = conf
-            logits = self.logits(h[conf], depth)
+            logits = self.logits(h[conf], depth, rows.prompt[conf])
             probs_max = torch.softmax(logits, dim=-1).max(dim=-1).values
             hit = torch.zeros(n, dtype=torch.bool, device=h.device)
             hit[conf] = probs_max >= rows.threshold[conf]
             exit_ |= hit & (policy == Policy.CONFIDENCE)
         if any_learned:
             features = None
-            if router.uses_confidence:
+            if routers[0].uses_confidence:
                 features = torch.zeros(n, 3, device=h.device)
                 features[conf] = confidence_features(logits)
             # Every row through the router (a few small products) rather than gathering the learned ones:
             # at decode batch sizes the indexing costs more than the rows it saves.
-            scores = self.cost.score(router(h, features), depth, rows.backfill)
+            scores = self.cost.score(self.router(depth, h, rows.prompt, features), depth, rows.backfill)
             exit_ |= learned & (scores >= rows.threshold)
         return exit_, has_logits, logits

@@ -371,7 +371,8 @@ class LayerGroup:
                     res, need, sub.select(need), logits[pos_in_logits[exiting.nonzero().flatten()[need]]], None
                 )
             else:
-                scoring = _Scoring(res, need, sub.select(need), None, self.head.adapt(h[idx[need]], depth))
+                adapted = self.head.adapt(h[idx[need]], depth, sub.prompt[need])
+                scoring = _Scoring(res, need, sub.select(need), None, adapted)
             out.scoring.append(scoring)
         out.rows.append(row_ids)
         out.results.append(res)

@@ -105,6 +105,7 @@ class Rows(Tensors):
     seed: torch.Tensor  # int64
     logprobs: torch.Tensor  # int64: -1 none, 0 the chosen token's, k also the top k alternatives
     target: torch.Tensor  # int64: a token whose log-probability the row reports at its exit (scoring); -1 none
+    prompt: torch.Tensor  # bool: a prompt position (the pack's prompt heads and routers decide its exit)
 
     def __len__(self) -> int:
         return self.positions.numel()
@@ -122,7 +123,8 @@ class Rows(Tensors):
         return Rows(**{**values, "block_table": torch.empty(0, 0, dtype=torch.int64)})
 
 
-_ROW_DTYPES = {"threshold": torch.float32, "temperature": torch.float32, "top_p": torch.float32, "sample": torch.bool}
+_ROW_DTYPES = {"threshold": torch.float32, "temperature": torch.float32, "top_p": torch.float32, "sample": torch.bool,
+               "prompt": torch.bool}  # fmt: skip
 
 
 def sequence_keys(block_table: torch.Tensor) -> torch.Tensor:

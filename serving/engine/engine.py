@@ -190,14 +190,17 @@ class Engine:
 
     async def teacher_forced(
         self, token_ids: list[list[int]], exit: ExitParams | dict | None = None, chunk: int = 128,
-        exit_every: int = 1, exit_from: list[int] | None = None,
+        exit_every: int = 1, exit_from: list[int] | None = None, as_prompt: bool = False,
     ) -> list[TokenResults]:  # fmt: skip
         """Run given token sequences through the model, beside the engine's own requests: every position
         exits where `exit` says for prompt tokens (its deeper K/V back-filled as served), predicts its next
         token greedily at its exit and scores the sequence's actual next token, as echo scoring of the same
-        prompt does. Per sequence, one row per position (`exit_every`, `exit_from`: see TeacherForcing)."""
+        prompt does. Per sequence, one row per position (`exit_every`, `exit_from`, `as_prompt`, which
+        phase's heads decide: see TeacherForcing)."""
         exits = PhaseExits.same(self.admission.resolve_exit(exit).prefill)
-        forced = self.scheduler.teacher_forcing(token_ids, exits, self.plan.max_model_len, chunk, exit_every, exit_from)
+        forced = self.scheduler.teacher_forcing(
+            token_ids, exits, self.plan.max_model_len, chunk, exit_every, exit_from, as_prompt
+        )
         # Shielded: a caller that gives up does not cancel worker calls mid-pipeline; the run ends and frees.
         return await asyncio.shield(self._spawn(self._teacher_forced(forced)))
 

@@ -141,11 +141,12 @@ class Scheduler:
 
     def teacher_forcing(
         self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int,
-        exit_from: list[int] | None,
+        exit_from: list[int] | None, as_prompt: bool = False,
     ) -> TeacherForcing:  # fmt: skip
         """Sequences the caller feeds itself (Engine.teacher_forced), their KV blocks reserved; a step's rows
         within the token budget."""
-        forced = TeacherForcing(token_ids, exits, max_model_len, chunk, exit_every, exit_from, self.token_budget)
+        forced = TeacherForcing(token_ids, exits, max_model_len, chunk, exit_every, exit_from, self.token_budget,
+                                as_prompt)  # fmt: skip
         self.reserve(forced.seqs)
         return forced
 
@@ -277,11 +278,11 @@ class TeacherForcing:
     rows (at most `max_rows` a step), and each sequence's results put back together. With `exit_every` k,
     only every k-th position takes the sequences' exit controls, and with `exit_from`, only a sequence's
     positions from its entry on (a chat's generated tokens after its prompt, say); the others run at full
-    depth."""
+    depth. Exits take the generated tokens' heads and routers, or with `as_prompt` the prompt tokens'."""
 
     def __init__(
         self, token_ids: list[list[int]], exits: PhaseExits, max_model_len: int, chunk: int, exit_every: int = 1,
-        exit_from: list[int] | None = None, max_rows: int | None = None,
+        exit_from: list[int] | None = None, max_rows: int | None = None, as_prompt: bool = False,
     ) -> None:  # fmt: skip
         for ids in token_ids:
             if len(ids) >= max_model_len:
@@ -291,6 +292,7 @@ class TeacherForcing:
         self.chunk, self.exit_every = chunk, exit_every
         self.max_rows = max_rows or chunk * len(token_ids)  # a step's rows: their logits are the memory it takes
         self.exit_from = [0] * len(token_ids) if exit_from is None else exit_from
+        self.as_prompt = as_prompt
         self.parts: list[list[TokenResults]] = [[] for _ in token_ids]  # per sequence, per chunk
         self.picked: list[tuple[int, Sequence, int]] = []
 
@@ -306,6 +308,9 @@ class TeacherForcing:
         rows = rows_for([(s, n) for _, s, n in self.picked], teacher_forced=True)
         start = torch.cat([torch.full((n,), self.exit_from[i]) for i, _, n in self.picked])
         rows.policy[(rows.positions % self.exit_every != 0) | (rows.positions < start)] = int(Policy.NONE)
+        # A fed sequence is all "prompt" to the scheduler: its phase is what the caller says, the positions
+        # before exit_from a prompt, the rest generated (or all of them prompt tokens, as_prompt).
+        rows.prompt = torch.full_like(rows.prompt, True) if self.as_prompt else rows.positions < start
         return rows
 
     def record(self, results: TokenResults) -> None:
@@ -339,7 +344,7 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
     when it generates nothing), and with prompt_logprobs each prompt position scores the next prompt token.
     Each row takes its phase's exit controls (prompt or generated token)."""
     width = max(len(seq.blocks) for seq, _ in picked)
-    tables, positions, token_ids, sample, target, logprobs, exits = [], [], [], [], [], [], []
+    tables, positions, token_ids, sample, target, logprobs, exits, prompt = [], [], [], [], [], [], [], []
     per_seq: list[tuple[Sequence, int]] = []
     for seq, n in picked:
         tokens, prompt_len = seq.tokens, len(seq.prompt_ids)
@@ -349,6 +354,7 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
         positions += span
         token_ids += tokens[start : start + n]
         exits += [seq.exit.at(p, prompt_len) for p in span]
+        prompt += [p < prompt_len for p in span]
         asked = -1 if seq.sampling.logprobs is None else seq.sampling.logprobs
         if teacher_forced:
             sample += [True] * n
@@ -381,4 +387,5 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
         seed=each(lambda s: s.seed, torch.int64),
         logprobs=torch.tensor(logprobs, dtype=torch.int64),
         target=torch.tensor(target, dtype=torch.int64),
+        prompt=torch.tensor(prompt, dtype=torch.bool),
     )

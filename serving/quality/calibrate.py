@@ -102,6 +102,10 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
         generated, described = self_generated(job.model, chats, job.traffic, progress)
         data["prompts"] = prompts.describe() | described
         greedy = [w.ids for w in generated[: described["prompts_used"]]]
+    task = None
+    if job.labelled:
+        rows = labelled_texts(CorpusPart.of(job.labelled, (0.0, 0.5)))
+        task = Classification.of(tokenizer, rows, job.template, job.choices)
     if job.retune:  # the pack's own exit points, and the text it read, skipped below
         out = Path(job.output)
         trained = ExitPack.load(out).manifest
@@ -109,7 +113,11 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
         settings.max_tokens = trained["training"]["settings"]["max_tokens"]
     else:
         text = (Window(ids) for ids in text_windows(part, tokenizer, job.window)) if part else ()
-        windows = itertools.chain(generated, text)
+        # classification prompts train the prompt tokens' heads (every position of theirs is a prompt's)
+        labelled = [Window(ids, len(ids)) for ids in task.prompts] if task and settings.prompt_heads else []
+        if labelled:
+            data["labelled"] = {"path": job.labelled, "prompts": len(labelled), "template": job.template}
+        windows = itertools.chain(generated, labelled, text)
         pack = calibrate(path, windows, settings, data, model_name=job.model)
         out = pack.save(job.output)
     # The cost model's last parts and the defaults need the pack in a real engine, on data training did not
@@ -125,10 +133,6 @@ def run(job: CalibrationJob, progress: Callable[[str], None]) -> ExitPack:
     tune_chats = [] if job.tune_chats is None else list(
         itertools.islice(chat_prompts(CorpusPart.of(job.tune_chats, (0.0, 0.5))), job.max_chats)
     )  # fmt: skip
-    task = None
-    if job.labelled:
-        rows = labelled_texts(CorpusPart.of(job.labelled, (0.0, 0.5)))
-        task = Classification.of(tokenizer, rows, job.template, job.choices)
     tune = TuneData(probe, tune_chats, job.chat_tokens, task)
     engine = EngineConfig(
         model=job.model, exit_pack=str(out), num_layer_groups=1, max_model_len=min(1024, arch.max_position_embeddings),
@@ -204,7 +208,7 @@ async def _tune_prefill(
     candidates += [{"policy": "learned", "threshold": t, "backfill": backfill} for t in (0.3, 0.4, 0.45, 0.5)]
     passed = []
     for c in candidates:
-        _, ppl = await held_out.measure(c)
+        _, ppl = await held_out.measure(c, as_prompt=True)  # the prompt tokens' heads and routers
         got = {"perplexity": round(ppl, 3), "perplexity_full": round(held_out.perplexity, 3)}
         if ppl <= held_out.perplexity * (1 + targets.max_perplexity_increase):
             c = c | {"full_depth_last": 1}
@@ -242,8 +246,8 @@ class _HeldOut:
         full = await evaluation.teacher_forced(engine, windows, {"policy": "none"})
         return cls(engine, windows, full, math.exp(-float(full.target_logprobs.mean())))
 
-    async def measure(self, exit: dict) -> tuple[evaluation.TeacherForced, float]:
-        tf = await evaluation.teacher_forced(self.engine, self.windows, exit)
+    async def measure(self, exit: dict, as_prompt: bool = False) -> tuple[evaluation.TeacherForced, float]:
+        tf = await evaluation.teacher_forced(self.engine, self.windows, exit, as_prompt=as_prompt)
         return tf, math.exp(-float(tf.target_logprobs.mean()))
 
 
@@ -306,6 +310,11 @@ def summary(pack: ExitPack) -> list[str]:
             f"{figures['agreement_adapted']:.1%} adapted, KL {figures['kl_untrained']:.2f} -> "
             f"{figures['kl_adapted']:.2f}, router AUC {figures['router_auc']:.2f}, back-fill harm "
             f"{harm['decoupled'][d]:.2f} decoupled / {harm['mapped'][d]:.2f} mapped"
+        )
+    for d, figures in sorted(pack.manifest["evaluation"].get("prompt_validation", {}).items(), key=lambda i: int(i[0])):
+        lines.append(
+            f"prompt exit {d:>3}: agreement {figures['agreement_untrained']:.1%} untrained -> "
+            f"{figures['agreement_adapted']:.1%} ({figures['head']}), router AUC {figures['router_auc']:.2f}"
         )
     tuned = pack.manifest["evaluation"]["defaults"]
     line = (f"default: policy {pack.defaults['policy']}, threshold {pack.defaults['threshold']}, "

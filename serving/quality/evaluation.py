@@ -46,9 +46,10 @@ async def teacher_forced(
     chunk: int = 128,
     exit_every: int = 1,
     exit_from: list[int] | None = None,
+    as_prompt: bool = False,
 ) -> TeacherForced:
     """Every window through the engine teacher-forced (Engine.teacher_forced), results in window order."""
-    per_window = await engine.teacher_forced(windows, exit, chunk, exit_every, exit_from)
+    per_window = await engine.teacher_forced(windows, exit, chunk, exit_every, exit_from, as_prompt)
     return TeacherForced(
         torch.cat([w.tokens for w in per_window]),
         torch.cat([w.exit_layer for w in per_window]),
