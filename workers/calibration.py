@@ -101,28 +101,24 @@ class _Targets:
         self.sxy += x.T @ y
 
 
-def _reduced_rank(x: _Inputs, y: _Targets, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ridge least squares of y on x, then the best rank-r version of its fit (reduced-rank regression):
-    (down [r, H], up [H, r], bias [H]) with y ≈ up(down(x)) + bias."""
+def _ridge(x: _Inputs, y: _Targets, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ridge least squares of y on x (float64): (w [H, H], mean of x, mean of y) with y - my ≈ (x - mx) w."""
     mx, my = x.sx / x.n, y.sy / x.n
     cxx = x.sxx / x.n - torch.outer(mx, mx)
     cxy = y.sxy / x.n - torch.outer(mx, my)
     h = cxx.shape[0]
-    w = torch.linalg.solve(cxx + ridge * cxx.trace() / h * torch.eye(h, dtype=cxx.dtype), cxy)
+    return torch.linalg.solve(cxx + ridge * cxx.trace() / h * torch.eye(h, dtype=cxx.dtype), cxy), mx, my
+
+
+def _reduced_rank(x: _Inputs, y: _Targets, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ridge fit of y on x, then its best rank-r version (reduced-rank regression): (down [r, H],
+    up [H, r], bias [H]) with y ≈ up(down(x)) + bias."""
+    w, mx, my = _ridge(x, y, ridge)
+    cxx = x.sxx / x.n - torch.outer(mx, mx)
     _, vectors = torch.linalg.eigh(w.T @ cxx @ w)  # directions of the fitted values, ascending
     v = vectors[:, -rank:]
     wr = w @ v
     return wr.T.float(), v.float(), (my - (mx @ wr) @ v.T).float()
-
-
-def _ridge(x: _Inputs, y: _Targets, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-rank ridge least squares of y on x: (weight [H, H], bias [H]) with y ≈ weight x + bias."""
-    mx, my = x.sx / x.n, y.sy / x.n
-    cxx = x.sxx / x.n - torch.outer(mx, mx)
-    cxy = y.sxy / x.n - torch.outer(mx, my)
-    h = cxx.shape[0]
-    w = torch.linalg.solve(cxx + ridge * cxx.trace() / h * torch.eye(h, dtype=cxx.dtype), cxy)
-    return w.T.float(), (my - mx @ w).float()
 
 
 @dataclass(frozen=True)
@@ -139,7 +135,7 @@ class Window:
 
 @dataclass
 class _Kept:
-    """Exit-point hidden states, the full model's final normed hidden state and the group of the kept
+    """Exit-point hidden states, the last layer's output (before the final norm) and the group of the kept
     positions."""
 
     hidden: dict[int, list[torch.Tensor]]
@@ -313,13 +309,14 @@ def _least_squares(kind: str, x: torch.Tensor, final: torch.Tensor, s: Calibrati
         return Adapter()
     x_m, y_m = _Inputs.zeros(x.shape[1]), _Targets.zeros(x.shape[1])
     for i in range(0, x.shape[0], 4096):
-        xc, last = x[i : i + 4096].double(), final[i : i + 4096].double()
+        xc, yc = x[i : i + 4096].double(), final[i : i + 4096].double()
         x_m.add(xc)
-        y_m.add(xc, last * (_rms(xc) / _rms(last)) - xc)  # the final norm drops scale: the target at h_d's
+        y_m.add(xc, yc * (_rms(xc) / _rms(yc)) - xc)  # the final norm drops scale: the target at h_d's
     if kind == "low_rank":
         down, up, bias = _reduced_rank(x_m, y_m, s.adapter_rank, s.ridge)
         return Adapter(down=down, up=up, bias=bias)
-    weight, bias = _ridge(x_m, y_m, s.ridge)
+    w, mx, my = _ridge(x_m, y_m, s.ridge)
+    weight, bias = w.T.float(), (my - mx @ w).float()
     if kind == "linear":
         return Adapter(weight=weight, bias=bias)
     gen = torch.Generator().manual_seed(s.seed)
@@ -359,7 +356,6 @@ def _read(
     kept, prompt_kept = _Kept({d: [] for d in points}, []), _Kept({d: [] for d in points}, [])
     seen: set[int] = set()
     budget = settings.max_tokens
-    norm = model.model.norm
     try:
         with torch.no_grad(), tqdm(total=budget, desc="hidden states", unit="tok", leave=False) as bar:
             for i, w in enumerate(windows):
@@ -375,7 +371,7 @@ def _read(
                     x_m[d].add(x)
                     for layer in range(d + 1, num_layers):
                         map_m[(d, layer)].add(x, inputs[layer].double() - x)
-                last = inputs[num_layers]  # before norm() below, whose hook would overwrite it
+                last = inputs[num_layers]
                 parts = [(kept, slice(w.start, len(ids)))]
                 if take_prompt:
                     parts.append((prompt_kept, slice(0, min(w.start, len(ids)))))
@@ -385,7 +381,7 @@ def _read(
                         continue
                     for d in points:
                         into.hidden[d].append(inputs[d][at].half())
-                    into.final.append(norm(last[at]).half())
+                    into.final.append(last[at].half())
                     into.groups += [group] * n
                     into.count += n
                 bar.update(max(0, len(ids) - w.start))
@@ -416,7 +412,8 @@ class _Head:
         return F.linear(rms_norm(adapter(h.float()), self.norm, self.eps), self.lm_head)
 
     def teacher(self, final: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(F.linear(final.float(), self.lm_head), dim=-1)
+        """The full model's next-token log-probabilities from its last layer's output."""
+        return torch.log_softmax(F.linear(rms_norm(final.float(), self.norm, self.eps), self.lm_head), dim=-1)
 
     def figures(self, h: torch.Tensor, final: torch.Tensor, adapter: Adapter, chunk: int = 512) -> dict:
         """Agreement of the head's greedy token with the full model's, and KL(full || head), per token."""
