@@ -117,7 +117,7 @@ def self_generated(
                           max_waiting_requests=max(256, len(chats) * (1 + traffic.samples)))  # fmt: skip
     engine = Engine.local(config)
 
-    async def run() -> tuple[list[list[int]], list[list[int]]]:
+    async def run() -> tuple[list[list[int]], list[list[int]], list[int]]:
         try:
             room = engine.plan.max_model_len - traffic.max_tokens
             fit = [(i, p) for i, p in enumerate(map(engine.chat_prompt, chats)) if len(p) <= room]
