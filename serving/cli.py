@@ -30,7 +30,7 @@ log = logging.getLogger("adept")
 
 CALIBRATION_FLAGS = (
     "max_tokens", "adapter_rank", "mlp_hidden", "map_rank", "steps", "batch_size", "lr", "router_steps",
-    "cost_weight", "seed", "default_backfill",
+    "cost_weight", "seed", "default_backfill", "device",
 )  # fmt: skip
 ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 

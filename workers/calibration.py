@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from workers.device import resolve_device
 from workers.exit_pack import PROMPT_PREFIX, ExitPack
 from workers.exits import Adapter, confidence_features
 from workers.layers import rms_norm
@@ -63,7 +64,8 @@ class CalibrationSettings:
     cost_weight: float = 1.0  # exponent of the compute saving in the exit decision; 0: agreement only
     default_backfill: str = "mapped"  # requests' default with this pack (policy learned; the threshold is tuned)
     ridge: float = 1e-4  # relative to the mean variance of h_d
-    validation_fraction: float = 0.1  # of the kept tokens, for the pack's own figures
+    validation_fraction: float = 0.1  # of the groups (prompts, corpus windows), for the pack's own figures
+    device: str = "auto"  # where the model reads the data and the heads train: CUDA when there is one
     seed: int = 0
 
 
@@ -76,8 +78,9 @@ class _Inputs:
     sxx: torch.Tensor
 
     @classmethod
-    def zeros(cls, h: int) -> _Inputs:
-        return cls(0, torch.zeros(h, dtype=torch.float64), torch.zeros(h, h, dtype=torch.float64))
+    def zeros(cls, h: int, device: torch.device | None = None) -> _Inputs:
+        z = {"dtype": torch.float64, "device": device}
+        return cls(0, torch.zeros(h, **z), torch.zeros(h, h, **z))
 
     def add(self, x: torch.Tensor) -> None:
         self.n += x.shape[0]
@@ -93,8 +96,9 @@ class _Targets:
     sxy: torch.Tensor
 
     @classmethod
-    def zeros(cls, h: int) -> _Targets:
-        return cls(torch.zeros(h, dtype=torch.float64), torch.zeros(h, h, dtype=torch.float64))
+    def zeros(cls, h: int, device: torch.device | None = None) -> _Targets:
+        z = {"dtype": torch.float64, "device": device}
+        return cls(torch.zeros(h, **z), torch.zeros(h, h, **z))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.sy += y.sum(0)
@@ -160,7 +164,8 @@ def calibrate(
     if not settings.heads or set(settings.heads + settings.prompt_heads) - set(HEAD_KINDS):
         raise ValueError(f"head kinds must be some of {', '.join(HEAD_KINDS)}, got {settings.heads} and "
                          f"{settings.prompt_heads} for prompts")  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    device = resolve_device(settings.device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().to(device)
     num_layers = model.config.num_hidden_layers
     points = sorted(settings.exit_points)
     if not points or points[0] < 1 or points[-1] >= num_layers:
@@ -199,7 +204,7 @@ def calibrate(
                  prompt_kept.count, MIN_PROMPT_POSITIONS)  # fmt: skip
     manifest["training"]["seconds"] = round(time.perf_counter() - started, 1)
     # float16 halves the pack; the routers are small and stay float32
-    stored = {k: v.half() if "router." not in k else v.float() for k, v in tensors.items()}
+    stored = {k: (v.half() if "router." not in k else v.float()).cpu() for k, v in tensors.items()}
     return ExitPack(manifest, stored)
 
 
@@ -307,7 +312,7 @@ def _least_squares(kind: str, x: torch.Tensor, final: torch.Tensor, s: Calibrati
     scale, on h_d; reduced to rank r for low_rank; an MLP starts as the linear fit plus a zero MLP."""
     if kind == "identity":
         return Adapter()
-    x_m, y_m = _Inputs.zeros(x.shape[1]), _Targets.zeros(x.shape[1])
+    x_m, y_m = _Inputs.zeros(x.shape[1], x.device), _Targets.zeros(x.shape[1], x.device)
     for i in range(0, x.shape[0], 4096):
         xc, yc = x[i : i + 4096].double(), final[i : i + 4096].double()
         x_m.add(xc)
@@ -320,9 +325,9 @@ def _least_squares(kind: str, x: torch.Tensor, final: torch.Tensor, s: Calibrati
     if kind == "linear":
         return Adapter(weight=weight, bias=bias)
     gen = torch.Generator().manual_seed(s.seed)
-    w1 = torch.randn(s.mlp_hidden, x.shape[1], generator=gen) / x.shape[1] ** 0.5
-    return Adapter(weight=weight, bias=bias, w1=w1, b1=torch.zeros(s.mlp_hidden),
-                   w2=torch.zeros(x.shape[1], s.mlp_hidden), eps=eps)  # fmt: skip
+    w1 = (torch.randn(s.mlp_hidden, x.shape[1], generator=gen) / x.shape[1] ** 0.5).to(x.device)
+    return Adapter(weight=weight, bias=bias, w1=w1, b1=torch.zeros(s.mlp_hidden, device=x.device),
+                   w2=torch.zeros(x.shape[1], s.mlp_hidden, device=x.device), eps=eps)  # fmt: skip
 
 
 def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -351,8 +356,9 @@ def _read(
 
     hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     hooks.append(model.model.norm.register_forward_pre_hook(capture(num_layers), with_kwargs=True))
-    x_m = {d: _Inputs.zeros(h) for d in points}
-    map_m = {(d, layer): _Targets.zeros(h) for d in points for layer in range(d + 1, num_layers)}
+    device = model.device
+    x_m = {d: _Inputs.zeros(h, device) for d in points}
+    map_m = {(d, layer): _Targets.zeros(h, device) for d in points for layer in range(d + 1, num_layers)}
     kept, prompt_kept = _Kept({d: [] for d in points}, []), _Kept({d: [] for d in points}, [])
     seen: set[int] = set()
     budget = settings.max_tokens
@@ -365,7 +371,7 @@ def _read(
                 if len(ids) < 2 or (len(ids) <= w.start and not take_prompt):
                     continue
                 seen.add(group)
-                model.model(torch.tensor([ids]), use_cache=False)
+                model.model(torch.tensor([ids], device=device), use_cache=False)
                 for d in points:
                     x = inputs[d].double()
                     x_m[d].add(x)
@@ -490,7 +496,7 @@ def _train_routers(
                 features.append(x)
         x, y = torch.cat(features), torch.cat(labels)
         net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], s.router_hidden), torch.nn.GELU(),
-                                  torch.nn.Linear(s.router_hidden, 1))  # fmt: skip
+                                  torch.nn.Linear(s.router_hidden, 1)).to(x.device)  # fmt: skip
         optim = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
         gen = torch.Generator().manual_seed(s.seed + d)
         for _ in range(s.router_steps):
