@@ -179,6 +179,9 @@ async def tune_pack(
             prefill, pack.manifest["evaluation"]["prefill"] = await _tune_prefill(
                 engine, data.task, held_out, quality, depths, backfill, targets, progress
             )
+            # No prompt-token exit kept the targets: prompt tokens run at full depth rather than inherit the
+            # generated tokens' default, which the prompt targets never judged.
+            prefill = prefill or {"policy": "none"}
         chosen = await _tune_decode(engine, held_out, quality, backfill, prefill, targets, progress)
     finally:
         await engine.shutdown()
@@ -328,8 +331,11 @@ def summary(pack: ExitPack) -> list[str]:
     lines.append(line + ")")
     if "prefill" in pack.defaults:
         got = pack.manifest["evaluation"]["prefill"]
-        lines.append(
-            f"prompt tokens: {pack.defaults['prefill']} (accuracy {got['accuracy']:.1%} against "
-            f"{got['accuracy_full']:.1%}, prompt compute saved {got['prompt_compute_saved']:.1%})"
-        )
+        if "accuracy" in got:
+            lines.append(
+                f"prompt tokens: {pack.defaults['prefill']} (accuracy {got['accuracy']:.1%} against "
+                f"{got['accuracy_full']:.1%}, prompt compute saved {got['prompt_compute_saved']:.1%})"
+            )
+        else:
+            lines.append("prompt tokens: full depth (no prompt exit kept the accuracy and perplexity targets)")
     return lines
