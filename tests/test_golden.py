@@ -1,7 +1,8 @@
 """Greedy outputs of the real default model that a code change must not alter: 12 `adept generate --json`
 requests (plain and chat prompts, every exit policy and back-fill mode) recorded in tests/golden/greedy.json
-before serving/ moved into wings (re-recorded when the shipped pack changed; its full-depth cases did not), replayed through the CLI's own argument parser and request path on one
-in-process engine (an engine per request, as the command makes, costs 10 s each here)."""
+before serving/ moved into wings (re-recorded when the shipped pack changed; its full-depth cases did not),
+replayed through the CLI's own argument parser and request path on one in-process engine (an engine per
+request, as the command makes, costs 10 s each here)."""
 
 from __future__ import annotations
 
