@@ -29,8 +29,8 @@ from workers.model_store import DEFAULT_MODEL, load_config, load_tokenizer, reso
 log = logging.getLogger("adept")
 
 CALIBRATION_FLAGS = (
-    "max_tokens", "adapter_rank", "mlp_hidden", "map_rank", "steps", "batch_size", "lr", "router_steps",
-    "cost_weight", "seed", "default_backfill", "device",
+    "max_tokens", "adapter_rank", "mlp_hidden", "adapter_dtype", "map_rank", "steps", "batch_size", "lr",
+    "router_steps", "cost_weight", "seed", "default_backfill", "device",
 )  # fmt: skip
 ENGINE_FLAGS = ("model", "num_layer_groups", "exit_pack", "max_model_len", "device", "dtype")
 
@@ -281,7 +281,7 @@ def _add_calibrate(commands) -> None:
     t.add_argument("--template", default="{text}", help="prompt of a labelled text ({text}; \\n is a newline)")
     t.add_argument("--choices", help="comma-separated answers, one per label index, e.g. ' negative, positive'")
     targets = calibrate.TuneTargets()
-    for name in ("max_perplexity_increase", "max_free_running_increase", "max_accuracy_drop"):
+    for name in ("max_perplexity_increase", "max_free_running_increase", "max_accuracy_drop", "min_compute_saved"):
         value = getattr(targets, name)
         t.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"default {value}")
     t.add_argument("--target-agreement", type=float, help="also keep this teacher-forced agreement (default: none)")
@@ -304,7 +304,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         choices=args.choices.split(",") if args.choices else [],
         template=args.template.replace("\\n", "\n"),
         targets=calibrate.TuneTargets(
-            args.max_perplexity_increase, args.max_free_running_increase, args.max_accuracy_drop, args.target_agreement
+            args.max_perplexity_increase,
+            args.max_free_running_increase,
+            args.max_accuracy_drop,
+            args.target_agreement,
+            args.min_compute_saved,
         ),
     )
     calibrate.run(job, lambda line: print(line, file=sys.stderr))

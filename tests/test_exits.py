@@ -10,7 +10,7 @@ import torch
 from tests.helpers import full_logprobs, group_kv, hf_model, load_groups, pipeline_of, rows, run
 from tests.test_layer_group import _reference_kv
 from workers.exit_pack import ExitPack, ExitPackError
-from workers.exits import ExitCost
+from workers.exits import Adapter, ExitCost, ExitHead, Phase
 from workers.layers import rms_norm
 from workers.model_store import fingerprint
 from workers.modes import Backfill, Policy
@@ -201,8 +201,9 @@ def test_one_lm_head_and_one_backfill_per_group_for_rows_exiting_at_several_poin
 
 
 def test_a_pack_with_every_head_kind_saves_loads_and_serves(tiny_llama_dir, tmp_path):
-    """Exit points 2-5 with a low-rank, a full-rank linear, an MLP and the identity head: saved, loaded and
-    served, each exit's log-probabilities are the head's own formula on the full model's hidden state."""
+    """Exit points 2-5 with a low-rank, a full-rank linear (its matrix stored in float8, as the shipped pack's),
+    an MLP and the identity head: saved, loaded and served, each exit's log-probabilities are the head's own
+    formula on the full model's hidden state."""
     gen = torch.Generator().manual_seed(7)
 
     def rand(*shape) -> torch.Tensor:
@@ -211,13 +212,14 @@ def test_a_pack_with_every_head_kind_saves_loads_and_serves(tiny_llama_dir, tmp_
     mlp = {"weight": rand(HIDDEN, HIDDEN), "bias": rand(HIDDEN), "w1": rand(16, HIDDEN), "b1": rand(16),
            "w2": rand(HIDDEN, 16)}  # fmt: skip
     heads = {2: {"down": rand(4, HIDDEN), "up": rand(HIDDEN, 4), "bias": rand(HIDDEN)},
-             3: {"weight": rand(HIDDEN, HIDDEN), "bias": rand(HIDDEN)}, 4: mlp, 5: {}}  # fmt: skip
+             3: {"weight": rand(HIDDEN, HIDDEN).to(torch.float8_e4m3fn), "bias": rand(HIDDEN).half()}, 4: mlp,
+             5: {}}  # fmt: skip
     tensors = {f"adapter.{d}.{k}": v for d, t in heads.items() for k, v in t.items()}
     _pack(tiny_llama_dir, tensors, heads={"2": "low_rank", "3": "linear", "4": "mlp", "5": "identity"}).save(
         tmp_path / "pack"
     )
     pack = ExitPack.load(tmp_path / "pack", fingerprint(tiny_llama_dir))
-    assert pack.manifest["version"] == 2
+    assert pack.manifest["version"] == 2 and pack.tensors["adapter.3.weight"].dtype == torch.float8_e4m3fn
     model = hf_model(tiny_llama_dir)
     tokens = [5, 9, 11, 40]
     with torch.no_grad():
@@ -225,7 +227,7 @@ def test_a_pack_with_every_head_kind_saves_loads_and_serves(tiny_llama_dir, tmp_
     eps = model.config.rms_norm_eps
 
     def expected(d: int) -> torch.Tensor:
-        h, t = hidden[d][0], heads[d]
+        h, t = hidden[d][0], {k: v.float() for k, v in heads[d].items()}
         if "down" in t:
             out = h + (h @ t["down"].T) @ t["up"].T + t["bias"]
         elif "w1" in t:
@@ -296,6 +298,17 @@ def test_prompt_and_decode_heads_and_routers_act_on_their_own_phases(tiny_llama_
     adapted = full_logprobs(run(pipeline_of(load_groups(tiny_llama_dir, [0, 3, 6], POINTS, pack=pack)), static), VOCAB)
     assert torch.allclose(adapted[2:], plain[2:], atol=1e-5)
     assert not torch.allclose(adapted[:2], plain[:2], atol=1e-3)
+
+    # Batches of one phase take one adapter (the other's product is not computed), mixed ones both.
+    decode_w = 0.1 * torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(12))
+    one = Phase(adapters={2: Adapter(weight=decode_w)})
+    other = Phase(adapters={2: Adapter(weight=w)})
+    head = ExitHead(torch.ones(HIDDEN), torch.randn(VOCAB, HIDDEN), 1e-6, one, other, ExitCost(LAYERS))
+    h = torch.randn(4, HIDDEN)
+    assert torch.allclose(head.adapt(h, 2, torch.ones(4, dtype=torch.bool)), h + h @ w.T)
+    assert torch.allclose(head.adapt(h, 2, torch.zeros(4, dtype=torch.bool)), h + h @ decode_w.T)
+    mixed = head.adapt(h, 2, phases)
+    assert torch.allclose(mixed, torch.cat([h[:2] + h[:2] @ w.T, h[2:] + h[2:] @ decode_w.T]), atol=1e-6)
 
 
 def test_the_scheduler_marks_prompt_rows(tiny_chat_dir, tmp_path):

@@ -54,6 +54,9 @@ class CalibrationSettings:
     prompt_heads: list[str] = field(default_factory=lambda: ["linear"])  # prompt tokens' own; []: none
     adapter_rank: int = 128  # of a low_rank head
     mlp_hidden: int = 1024  # of an mlp head
+    # what an adapter's matrices are stored (and validated) in: float8_e4m3fn quarters a full-rank head's
+    # float32 at a loss within validation noise on the default model, for a pack small enough to ship
+    adapter_dtype: str = "float16"
     map_rank: int = 12
     steps: int = 300  # distillation steps (all exit points train together on one batch per step)
     batch_size: int = 256
@@ -164,6 +167,8 @@ def calibrate(
     if not settings.heads or set(settings.heads + settings.prompt_heads) - set(HEAD_KINDS):
         raise ValueError(f"head kinds must be some of {', '.join(HEAD_KINDS)}, got {settings.heads} and "
                          f"{settings.prompt_heads} for prompts")  # fmt: skip
+    if settings.adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {settings.adapter_dtype}")
     device = resolve_device(settings.device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().to(device)
     num_layers = model.config.num_hidden_layers
@@ -203,16 +208,18 @@ def calibrate(
         log.info("%d prompt positions: too few for prompt heads (%d); prompt tokens take the generated tokens'",
                  prompt_kept.count, MIN_PROMPT_POSITIONS)  # fmt: skip
     manifest["training"]["seconds"] = round(time.perf_counter() - started, 1)
-    # float16 halves the pack; the routers are small and stay float32
-    stored = {k: (v.half() if "router." not in k else v.float()).cpu() for k, v in tensors.items()}
+    # float16 halves the maps (adapters come in their own dtype); the routers are small and stay float32
+    stored = {k: (v.float() if "router." in k else v.half() if k.startswith("map.") else v).cpu()
+              for k, v in tensors.items()}  # fmt: skip
     return ExitPack(manifest, stored)
 
 
 MIN_PROMPT_POSITIONS = 256
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 
 
 @dataclass
-class _Phase:
+class _Trained:
     """What one phase's heads and routers came to: tensors (adapter.*, router.*), the kind chosen per exit
     point, validation figures per exit point, and the phase's training figures for the manifest."""
 
@@ -224,7 +231,7 @@ class _Phase:
 
 def _train_phase(
     head: _Head, kept: _Kept, points: list[int], kinds: list[str], config, settings: CalibrationSettings
-) -> _Phase:
+) -> _Trained:
     """Every head kind of `kinds` from least squares, distilled; per exit point the kind worth its cost on
     validation; then the routers of the chosen heads."""
     hidden = {d: torch.cat(kept.hidden[d]) for d in points}
@@ -245,6 +252,9 @@ def _train_phase(
 
     before = {k: loss_on_probe(k) for k in distilled}
     candidates |= _distill(head, hidden, final, train, {k: candidates[k] for k in distilled}, settings)
+    # validation judges the heads as they will be stored
+    candidates = {k: {d: _as_stored(a, settings.adapter_dtype) for d, a in by_d.items()}
+                  for k, by_d in candidates.items()}  # fmt: skip
     loss = {k: {"before": round(before[k], 4), "after": round(loss_on_probe(k), 4)} for k in distilled}
     log.info("distillation loss (mean KL over exit points): %s",
              ", ".join(f"{k} {v['before']:.3f} -> {v['after']:.3f}" for k, v in loss.items()))  # fmt: skip
@@ -255,7 +265,7 @@ def _train_phase(
     adapters = {d: candidates[chosen[d]][d] for d in points}
     tensors: dict[str, torch.Tensor] = {}
     for d, adapter in adapters.items():
-        tensors |= {f"adapter.{d}.{name}": t.detach() for name, t in _tensors(adapter).items()}
+        tensors |= {f"adapter.{d}.{name}": t for name, t in _tensors(adapter, settings.adapter_dtype).items()}
     routers, router_figures = _train_routers(head, hidden, final, train, val, adapters, settings)
     for d, r in routers.items():
         tensors |= {f"router.{d}.{k}": v for k, v in r.items()}
@@ -274,7 +284,7 @@ def _train_phase(
             **router_figures[d],
         }
     figures = {"tokens": kept.count, "validation_tokens": len(val), "distillation_loss": loss}
-    return _Phase(tensors, {str(d): k for d, k in chosen.items()}, per_point, figures)
+    return _Trained(tensors, {str(d): k for d, k in chosen.items()}, per_point, figures)
 
 
 def _split(groups: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,11 +340,27 @@ def _least_squares(kind: str, x: torch.Tensor, final: torch.Tensor, s: Calibrati
                    w2=torch.zeros(x.shape[1], s.mlp_hidden, device=x.device), eps=eps)  # fmt: skip
 
 
-def _tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    return {f: getattr(adapter, f) for f in ADAPTER_TENSORS if getattr(adapter, f) is not None}
+def _tensors(adapter: Adapter, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors, as they are or as stored: matrices in `dtype`, biases in float16 (float32 with
+    float32 matrices)."""
+    out = {}
+    for name in ADAPTER_TENSORS:
+        t = getattr(adapter, name)
+        if t is not None and dtype is None:
+            out[name] = t.detach()
+        elif t is not None:
+            matrix = getattr(torch, dtype)
+            out[name] = t.detach().to(matrix if name in MATRICES or matrix == torch.float32 else torch.float16)
+    return out
+
+
+def _as_stored(adapter: Adapter, dtype: str) -> Adapter:
+    """The adapter as its stored tensors give it back (float32)."""
+    return Adapter(**{k: v.float() for k, v in _tensors(adapter, dtype).items()}, eps=adapter.eps)
 
 
 ADAPTER_TENSORS = ("weight", "down", "up", "bias", "w1", "b1", "w2")
+MATRICES = ("weight", "down", "up", "w1", "w2")
 
 
 def _read(

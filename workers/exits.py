@@ -173,20 +173,32 @@ class ExitHead:
     def logits(self, h: torch.Tensor, depth: int, prompt: torch.Tensor) -> torch.Tensor:
         return self.project(self.adapt(h, depth, prompt))
 
-    def adapt(self, h: torch.Tensor, depth: int, prompt: torch.Tensor) -> torch.Tensor:
+    def adapt(
+        self, h: torch.Tensor, depth: int, prompt: torch.Tensor, phases: tuple[bool, bool] | None = None
+    ) -> torch.Tensor:
         """The exit point's adapter of each row's phase (identity where there is none); prompt rows take
-        the generated tokens' adapter where the pack has none of their own."""
-        decode = self.decode.adapters.get(depth)
-        out = h if decode is None else decode(h)
-        first = self.prompt.adapters.get(depth)
-        # both maps over every row, then a select: no host sync, and an adapter costs little next to the head
-        return out if first is None else torch.where(prompt[:, None], first(h), out)
+        the generated tokens' adapter where the pack has none of their own. `phases`: whether any row is a
+        prompt's and any a generated token's, if the caller knows (else one host sync finds out)."""
+        decode, first = self.decode.adapters.get(depth), self.prompt.adapters.get(depth)
+        if first is None:
+            return h if decode is None else decode(h)
+        has_prompt, has_decode = phases or _phases(prompt)
+        out = h if decode is None or not has_decode else decode(h)
+        if not has_prompt:
+            return out
+        return first(h) if not has_decode else torch.where(prompt[:, None], first(h), out)
 
-    def router(self, depth: int, h: torch.Tensor, prompt: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+    def router(
+        self, depth: int, h: torch.Tensor, prompt: torch.Tensor, features: torch.Tensor | None,
+        phases: tuple[bool, bool] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """p per row from its phase's router at `depth` (the generated tokens' where prompts have none)."""
         decode, first = self.decode.routers.get(depth), self.prompt.routers.get(depth)
         if decode is None or first is None:
             return (decode or first)(h, features)
+        has_prompt, has_decode = phases or _phases(prompt)
+        if not (has_prompt and has_decode):
+            return (first if has_prompt else decode)(h, features)
         return torch.where(prompt, first(h, features), decode(h, features))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -208,11 +220,13 @@ class ExitHead:
         open_ = (depth >= rows.min_depth) & ~exit_
         conf = (policy == Policy.CONFIDENCE) & open_
         learned = (policy == Policy.LEARNED) & open_
-        any_conf, any_learned = torch.stack([conf.any(), learned.any()]).tolist()  # one sync, not two
-        routers = [r for r in (self.decode.routers.get(depth), self.prompt.routers.get(depth)) if r is not None]
-        if any_learned and not routers:
+        # one host sync for every branch below
+        flags = torch.stack([conf.any(), learned.any(), rows.prompt.any(), (~rows.prompt).any()]).tolist()
+        any_conf, any_learned, phases = flags[0], flags[1], (flags[2], flags[3])
+        router = self.decode.routers.get(depth) or self.prompt.routers.get(depth)
+        if any_learned and router is None:
             raise ExitPackError(f"exit policy 'learned' needs a router at exit point {depth}: load an exit pack")
-        if any_learned and routers[0].uses_confidence:
+        if any_learned and router.uses_confidence:
             conf, any_conf = conf | learned, True
         logits = None
         if any_conf:
@@ -224,11 +238,17 @@ class ExitHead:
             exit_ |= hit & (policy == Policy.CONFIDENCE)
         if any_learned:
             features = None
-            if routers[0].uses_confidence:
+            if router.uses_confidence:
                 features = torch.zeros(n, 3, device=h.device)
                 features[conf] = confidence_features(logits)
             # Every row through the router (a few small products) rather than gathering the learned ones:
             # at decode batch sizes the indexing costs more than the rows it saves.
-            scores = self.cost.score(self.router(depth, h, rows.prompt, features), depth, rows.backfill)
+            scores = self.cost.score(self.router(depth, h, rows.prompt, features, phases), depth, rows.backfill)
             exit_ |= learned & (scores >= rows.threshold)
         return exit_, has_logits, logits
+
+
+def _phases(prompt: torch.Tensor) -> tuple[bool, bool]:
+    """(any prompt row, any generated token's row), in one host sync."""
+    has_prompt, has_decode = torch.stack([prompt.any(), (~prompt).any()]).tolist()
+    return has_prompt, has_decode
