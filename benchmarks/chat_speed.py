@@ -1,11 +1,12 @@
-"""Chat generation end to end, the server's default exits against full depth: the report half of
-../shared/data/chat/instructions.jsonl (chat template applied, greedy, ending at EOS as served), in the
-in-process engine as `adept generate --chat` runs it and through Ray Serve's HTTP endpoint as `adept serve`
-answers it. Per setting: generated tokens per second, decode and prompt layer compute saved, and ROUGE-L
-of the answers against full depth's; the two settings alternate (full depth, default, full depth, ...)
-and the ratio is taken per round.
+"""Chat generation end to end, an exit setting (the server's default or --exit) against full depth: the
+report half of ../shared/data/chat/instructions.jsonl (chat template applied, greedy, ending at EOS as
+served), in the in-process engine as `adept generate --chat` runs it and through Ray Serve's HTTP
+endpoint as `adept serve` answers it. Per setting: generated tokens per second, decode and prompt layer
+compute saved, and ROUGE-L of the answers against full depth's; the two settings alternate (full depth,
+exits, full depth, ...) and the ratio is taken per round.
 
     python benchmarks/chat_speed.py --rounds 3 --prompts 16 --json out.json
+    python benchmarks/chat_speed.py --exit '{"policy": "learned", "threshold": 0.45}' --paths generate
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -30,7 +32,7 @@ from serving.quality.evaluation import rouge_l
 from workers.corpus import CorpusPart, chat_prompts
 
 CHATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "instructions.jsonl"
-SETTINGS = {"full depth": {"policy": "none", "prefill": {"policy": "none"}}, "default": {}}
+FULL = {"policy": "none", "prefill": {"policy": "none"}}
 
 
 def chats(limit: int) -> list[list[dict[str, str]]]:
@@ -82,15 +84,16 @@ def _figures(texts: list[str], usage: list[dict], seconds: float) -> dict:
 
 
 def rounds(name: str, run, args) -> dict:
-    """Interleaved rounds of both settings; per-round ratios of tok/s (default over full depth)."""
-    runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}
+    """Interleaved rounds of both settings; per-round ratios of tok/s (exits over full depth)."""
+    settings = {"full depth": FULL, "exits": json.loads(args.exit)}
+    runs: dict[str, list[dict]] = {s: [] for s in settings}
     for r in range(args.rounds):
-        for s, exit in SETTINGS.items():
+        for s, exit in settings.items():
             runs[s].append(run(exit))
             last = runs[s][-1]
             log(f"{name} round {r + 1}, {s}: {last['tokens']} tokens, {last['tok_s']:.1f} tok/s, decode compute "
                 f"saved {last['decode_saved']:.1%}, prompt {last['prompt_saved']:.1%}")  # fmt: skip
-    full, default = runs["full depth"], runs["default"]
+    full, default = runs["full depth"], runs["exits"]
     ratios = [d["tok_s"] / f["tok_s"] for f, d in zip(full, default, strict=True)]
     rouge = rouge_l(default[0]["texts"], full[0]["texts"])
     identical = sum(a == b for a, b in zip(full[0]["texts"], default[0]["texts"], strict=True))
@@ -98,9 +101,10 @@ def rounds(name: str, run, args) -> dict:
         s: {"tok_s": [round(x["tok_s"], 2) for x in runs[s]], "tokens": runs[s][0]["tokens"],
             "decode_compute_saved": round(runs[s][0]["decode_saved"], 4),
             "prompt_compute_saved": round(runs[s][0]["prompt_saved"], 4)}
-        for s in SETTINGS
-    } | {"speedup_per_round": [round(x, 3) for x in ratios], "speedup_median": round(statistics.median(ratios), 3),
-         "rouge_l_against_full": round(rouge, 4), "identical_answers": identical}  # fmt: skip
+        for s in settings
+    } | {"exit_setting": settings["exits"], "speedup_per_round": [round(x, 3) for x in ratios],
+         "speedup_median": round(statistics.median(ratios), 3), "rouge_l_against_full": round(rouge, 4),
+         "identical_answers": identical}  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -134,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8, help="streams in flight through the server")
+    p.add_argument("--exit", default="{}", help="the request's adept exit controls set against full depth, as "
+                   "JSON (default {}: the server's default)")  # fmt: skip
     p.add_argument("--paths", nargs="+", choices=["generate", "serve"], default=["generate", "serve"])
     server_options(p)
     return p.parse_args(argv)
