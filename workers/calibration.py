@@ -343,15 +343,12 @@ def _least_squares(kind: str, x: torch.Tensor, final: torch.Tensor, s: Calibrati
 def _tensors(adapter: Adapter, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """An adapter's tensors, as they are or as stored: matrices in `dtype`, biases in float16 (float32 with
     float32 matrices)."""
-    out = {}
-    for name in ADAPTER_TENSORS:
-        t = getattr(adapter, name)
-        if t is not None and dtype is None:
-            out[name] = t.detach()
-        elif t is not None:
-            matrix = getattr(torch, dtype)
-            out[name] = t.detach().to(matrix if name in MATRICES or matrix == torch.float32 else torch.float16)
-    return out
+    out = {name: getattr(adapter, name).detach() for name in ADAPTER_TENSORS if getattr(adapter, name) is not None}
+    if dtype is None:
+        return out
+    matrix = getattr(torch, dtype)
+    bias = matrix if matrix == torch.float32 else torch.float16
+    return {name: t.to(matrix if name in MATRICES else bias) for name, t in out.items()}
 
 
 def _as_stored(adapter: Adapter, dtype: str) -> Adapter:
