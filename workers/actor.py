@@ -64,6 +64,9 @@ class LayerGroupWorker:
         self.group.free(blocks)
         self._report_blocks()
 
+    def rollback(self, block_table: torch.Tensor, positions: torch.Tensor) -> None:
+        self.group.rollback(block_table, positions)
+
     def _report_blocks(self) -> None:
         self._reported = time.monotonic()
         used = len(self.group.cache.occupied())

@@ -131,6 +131,11 @@ class KVCache:
     def free(self, blocks: torch.Tensor) -> None:
         self.filled[:, blocks] = False
 
+    def clear(self, at: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Forget the K/V of single positions (from `locate`) in every layer: a rejected speculative draft."""
+        blocks, offsets = at
+        self.filled[:, blocks, offsets] = False
+
     def occupied(self) -> list[int]:
         """Blocks that hold any K/V: after every sequence has finished this must be empty."""
         return self.filled.any(dim=2).any(dim=0).nonzero().flatten().tolist()

@@ -53,6 +53,8 @@ class _Exits:
     deferred: list[tuple[torch.Tensor, SkippedRows]] = field(default_factory=list)
     carry_ids: list[torch.Tensor] = field(default_factory=list)
     carry_hidden: list[torch.Tensor] = field(default_factory=list)
+    drafted: list[torch.Tensor] = field(default_factory=list)  # speculative drafts that exited, and ...
+    draft_hidden: list[torch.Tensor] = field(default_factory=list)  # ... their hidden states
 
 
 @dataclass
@@ -110,11 +112,13 @@ class LayerGroup:
         self.ln2 = stack("post_attention_layernorm.weight")
         self.embed = weights.get("model.embed_tokens.weight") if self.is_first else None
         self.head = None
-        if spec.exit_points:
+        # Every group but the last has a head at its end as well: speculative drafts exit there.
+        self.head_points = sorted({*spec.exit_points, *([] if self.is_last else [spec.end])})
+        if self.head_points:
             lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
             norm = weights["model.norm.weight"]
             self.head = ExitHead.build(
-                norm, lm_head, arch.rms_norm_eps, arch.num_layers, list(spec.exit_points), pack, dtype, device
+                norm, lm_head, arch.rms_norm_eps, arch.num_layers, self.head_points, pack, dtype, device
             )
         self.cos, self.sin = rope
         self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -136,13 +140,14 @@ class LayerGroup:
         config = load_config(model_path)
         arch = ModelArch.from_config(config)
         layers = {f"model.layers.{i}." for i in range(spec.start, spec.end)}
+        has_head = bool(spec.exit_points) or spec.end < arch.num_layers
 
         def want(name: str) -> bool:
             if name.startswith("model.layers."):
                 return name[: name.index(".", len("model.layers.")) + 1] in layers
             if name == "model.embed_tokens.weight":
-                return spec.start == 0 or (bool(spec.exit_points) and arch.tie_word_embeddings)
-            return bool(spec.exit_points) and name in ("model.norm.weight", "lm_head.weight")
+                return spec.start == 0 or (has_head and arch.tie_word_embeddings)
+            return has_head and name in ("model.norm.weight", "lm_head.weight")
 
         weights = {k: v.to(device) for k, v in load_tensors(model_path, want, dtype).items()}
         rope = tuple(t.to(device) for t in rope_tables(config, spec.max_len, dtype))
@@ -171,6 +176,9 @@ class LayerGroup:
         exits, h = self._run(*on_device, top_k)
         results = TokenResults.cat(exits.results) if exits.results else TokenResults.empty(0, top_k, self.device)
         result = StepResult(_cat_long(exits.rows, self.device).cpu(), to_device(results, torch.device("cpu")))
+        if exits.drafted:
+            result.drafted = torch.cat(exits.drafted).cpu()
+            result.draft_hidden = torch.cat(exits.draft_hidden).cpu()
         result.timing = (started, time.time_ns())
         keep = torch.ones(n, dtype=torch.bool)
         keep[result.exited] = False
@@ -226,7 +234,8 @@ class LayerGroup:
         positions = torch.cat([rows.positions, skipped.positions[exact]]) if exact.numel() else rows.positions
         deciding = ids < n  # forward rows that have not exited yet
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
-        can_exit_early = bool((rows.policy != Policy.NONE).any())
+        flags = torch.stack([(rows.policy != Policy.NONE).any(), (rows.backfill == Backfill.DRAFT).any()]).tolist()
+        can_exit_early, drafting = flags if n else (False, False)
         out = _Exits(last=_last_of_each_sequence(rows.block_table, rows.positions) if can_exit_early else None)
 
         layout = None
@@ -238,11 +247,14 @@ class LayerGroup:
                 at = self.cache.locate(tables, positions)
             h = self._layer(i, h, at, layout)
             depth = self.spec.start + i + 1
-            if depth not in self.spec.exit_points or not (can_exit_early or depth == self.arch.num_layers):
+            at_point = depth in self.spec.exit_points
+            # Drafts may exit at the group's end even where it is no exit point (only they).
+            draft_end = drafting and depth == self.spec.end and not at_point and not self.is_last
+            if not (at_point or draft_end) or not (can_exit_early or depth == self.arch.num_layers):
                 continue
             if not bool(deciding.any()):
                 continue
-            leaving = self._exit(depth, h, rows, ids, deciding, out, top_k)
+            leaving = self._exit(depth, h, rows, ids, deciding, out, top_k, drafts_only=draft_end)
             if leaving is not None:  # decoupled/mapped rows leave; exact rows keep running this group's layers
                 keep = torch.ones(h.shape[0], dtype=torch.bool, device=self.device)
                 keep[leaving] = False
@@ -300,6 +312,10 @@ class LayerGroup:
     def free(self, blocks: torch.Tensor) -> None:
         self.cache.free(blocks.to(self.device))
 
+    def rollback(self, block_table: torch.Tensor, positions: torch.Tensor) -> None:
+        """Forget the K/V of these positions (rows of sequences' block tables): rejected speculative drafts."""
+        self.cache.clear(self.cache.locate(block_table.to(self.device), positions.to(self.device)))
+
     def info(self) -> dict:
         """Which layers, which process, its pool's size, which blocks hold K/V: for operators (and the tests)."""
         return {
@@ -345,9 +361,11 @@ class LayerGroup:
         deciding: torch.Tensor,
         out: _Exits,
         top_k: int,
+        drafts_only: bool = False,
     ) -> torch.Tensor | None:
         """Decide exits at `depth`; record exited rows (sampling those that produce a token) and back-fill
-        their remaining layers in this group. Returns the positions in `h` of rows that leave the batch."""
+        their remaining layers in this group (drafts: none, their hidden state goes back instead). Returns
+        the positions in `h` of rows that leave the batch. `drafts_only`: a depth where only drafts exit."""
         if len(ids) == len(rows) and bool(deciding.all()):  # every forward row, in order: nothing to gather
             idx = row_ids = ids
             sub, h_deciding = rows, h
@@ -355,7 +373,11 @@ class LayerGroup:
             idx = deciding.nonzero().flatten()
             row_ids = ids[idx]
             sub, h_deciding = rows.select(row_ids), h[idx]
-        exiting, has_logits, logits = self.head.decide(depth, depth == self.arch.num_layers, h_deciding, sub)
+        if drafts_only:
+            exiting = (sub.backfill == Backfill.DRAFT) & (depth >= sub.max_depth)
+            has_logits, logits = torch.zeros_like(exiting), None
+        else:
+            exiting, has_logits, logits = self.head.decide(depth, depth == self.arch.num_layers, h_deciding, sub)
         if not bool(exiting.any()):
             return None
         idx, row_ids, sub = idx[exiting], row_ids[exiting], sub.select(exiting.nonzero().flatten())
@@ -377,28 +399,33 @@ class LayerGroup:
         out.rows.append(row_ids)
         out.results.append(res)
 
-        from_exit = sub.backfill != Backfill.EXACT
-        leaving = idx[from_exit]
-        if leaving.numel():
+        draft = sub.backfill == Backfill.DRAFT
+        from_exit = (sub.backfill != Backfill.EXACT) & ~draft
+        any_draft, any_from_exit = torch.stack([draft.any(), from_exit.any()]).tolist()  # one host sync
+        if any_draft:
+            out.drafted.append(row_ids[draft])
+            out.draft_hidden.append(h[idx[draft]].clone())
+        if any_from_exit:
+            backfilled = idx[from_exit]
             if not self.is_last:
                 out.carry_ids.append(row_ids[from_exit])
-                out.carry_hidden.append(h[leaving].clone())
+                out.carry_hidden.append(h[backfilled].clone())
             if depth < self.spec.end:
                 meta = SkippedRows(
                     block_table=sub.block_table[from_exit],
                     positions=sub.positions[from_exit],
-                    exit_layer=torch.full_like(leaving, depth),
+                    exit_layer=torch.full_like(backfilled, depth),
                     backfill=sub.backfill[from_exit],
-                    index=torch.arange(leaving.numel(), device=self.device),
+                    index=torch.arange(backfilled.numel(), device=self.device),
                 )
                 # A row whose sequence has later rows in this call (a prompt chunk) needs its K/V before they
                 # reach the next layer: then these rows back-fill now, in one product. Otherwise (decoding)
                 # their back-fill joins one product for every exit point at the end of the call.
                 if bool(out.last[row_ids[from_exit]].all()):
-                    out.deferred.append((h[leaving], meta))
+                    out.deferred.append((h[backfilled], meta))
                 else:
-                    self._kv_from_exit(h[leaving], meta)
-        return leaving
+                    self._kv_from_exit(h[backfilled], meta)
+        return idx[from_exit | draft] if any_draft or any_from_exit else None
 
     def _kv_from_exit(self, h_exit: torch.Tensor, meta: SkippedRows) -> None:
         """Decoupled/mapped back-fill of this group's layers that rows skipped (from each row's exit layer,

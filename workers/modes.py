@@ -16,3 +16,4 @@ class Backfill(IntEnum):
     EXACT = 0  # run the skipped layers on the exited token (later, batched)
     DECOUPLED = 1  # skipped layers' K/V straight from the exit hidden state
     MAPPED = 2  # like decoupled, through learned per-layer maps of the exit hidden state
+    DRAFT = 3  # none: a speculative draft, whose deeper layers its verification runs (it returns its hidden state)

@@ -246,3 +246,7 @@ class StepResult(Tensors):
     exited: torch.Tensor  # int64: indices into the call's rows
     results: TokenResults  # per exited row
     timing: tuple[int, int] = (0, 0)  # wall clock (ns) when the call started and ended, for traces
+    # Speculative drafts that exited here (Backfill.DRAFT): indices into the call's rows, and their hidden
+    # states, where their verification continues (small: one vector per drafted token).
+    drafted: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    draft_hidden: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))

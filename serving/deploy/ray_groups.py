@@ -39,6 +39,9 @@ class RayGroup:
     def free(self, blocks: torch.Tensor) -> Any:
         return self.actor.free.remote(blocks)
 
+    def rollback(self, block_table: torch.Tensor, positions: torch.Tensor) -> Any:
+        return self.actor.rollback.remote(block_table, positions)
+
     def info(self) -> Any:
         return self.actor.info.remote()
 

@@ -10,9 +10,18 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
-from serving.engine.params import ExitLimits, ExitParams, PhaseExits, SamplingParams, request_error, resolve_exit
+from serving.engine.params import (
+    FULL_DEPTH,
+    ExitLimits,
+    ExitParams,
+    PhaseExits,
+    SamplingParams,
+    request_error,
+    resolve_exit,
+)
 from serving.engine.plan import PipelinePlan
 from serving.engine.scheduler import Sequence
+from serving.engine.speculative import SpecConfig, SpecState, SpeculativeParams, resolve_speculative
 from workers.arch import ModelArch
 from workers.exit_pack import ExitPack
 
@@ -46,12 +55,14 @@ class Admission:
         prompt: str | list[int],
         sampling: SamplingParams | dict | None,
         exit: ExitParams | dict | None,
+        speculative: SpeculativeParams | dict | None = None,
     ) -> Sequence:
         try:
             sampling = SamplingParams.model_validate(sampling or {})
         except ValidationError as e:
             raise request_error(e) from None
-        resolved = self.resolve_exit(exit)
+        spec = self.resolve_speculative(speculative, sampling)
+        resolved = self.resolve_exit(exit) if spec is None else self._speculative_exit(exit)
         prompt_ids = self.prompt_ids(prompt)
         room = self.plan.max_model_len - len(prompt_ids)
         cap = self.config.max_tokens_limit
@@ -72,7 +83,39 @@ class Admission:
             exit=resolved,
             seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
             max_tokens=sampling.max_tokens if sampling.max_tokens is not None else min(room, cap or room),
+            spec=None if spec is None else SpecState(spec),
         )
+
+    def resolve_speculative(
+        self, speculative: SpeculativeParams | dict | None, sampling: SamplingParams
+    ) -> SpecConfig | None:
+        """The request's speculative mode, else the server's; sampled requests decode plainly for now (the
+        rejection rule that keeps their distribution is not in yet)."""
+        try:
+            spec = resolve_speculative(speculative, self.config.speculative, self.plan.groups)
+        except ValidationError as e:
+            raise request_error(e, "adept.speculative.") from None
+        return spec if sampling.temperature == 0 else None
+
+    def _speculative_exit(self, exit: ExitParams | dict | None) -> PhaseExits:
+        """Speculative decoding verifies every generated token at full depth, and reads the prompt at full
+        depth unless the request sets `prefill` (the server's prefill defaults do not apply: the reference
+        is full depth for the whole request)."""
+        try:
+            params = ExitParams.model_validate(exit or {})
+        except ValidationError as e:
+            raise request_error(e, "adept.") from None
+        own = params.model_dump(exclude_none=True, exclude={"prefill"})
+        if own:
+            raise RequestError(
+                f"adept.{next(iter(own))}",
+                "speculative decoding verifies every generated token at full depth: it takes no exit controls "
+                "for them (set adept.prefill for prompt tokens, or turn speculative off)",
+            )
+        if params.prefill is None:
+            return PhaseExits(FULL_DEPTH, FULL_DEPTH)
+        prefill = resolve_exit(ExitParams(prefill=params.prefill), ExitParams(), self.limits)
+        return PhaseExits(FULL_DEPTH, prefill.prefill, prefill.full_depth_last)
 
     def resolve_exit(self, exit: ExitParams | dict | None) -> PhaseExits:
         """A request's exit controls for prompt and generated tokens, its unset ones from the defaults,

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine.params import ExitParams
+from serving.engine.speculative import SpeculativeParams
 from workers.model_store import DEFAULT_MODEL
 
 # The default context per sequence (the model's, if shorter).
@@ -40,6 +41,11 @@ class EngineConfig(BaseSettings):
         default_factory=ExitParams,
         description="early-exit controls of requests that leave them unset; unset here too: the exit pack's "
         "tuned defaults (the shipped pack: policy learned), else policy none",
+    )
+    speculative: SpeculativeParams = Field(
+        default_factory=SpeculativeParams,
+        description="speculative decoding of requests that leave it unset (num_tokens 0: off): exits draft, the "
+        "deeper layer groups verify, output is full depth's",
     )
     max_num_seqs: int = Field(
         128, ge=1, description="sequences in the running batch at most; KV memory usually limits it first"

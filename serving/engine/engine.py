@@ -35,6 +35,7 @@ from serving.engine.params import ExitParams, PhaseExits, SamplingParams
 from serving.engine.pipeline import GroupHandle, LocalGroup, Pipeline, Submitted
 from serving.engine.plan import PipelinePlan, plan_pipeline
 from serving.engine.scheduler import ScheduledBatch, Scheduler, Sequence, TeacherForcing, check_kv_capacity
+from serving.engine.speculative import SpeculativeParams
 from serving.telemetry import tracing
 from serving.telemetry.metrics import EngineStats
 from workers.arch import ModelArch
@@ -92,7 +93,7 @@ class Engine:
         self.admission = Admission(config, plan, tokenizer, arch, pack)
         self.scheduler = Scheduler(
             BlockPool(min(g.num_blocks for g in pipeline.groups)), config.block_size, config.max_num_seqs,
-            config.max_num_batched_tokens, config.max_waiting_requests,
+            config.max_num_batched_tokens, config.max_waiting_requests, plan.max_model_len,
         )  # fmt: skip
         check_kv_capacity(self.scheduler.pool, config.block_size, plan.max_model_len, pipeline.block_bytes)
         self.outputs = OutputProcessor(tokenizer, arch.eos_token_ids, plan.num_layers, plan.max_model_len, self.stats)
@@ -152,14 +153,16 @@ class Engine:
         sampling: SamplingParams | dict | None = None,
         exit: ExitParams | dict | None = None,
         request_id: str | None = None,
+        speculative: SpeculativeParams | dict | None = None,
     ) -> RequestStream:
-        """Admit a request (raises RequestError or QueueFullError at once) and return its output stream."""
+        """Admit a request (raises RequestError or QueueFullError at once) and return its output stream.
+        `speculative`: its speculative decoding (None: the server's default)."""
         request_id = request_id or uuid.uuid4().hex
         if self.broken:
             raise EngineUnavailable(f"this pipeline cannot serve: {self.broken}; retry the request")
         if request_id in self.outputs:
             raise RequestError("request_id", f"{request_id!r} is already in use")
-        seq = self.admission.sequence(request_id, prompt, sampling, exit)
+        seq = self.admission.sequence(request_id, prompt, sampling, exit, speculative)
         self.scheduler.add(seq)
         span = tracing.start_request(self.config.model, len(seq.prompt_ids), seq.exit.decode.name)
         stream = self.outputs.add(seq, span, self.abort)
@@ -172,8 +175,9 @@ class Engine:
         sampling: SamplingParams | dict | None = None,
         exit: ExitParams | dict | None = None,
         request_id: str | None = None,
+        speculative: SpeculativeParams | dict | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        stream = self.submit(prompt, sampling, exit, request_id)
+        stream = self.submit(prompt, sampling, exit, request_id, speculative)
         try:
             async for out in stream:
                 yield out
@@ -223,13 +227,17 @@ class Engine:
         if self._recovery is not None or self.broken:
             return
         while len(self._inflight) < self.config.max_inflight_batches:
+            rejected = self.scheduler.take_rejected()  # forgotten before any call reads those positions again
+            if rejected is not None:
+                self._spawn(Pipeline.confirm(self.pipeline.rollback(*rejected), quiet=True))
             batch = self.scheduler.schedule(self.scheduler.per_micro_batch(self.config.max_inflight_batches))
             self._free(self.scheduler.take_freed())  # preempted: cleared before any call reuses the blocks
             self.stats.scheduler(*self.scheduler.gauges())
             if batch is None:
                 return
             trace = self.outputs.trace(batch, self.plan.groups, self.pipeline.sync_backfill)
-            submitted = self.pipeline.submit(batch.rows, trace.trailing_call if trace else None)
+            listener = trace.trailing_call if trace else None
+            submitted = self.pipeline.submit(batch.rows, listener, batch.start, batch.hidden)
             task = asyncio.get_running_loop().create_task(self._step(batch, submitted, trace))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -244,8 +252,8 @@ class Engine:
             self._failed(batch, e)
         else:
             if trace:
-                trace.computed(result.results.exit_layer, result.timings)
-            updates = self.scheduler.update(batch, result.results)
+                trace.computed(result.results.exit_layer, result.timings, batch.start)
+            updates = self.scheduler.update(batch, result.results, result.draft_hidden)
             self._release([u.seq for u in updates if self.outputs.deliver(u)])
         self._inflight.discard(asyncio.current_task())
         self._launch()

@@ -17,6 +17,8 @@ class Usage:
     layers_total: int  # what full depth would have run for the same tokens
     prompt_layers_computed: int = 0  # the same two, of prompt tokens only
     prompt_layers_total: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and those the full model kept
+    accepted_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -37,6 +39,7 @@ class RequestOutput:
     usage: Usage | None = None
     token_texts: dict[int, str] | None = None  # each token's text, for logprobs (filled by the replica)
     prompt: PromptScores | None = None  # on the first output of a request that asked for prompt_logprobs
+    accepted: list[bool] | None = None  # speculative: per token, a draft the full model kept (else its own)
 
     def merged(self, later: RequestOutput) -> RequestOutput:
         """This output and a later one of the same request as one."""
@@ -55,6 +58,7 @@ class RequestOutput:
             finish_reason=later.finish_reason,
             usage=later.usage,
             prompt=self.prompt or later.prompt,
+            accepted=join(self.accepted, later.accepted),
         )
 
 

@@ -154,38 +154,49 @@ class OutputProcessor:
                 stream.queue.put_nowait(out)
                 return True
             return False  # a prompt chunk that did not reach the end of the prompt
-        token, exit_layer = update.token, seq.exit_layers[-1]
         now = time.monotonic()
         first = stream.first_token is None
         if first:
             stream.first_token = now
             self.stats.first_token(now - stream.admitted)
-        self.stats.token(exit_layer)
-        text = stream.detok.add(token)
-        reason = None
-        if stream.detok.stopped or (token in self.eos_token_ids and not seq.sampling.ignore_eos):
-            reason = "stop"
-        elif len(seq.output_ids) >= seq.max_tokens or seq.num_computed + 1 >= self.max_model_len:
-            reason = "length"
+        # Several new tokens (a verified speculative round) go out in order until one ends the request.
+        new = len(row)
+        tokens, base = row.tokens.tolist(), len(seq.output_ids) - new
+        text, reason, n = "", None, 0
+        for i, token in enumerate(tokens):
+            n = i + 1
+            self.stats.token(seq.exit_layers[base + i])
+            text += stream.detok.add(token)
+            if stream.detok.stopped or (token in self.eos_token_ids and not seq.sampling.ignore_eos):
+                reason = "stop"
+            elif base + n >= seq.max_tokens or seq.num_computed - (new - n) + 1 >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                break
+        if n < new:  # tokens after the end are not the request's
+            del seq.output_ids[base + n :], seq.exit_layers[base + n :]
+            row = row.select(slice(0, n))
         if reason is not None:
             text += stream.detok.flush()
             self._end(stream, reason)
         k = seq.sampling.logprobs
-        top = (
-            None if k is None else dict(zip(row.top_ids[0, :k].tolist(), row.top_logprobs[0, :k].tolist(), strict=True))
-        )
+        top = None
+        if k is not None:
+            pairs = zip(row.top_ids.tolist(), row.top_logprobs.tolist(), strict=True)
+            top = [dict(zip(i[:k], v[:k], strict=True)) for i, v in pairs]
         stream.queue.put_nowait(
             RequestOutput(
                 request_id=seq.request_id,
                 text=text,
-                token_ids=[token],
-                exit_layers=[exit_layer],
-                logprobs=None if k is None else [float(row.logprobs[0])],
-                top_logprobs=None if top is None else [top],
+                token_ids=tokens[:n],
+                exit_layers=seq.exit_layers[base : base + n],
+                logprobs=None if k is None else row.logprobs.tolist(),
+                top_logprobs=top,
                 finished=reason is not None,
                 finish_reason=reason,
                 usage=None if reason is None else self.usage(seq),
                 prompt=self._prompt(seq) if first else None,
+                accepted=None if update.accepted is None else update.accepted[:n],
             )
         )
         return reason is not None
@@ -231,6 +242,8 @@ class OutputProcessor:
             layers_total=seq.num_computed * self.num_layers,
             prompt_layers_computed=seq.prompt_layers_computed,
             prompt_layers_total=min(seq.num_computed, len(seq.prompt_ids)) * self.num_layers,
+            draft_tokens=0 if seq.spec is None else seq.spec.drafted,
+            accepted_tokens=0 if seq.spec is None else seq.spec.accepted,
         )
 
     def _end(self, stream: _Stream, reason: str) -> None:

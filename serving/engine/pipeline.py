@@ -32,8 +32,8 @@ import torch
 
 from serving.telemetry.metrics import EngineStats
 from workers.layer_group import LayerGroup
-from workers.modes import Policy
-from workers.protocol import GroupSpec, Rows, StepResult, TokenResults
+from workers.modes import Backfill, Policy
+from workers.protocol import Continuing, GroupSpec, Rows, SkippedRows, StepResult, TokenResults
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class GroupHandle(Protocol):
 
     def free(self, blocks: torch.Tensor) -> Any: ...
 
+    def rollback(self, block_table: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Forget the K/V of single positions (rejected speculative drafts)."""
+        ...
+
     def info(self) -> Any:
         """The group's layers, process id, KV pool size and occupied blocks."""
         ...
@@ -77,6 +81,7 @@ class GroupHandle(Protocol):
 class BatchResult:
     results: TokenResults  # per row of the batch
     timings: list[tuple[int, int]]  # per group read on the critical path: its call's start and end (ns)
+    draft_hidden: torch.Tensor | None = None  # [rows, hidden]: where a speculative draft's verification starts
 
 
 Listener = Callable[[int, tuple[int, int]], None]  # hears of a back-fill-only call: its group and timing
@@ -90,6 +95,7 @@ class Submitted:
     rows: Rows
     results: list[Any]
     on_trailing: Listener | None
+    start: int = 0  # the first group called (verification of speculative drafts starts past the draft depth)
 
 
 @dataclass
@@ -122,14 +128,21 @@ class Pipeline:
     async def execute(self, rows: Rows) -> BatchResult:
         return await self.collect(self.submit(rows))
 
-    def submit(self, rows: Rows, on_trailing: Listener | None = None) -> Submitted:
+    def submit(
+        self, rows: Rows, on_trailing: Listener | None = None, start: int = 0, hidden: torch.Tensor | None = None
+    ) -> Submitted:
         """Send the batch to every group it can reach (each call takes the previous one's output); deeper
         groups are owed that output. `on_trailing(group, timing)` hears when each call that only
-        back-fills this batch's rows finishes."""
+        back-fills this batch's rows finishes. With `start`, the batch enters at that group with `hidden`,
+        the rows' hidden states at its first layer (speculative drafts, verified)."""
         results = []
         batch: Any = rows
+        if start:
+            batch = Continuing(rows, hidden, SkippedRows.empty(), hidden[:0])
         reach = self._reach(rows)
         for g, group in enumerate(self.groups):
+            if g < start:
+                continue
             if g > reach:
                 self._owed[g].append(_Owed(batch, [on_trailing] if on_trailing else []))
                 break
@@ -138,7 +151,7 @@ class Pipeline:
         for g in range(reach + 1, len(self.groups)):
             if len(self._owed[g]) >= OWED_CALLS:
                 self._call_owed(g)
-        return Submitted(rows, results, on_trailing)
+        return Submitted(rows, results, on_trailing, start)
 
     def _reach(self, rows: Rows) -> int:
         """The deepest group a row of the batch can run in: a row with exit controls stops at the first
@@ -146,6 +159,7 @@ class Pipeline:
         if self.sync_backfill or not len(rows) or bool((rows.policy == Policy.NONE).any()):
             return len(self.groups) - 1
         stop = self._points[torch.searchsorted(self._points, rows.max_depth).clamp(max=len(self._points) - 1)]
+        stop = torch.where(rows.backfill == Backfill.DRAFT, rows.max_depth, stop)  # drafts end at a group's end
         return int(torch.searchsorted(self._ends, stop.max()))
 
     def _take_owed(self, g: int) -> list[_Owed]:
@@ -180,10 +194,15 @@ class Pipeline:
         ids = torch.arange(n)
         timings = []
         g = 0
+        draft_hidden = None
         while g < len(results) and (len(ids) or self.sync_backfill):
-            result: StepResult = await self.groups[g].fetch(results[g])
+            result: StepResult = await self.groups[submitted.start + g].fetch(results[g])
             timings.append(result.timing)
             out.put(ids[result.exited], result.results)
+            if len(result.drafted):
+                if draft_hidden is None:
+                    draft_hidden = result.draft_hidden.new_zeros(n, result.draft_hidden.shape[1])
+                draft_hidden[ids[result.drafted]] = result.draft_hidden
             keep = torch.ones(len(ids), dtype=torch.bool)
             keep[result.exited] = False
             ids = ids[keep]
@@ -193,10 +212,10 @@ class Pipeline:
         done_at = time.monotonic()
         listeners = [submitted.on_trailing] if submitted.on_trailing else []
         for rest in range(g, len(results)):  # back-fill only, off the critical path
-            self._trail(rest, results[rest], done_at, listeners)
+            self._trail(submitted.start + rest, results[rest], done_at, listeners)
         if g < len(results):
             self.stats.backfill(None, len(self._trailing))
-        return BatchResult(out, timings)
+        return BatchResult(out, timings, draft_hidden)
 
     def _trail(self, g: int, ref: Any, since: float, listeners: list[Listener]) -> None:
         task = asyncio.get_running_loop().create_task(self.groups[g].fetch(ref))
@@ -209,6 +228,11 @@ class Pipeline:
         self.settle()  # what is owed to these blocks lands before they are cleared
         freed = torch.tensor(blocks, dtype=torch.int64)
         return [(group, group.free(freed)) for group in self.groups]
+
+    def rollback(self, block_table: torch.Tensor, positions: torch.Tensor) -> list[tuple[GroupHandle, Any]]:
+        """Forget the K/V of these positions on every group (rejected drafts), before any later call reads
+        them; returns what `confirm` awaits."""
+        return [(group, group.rollback(block_table, positions)) for group in self.groups]
 
     @staticmethod
     async def confirm(calls: list[tuple[GroupHandle, Any]], quiet: bool = False) -> None:
@@ -277,6 +301,9 @@ class LocalGroup:
 
     def free(self, blocks: torch.Tensor) -> Any:
         return _Part(self._thread.submit(self.group.free, blocks), None)
+
+    def rollback(self, block_table: torch.Tensor, positions: torch.Tensor) -> Any:
+        return _Part(self._thread.submit(self.group.rollback, block_table, positions), None)
 
     def info(self) -> Any:
         return _Part(self._thread.submit(self.group.info), None)

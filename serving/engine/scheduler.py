@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.engine.exceptions import QueueFullError
-from serving.engine.params import PhaseExits, SamplingParams
+from serving.engine.params import FULL_DEPTH, PhaseExits, SamplingParams
+from serving.engine.speculative import SpecState
 from workers.kv_cache import BlockPool, blocks_for
 from workers.modes import Policy
-from workers.protocol import Rows, TokenResults
+from workers.protocol import Rows, TokenResults, pad_cat
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,10 @@ class Sequence:
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)  # its KV blocks, in position order
-    num_computed: int = 0  # positions fed through the model
+    num_computed: int = 0  # positions fed through the model (speculative drafts: once verified)
     in_flight: bool = False
     aborted: bool = False
+    spec: SpecState | None = None  # speculative decoding's round, if the request asked for it
 
     @property
     def tokens(self) -> list[int]:
@@ -54,23 +56,35 @@ class Sequence:
     def prefill_done(self) -> bool:
         return self.num_computed >= len(self.prompt_ids)
 
+    @property
+    def drafting(self) -> bool:
+        """Its next row is a speculative draft (it decodes, one token unfed, in a round with drafts)."""
+        return self.spec is not None and self.spec.drafting
+
+    def reset(self) -> None:
+        """Start over from position 0 (preempted, or a worker lost its cache): drafts are forgotten."""
+        self.num_computed = 0
+        if self.spec is not None:
+            self.spec.reset()
+
 
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
     counts: list[int]  # rows of each sequence, in order
     rows: Rows
+    start: int = 0  # the group it enters at: past the draft depth for a verification batch
+    hidden: torch.Tensor | None = None  # with `start`: the rows' hidden states there
 
 
 @dataclass
 class SequenceUpdate:
     seq: Sequence
-    sampled: TokenResults | None  # the row that sampled the next token; None: a prompt chunk before the end
+    # the rows of the sequence's new tokens (one, or a verified speculative round's); None: no new token yet
+    # (a prompt chunk before the end, a draft)
+    sampled: TokenResults | None
     prompt_done: bool = False  # this step fed the prompt's last token
-
-    @property
-    def token(self) -> int | None:
-        return None if self.sampled is None else int(self.sampled.tokens[0])
+    accepted: list[bool] | None = None  # speculative: per new token, whether it was a draft the model kept
 
 
 class Scheduler:
@@ -81,9 +95,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_waiting: int,
+        max_model_len: int,
         watermark: float = 0.01,
     ) -> None:
-        self.pool, self.block_size = pool, block_size
+        self.pool, self.block_size, self.max_model_len = pool, block_size, max_model_len
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -94,6 +109,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self._freed: list[int] = []  # blocks of preempted sequences that the workers still hold
+        self._rejected: list[tuple[list[int], int, int]] = []  # (blocks, first, end): rejected draft positions
 
     @property
     def has_work(self) -> bool:
@@ -135,7 +151,7 @@ class Scheduler:
         """Every running sequence starts over from position 0 in the blocks it holds (prompt and generated
         tokens are fed again, the last one sampling the next token): after a worker lost its KV cache."""
         for seq in self.running:
-            seq.num_computed = 0
+            seq.reset()
             seq.in_flight = False
         return list(self.running)
 
@@ -176,10 +192,24 @@ class Scheduler:
         freed, self._freed = self._freed, []
         return freed
 
+    def take_rejected(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Positions of rejected speculative drafts since the last call, as (block table rows, positions):
+        forget their K/V on every worker before the next batch is submitted."""
+        rejected, self._rejected = self._rejected, []
+        if not rejected:
+            return None
+        tables = [torch.tensor(blocks).expand(end - first, -1) for blocks, first, end in rejected]
+        positions = torch.cat([torch.arange(first, end) for _, first, end in rejected])
+        return pad_cat(tables), positions
+
     def schedule(self, max_seqs: int | None = None) -> ScheduledBatch | None:
-        """The next batch: at most `max_seqs` sequences and the token budget's worth of rows."""
-        budget = self.token_budget
+        """The next batch: at most `max_seqs` sequences and the token budget's worth of rows. Sequences whose
+        drafts are all fed go first, in a verification batch of their own (it enters past the draft depth)."""
         room = max_seqs or self.max_num_seqs
+        verify = self._verification(room)
+        if verify is not None:
+            return verify
+        budget = self.token_budget
         picked: list[tuple[Sequence, int]] = []
         # Decode rows first (one token each), then unfinished prompts, then new sequences; the oldest first.
         ready = [s for s in self.running if not s.in_flight and not s.aborted]
@@ -191,7 +221,10 @@ class Scheduler:
             if not seq.blocks:  # preempted this step for an older one (a running sequence holds blocks)
                 continue
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            if self._grow(seq, n, picked):
+            decoding = seq.prefill_done and len(seq.tokens) - seq.num_computed == 1
+            if seq.spec is not None and decoding and seq.spec.fed == 0:  # a new speculative round
+                seq.spec.start(self._draft_room(seq))
+            if self._grow(seq, seq.spec.fed + 1 if seq.drafting else n, picked):
                 picked.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and len(picked) < room:
@@ -211,8 +244,30 @@ class Scheduler:
             seq.in_flight = True
         return ScheduledBatch([s for s, _ in picked], [n for _, n in picked], rows_for(picked))
 
+    def _draft_room(self, seq: Sequence) -> int:
+        """Drafts this round may hold: a round emits up to k + 1 tokens and feeds k + 1 positions."""
+        return min(seq.max_tokens - len(seq.output_ids) - 1, self.max_model_len - 2 - seq.num_computed)
+
+    def _verification(self, room: int) -> ScheduledBatch | None:
+        """A batch of every sequence whose drafts are all fed (as many as fit), those that enter at the same
+        group as the first: positions b..b+k each, at full depth from the draft depth on."""
+        ready = [s for s in self.running if not s.in_flight and not s.aborted and s.spec and s.spec.verifying]
+        if not ready:
+            return None
+        group, budget, picked = ready[0].spec.config.group, self.token_budget, []
+        for seq in ready:
+            n = seq.spec.k + 1
+            if seq.spec.config.group != group or len(picked) == room or (picked and n > budget):
+                continue
+            picked.append((seq, n))
+            budget -= n
+        for seq, _ in picked:
+            seq.in_flight = True
+        hidden = torch.stack([h for seq, _ in picked for h in seq.spec.hidden])
+        return ScheduledBatch([s for s, _ in picked], [n for _, n in picked], verify_rows(picked), group, hidden)
+
     def _grow(self, seq: Sequence, n: int, picked: list[tuple[Sequence, int]]) -> bool:
-        """Blocks for `seq`'s next `n` tokens, preempting the newest sequences not in flight if none are
+        """Blocks for `seq`'s next `n` positions, preempting the newest sequences not in flight if none are
         free; False if `seq` cannot run this step (it was preempted itself, or every candidate is busy)."""
         need = max(blocks_for(seq.num_computed + n, self.block_size) - len(seq.blocks), 0)
         while self.pool.num_free < need:
@@ -229,17 +284,29 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits at the head of the queue and is recomputed from position 0."""
         self._freed += self.remove(seq)
-        seq.num_computed = 0
+        seq.reset()
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def update(self, batch: ScheduledBatch, results: TokenResults) -> list[SequenceUpdate]:
-        """Apply a step's results (per row) to its sequences."""
+    def update(
+        self, batch: ScheduledBatch, results: TokenResults, draft_hidden: torch.Tensor | None = None
+    ) -> list[SequenceUpdate]:
+        """Apply a step's results (per row) to its sequences (`draft_hidden`: per row, the hidden state a
+        draft stopped with)."""
+        if batch.start:
+            return self._verified(batch, results)
         updates = []
         start = 0
         for seq, n in zip(batch.seqs, batch.counts, strict=True):
             end = start + n
             seq.in_flight = False
+            if seq.drafting:  # not verified yet: nothing to emit
+                token = int(results.tokens[start]) if bool(batch.rows.sample[start]) else None
+                seq.spec.fed_one(draft_hidden[start], token)
+                seq.layers_computed += int(results.exit_layer[start])
+                updates.append(SequenceUpdate(seq, None))
+                start = end
+                continue
             first, prompt_len = seq.num_computed, len(seq.prompt_ids)
             seq.num_computed += n
             seq.layers_computed += int(results.exit_layer[start:end].sum())
@@ -253,8 +320,29 @@ class Scheduler:
                 sampled = results.select(slice(end - 1, end))
                 seq.output_ids.append(int(sampled.tokens[0]))
                 seq.exit_layers.append(int(sampled.exit_layer[0]))
-            updates.append(SequenceUpdate(seq, sampled, first < prompt_len <= seq.num_computed))
+            plain = None if seq.spec is None or sampled is None else [False]  # speculative, but no draft this step
+            updates.append(SequenceUpdate(seq, sampled, first < prompt_len <= seq.num_computed, plain))
             start = end
+        return updates
+
+    def _verified(self, batch: ScheduledBatch, results: TokenResults) -> list[SequenceUpdate]:
+        """A verification batch's results: each sequence keeps its agreeing drafts and the full model's next
+        token; the K/V of the positions after them is to be forgotten (`take_rejected`)."""
+        updates, start = [], 0
+        for seq, n in zip(batch.seqs, batch.counts, strict=True):
+            seq.in_flight = False
+            rows, spec, b = results.select(slice(start, start + n)), seq.spec, seq.num_computed
+            start += n
+            j = spec.verified(rows)
+            kept = rows.select(slice(0, j + 1))
+            seq.layers_computed += int(rows.exit_layer.sum()) - n * spec.config.depth  # the layers past D
+            seq.num_computed = b + j + 1
+            seq.output_ids += kept.tokens.tolist()
+            seq.exit_layers += kept.exit_layer.tolist()
+            if j < spec.k:
+                self._rejected.append((list(seq.blocks), b + j + 1, b + spec.k + 1))
+            spec.reset()
+            updates.append(SequenceUpdate(seq, kept, accepted=[True] * j + [False]))
         return updates
 
 
@@ -349,6 +437,18 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
     for seq, n in picked:
         tokens, prompt_len = seq.tokens, len(seq.prompt_ids)
         start = seq.num_computed
+        if seq.drafting and not teacher_forced:  # one row: the round's next position, up to the draft depth
+            spec = seq.spec
+            tables.append(seq.blocks + [-1] * (width - len(seq.blocks)))
+            positions.append(start + spec.fed)
+            token_ids.append(spec.input_token(tokens[start]))
+            exits.append(spec.config.draft_exit)
+            prompt.append(False)
+            sample.append(spec.fed < spec.k)  # the last step only feeds the last draft
+            target.append(-1)
+            logprobs.append(-1)
+            per_seq.append((seq, 1))
+            continue
         span = range(start, start + n)
         tables += [seq.blocks + [-1] * (width - len(seq.blocks))] * n
         positions += span
@@ -368,6 +468,30 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
             logprobs += [scoring if s else asked for s in scored]
         per_seq.append((seq, n))
 
+    return _rows(per_seq, tables, width, positions, token_ids, exits, sample, logprobs, target, prompt)
+
+
+def verify_rows(picked: list[tuple[Sequence, int]]) -> Rows:
+    """Each sequence's round, positions b..b+k (its next token and drafts), at full depth; every row samples."""
+    width = max(len(seq.blocks) for seq, _ in picked)
+    tables, positions, token_ids, sample, target, logprobs, exits, prompt = [], [], [], [], [], [], [], []
+    for seq, n in picked:
+        b = seq.num_computed
+        tables += [seq.blocks + [-1] * (width - len(seq.blocks))] * n
+        positions += range(b, b + n)
+        token_ids += [seq.tokens[b], *seq.spec.drafts]
+        exits += [FULL_DEPTH] * n
+        prompt += [False] * n
+        sample += [True] * n
+        target += [-1] * n
+        logprobs += [-1 if seq.sampling.logprobs is None else seq.sampling.logprobs] * n
+    return _rows(picked, tables, width, positions, token_ids, exits, sample, logprobs, target, prompt)
+
+
+def _rows(
+    per_seq: list[tuple[Sequence, int]], tables: list, width: int, positions: list, token_ids: list, exits: list,
+    sample: list, logprobs: list, target: list, prompt: list,
+) -> Rows:  # fmt: skip
     def each(value_of, dtype) -> torch.Tensor:
         return torch.tensor([value_of(s) for s, n in per_seq for _ in range(n)], dtype=dtype)
 

@@ -122,9 +122,10 @@ class StepTrace:
     sync: bool
     exit_layers: torch.Tensor | None = None
 
-    def computed(self, exit_layers: torch.Tensor, timings: list[tuple[int, int]]) -> None:
+    def computed(self, exit_layers: torch.Tensor, timings: list[tuple[int, int]], first: int = 0) -> None:
+        """The step's exits, and the calls on its critical path from group `first` on."""
         self.exit_layers = exit_layers
-        for g, timing in enumerate(timings):
+        for g, timing in enumerate(timings, start=first):
             self._record(g, timing, backfill_only=False)
 
     def trailing_call(self, group: int, timing: tuple[int, int]) -> None:

@@ -1,0 +1,270 @@
+"""Speculative decoding (serving/engine/speculative.py) on tiny random Llamas with the default model's real
+tokenizer: greedy output identical to full depth whatever the draft depth, draft count, batch, block size,
+stop strings, preemption or abort; the K/V after a rejected draft equals a cache that never saw it; the
+request fields are checked."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from serving.engine import Engine
+from serving.engine.config import EngineConfig
+from serving.engine.exceptions import RequestError
+from tests.helpers import load_groups, pipeline_of, rows, slot_table
+from workers.modes import Backfill, Policy
+
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time in a land far away there lived",
+    "1, 2, 3,",
+    "A long time ago",
+    "Question: what is the capital of France? Answer:",
+]
+
+
+def weak_late_layers(src: Path, dst: Path, scale: float, first: int) -> Path:
+    """A copy of a model whose layers from `first` on add `scale` times what they did (0: nothing, so an
+    identity exit at `first` predicts exactly what full depth does)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    weights = load_file(src / "model.safetensors")
+    for name in weights:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        if layer >= first and name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = weights[name] * scale
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tiny_chat_dir, tmp_path_factory) -> Path:
+    """Layers 4-5 weakened: drafts at depth 4 are often, not always, what full depth says."""
+    return weak_late_layers(tiny_chat_dir, tmp_path_factory.mktemp("mixed"), 0.3, 4)
+
+
+@pytest.fixture(scope="module")
+def exact_dir(tiny_chat_dir, tmp_path_factory) -> Path:
+    """Layers 4-5 add nothing: every draft at depth 4 is full depth's token."""
+    return weak_late_layers(tiny_chat_dir, tmp_path_factory.mktemp("exact"), 0.0, 4)
+
+
+def make_engine(path: Path, **kw) -> Engine:
+    config = dict(model=str(path), num_layer_groups=3, max_num_seqs=8, max_model_len=128, exit_pack="none")
+    return Engine.local(EngineConfig(**{**config, **kw}))
+
+
+async def generate(engine: Engine, prompt: str, spec: dict | None, max_tokens: int = 20, stop=None) -> dict:
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stop": stop or []}
+    tokens, accepted, text, last = [], [], "", None
+    async for out in engine.generate(prompt, sampling, None, None, spec):
+        tokens += out.token_ids
+        accepted += out.accepted or []
+        text += out.text
+        assert all(layer == engine.plan.num_layers for layer in out.exit_layers)  # every token is full depth's
+        last = out
+    return {"tokens": tokens, "accepted": accepted, "text": text, "usage": last.usage, "reason": last.finish_reason}
+
+
+async def assert_clean(engine: Engine) -> None:
+    await asyncio.wait_for(engine.drain(), timeout=30)
+    blocks = await engine.kv_blocks()
+    assert blocks["free"] == blocks["capacity"]
+    assert blocks["workers"] == [[], [], []]
+
+
+@pytest.mark.parametrize(
+    "engine_kw",
+    [
+        {},
+        {"block_size": 4, "max_inflight_batches": 2, "exit_points": [3, 6]},  # drafts end where no exit point is
+        {"block_size": 4, "max_model_len": 64, "kv_cache_memory": 24 * 4 * 6 * 2 * 2 * 16 * 4},  # 24 blocks
+    ],
+    ids=["default", "small-blocks-two-micro-batches", "preempting"],
+)
+def test_greedy_output_is_full_depths(mixed_dir, engine_kw):
+    async def main():
+        engine = make_engine(mixed_dir, **engine_kw)
+        full = await asyncio.gather(*(generate(engine, p, None) for p in PROMPTS))
+        runs = {}
+        for spec in [(1, 4), (3, 4), (5, 2), (4, 2)]:
+            params = {"num_tokens": spec[0], "draft_depth": spec[1]}
+            runs[spec] = await asyncio.gather(*(generate(engine, p, params) for p in PROMPTS))
+        alone = await generate(engine, PROMPTS[1], {"num_tokens": 3, "draft_depth": 4})
+        await assert_clean(engine)
+        preemptions = engine.scheduler.preemptions
+        await engine.shutdown()
+        return full, runs, alone, preemptions
+
+    full, runs, alone, preemptions = asyncio.run(main())
+    assert alone["tokens"] == full[1]["tokens"]
+    for spec, outs in runs.items():
+        for out, ref in zip(outs, full, strict=True):
+            assert out["tokens"] == ref["tokens"], spec
+            assert out["text"] == ref["text"]
+            usage = out["usage"]
+            assert usage.completion_tokens == len(out["tokens"]) == 20
+            assert sum(out["accepted"]) == usage.accepted_tokens <= usage.draft_tokens
+            assert len(out["accepted"]) == len(out["tokens"])  # a flag per token (False: the model's own)
+    # Both outcomes were exercised: drafts kept at depth 4, drafts rejected at depth 2.
+    deep = sum(o["usage"].accepted_tokens for o in runs[(3, 4)])
+    assert 0 < deep < sum(o["usage"].draft_tokens for o in runs[(3, 4)])
+    assert sum(o["usage"].draft_tokens - o["usage"].accepted_tokens for o in runs[(5, 2)]) > 0
+    if "kv_cache_memory" in engine_kw:
+        assert preemptions > 0
+
+
+def test_drafts_that_agree_are_all_kept(exact_dir):
+    async def main():
+        engine = make_engine(exact_dir)
+        full = await generate(engine, PROMPTS[0], None, max_tokens=21)
+        spec = await generate(engine, PROMPTS[0], {"num_tokens": 4, "draft_depth": 4}, max_tokens=21)
+        await assert_clean(engine)
+        await engine.shutdown()
+        return full, spec
+
+    full, spec = asyncio.run(main())
+    assert spec["tokens"] == full["tokens"]
+    # 20 tokens after the first in rounds of 4 drafts + 1: every draft kept, no round rejected
+    assert spec["usage"].draft_tokens == spec["usage"].accepted_tokens == 16
+    assert spec["accepted"] == [False] + ([True] * 4 + [False]) * 4  # the first token comes from the prompt
+    # layers run: the prompt and first token at full depth, then per round 5 positions to depth 4 (the last
+    # only feeds) and 5 positions through the other 2 layers
+    prompt_len = spec["usage"].prompt_tokens
+    assert spec["usage"].layers_computed == prompt_len * 6 + 4 * (5 * 4 + 5 * 2)
+
+
+def test_stop_strings_and_eos_end_within_a_round(mixed_dir):
+    async def main():
+        engine = make_engine(mixed_dir)
+        full = await generate(engine, PROMPTS[3], None, max_tokens=30)
+        stop = full["text"][len(full["text"]) // 2 :][:4]
+        ref = await generate(engine, PROMPTS[3], None, max_tokens=30, stop=[stop])
+        spec = await generate(engine, PROMPTS[3], {"num_tokens": 5, "draft_depth": 4}, max_tokens=30, stop=[stop])
+        short = await generate(engine, PROMPTS[3], {"num_tokens": 5, "draft_depth": 4}, max_tokens=3)
+        await assert_clean(engine)
+        await engine.shutdown()
+        return full, ref, spec, short
+
+    full, ref, spec, short = asyncio.run(main())
+    assert ref["reason"] == spec["reason"] == "stop"
+    assert spec["text"] == ref["text"] and spec["tokens"] == ref["tokens"]
+    assert spec["usage"].completion_tokens == len(ref["tokens"])
+    assert short["tokens"] == full["tokens"][:3] and short["reason"] == "length"
+
+
+def test_abort_mid_round_frees_everything(mixed_dir):
+    async def main():
+        engine = make_engine(mixed_dir)
+        stream = engine.submit(PROMPTS[1], {"max_tokens": 60, "temperature": 0.0, "ignore_eos": True}, None, None,
+                               {"num_tokens": 4, "draft_depth": 4})  # fmt: skip
+        got = 0
+        async for out in stream:
+            got += len(out.token_ids)
+            if got >= 3:
+                stream.abort()
+                break
+        other = await generate(engine, PROMPTS[0], {"num_tokens": 2, "draft_depth": 2})
+        await assert_clean(engine)
+        await engine.shutdown()
+        return other
+
+    assert len(asyncio.run(main())["tokens"]) == 20
+
+
+def test_rejected_drafts_leave_the_cache_as_if_never_drafted(mixed_dir):
+    """Below the scheduler: draft 4 tokens at depth 4, verify them, keep 2 and roll back the rest; every
+    group's cache then equals, in its fill map and in K/V, a cache that saw only the kept tokens."""
+    prompt, drafts, kept = [5, 17, 301, 42, 7, 1000, 64], [11, 12, 13, 14], 2
+    b = len(prompt)
+
+    def groups():
+        return load_groups(mixed_dir, [0, 2, 4, 6], [6])
+
+    async def speculate():
+        gs = groups()
+        pipe = pipeline_of(gs)
+        await pipe.execute(rows(prompt, range(b)))  # say the full model's next token is 9
+        inputs, hidden = [9, *drafts], []
+        for i, token in enumerate(inputs):  # drafts, one position a step, to depth 4
+            r = rows([token], [b + i], policy=Policy.STATIC, max_depth=4, backfill=Backfill.DRAFT)
+            hidden.append((await pipe.execute(r)).draft_hidden)
+        hidden = torch.cat(hidden)
+        verify = rows(inputs, range(b, b + 5), sample_all=True)
+        result = await pipe.collect(pipe.submit(verify, start=2, hidden=hidden))
+        assert (result.results.exit_layer == 6).all()
+        table = torch.tensor([slot_table(0)] * (len(drafts) - kept))
+        await pipe.confirm(pipe.rollback(table, torch.arange(b + 1 + kept, b + 1 + len(drafts))))
+        return gs
+
+    async def clean():
+        gs = groups()
+        pipe = pipeline_of(gs)
+        await pipe.execute(rows([*prompt, 9, *drafts[:kept]], range(b + 1 + kept)))
+        return gs
+
+    spec, ref = asyncio.run(speculate()), asyncio.run(clean())
+    for s, r in zip(spec, ref, strict=True):
+        assert torch.equal(s.cache.filled, r.cache.filled)
+        filled = r.cache.filled[:, None, :, :, None]  # as K/V: [layer, kv_head, block, offset, head_dim]
+        for a, c in ((s.cache.k, r.cache.k), (s.cache.v, r.cache.v)):
+            mask = filled.expand_as(a)
+            torch.testing.assert_close(a[mask], c[mask], rtol=1e-4, atol=1e-4)  # batched vs one by one
+    assert int(ref[0].cache.filled[0].sum()) == b + 1 + kept
+
+
+def test_speculative_fields_are_checked(mixed_dir):
+    engine = make_engine(mixed_dir)
+    greedy = {"max_tokens": 4, "temperature": 0.0}
+
+    async def refused(spec, exit=None):
+        with pytest.raises(RequestError) as e:
+            engine.submit("Hello", greedy, exit, None, spec)
+        return e.value
+
+    async def main():
+        errors = [
+            await refused({"num_tokens": 17}),
+            await refused({"num_tokens": 2, "draft_depth": 3}),
+            await refused({"num_tokens": 2, "bogus": 1}),
+            await refused({"num_tokens": 2, "draft_depth": 4}, {"policy": "static", "max_depth": 2}),
+        ]
+        # a speculative request may read its prompt with exits of its own
+        ok = await generate(engine, "Hello", {"num_tokens": 2, "draft_depth": 4})
+        await engine.shutdown()
+        return errors, ok
+
+    errors, ok = asyncio.run(main())
+    assert errors[0].param == "adept.speculative.num_tokens"
+    assert errors[1].param == "adept.speculative.draft_depth" and "2, 4" in str(errors[1])
+    assert errors[2].param == "adept.speculative.bogus"
+    assert errors[3].param == "adept.policy" and "full depth" in str(errors[3])
+    assert len(ok["tokens"]) == 20
+
+
+def test_server_default_and_sampled_requests(mixed_dir):
+    """engine.speculative applies to requests that leave it unset; a request turns it off with 0; sampled
+    requests decode plainly (for now)."""
+
+    async def main():
+        engine = make_engine(mixed_dir, speculative={"num_tokens": 3, "draft_depth": 4})
+        default = await generate(engine, PROMPTS[0], None)
+        off = await generate(engine, PROMPTS[0], {"num_tokens": 0})
+        sampled = None
+        async for out in engine.generate(PROMPTS[0], {"max_tokens": 5, "temperature": 0.8, "seed": 1}):
+            sampled = out
+        await assert_clean(engine)
+        await engine.shutdown()
+        return default, off, sampled
+
+    default, off, sampled = asyncio.run(main())
+    assert default["tokens"] == off["tokens"]
+    assert default["usage"].draft_tokens > 0 and off["usage"].draft_tokens == 0
+    assert sampled.usage.draft_tokens == 0
