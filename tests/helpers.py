@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from serving.engine.pipeline import LocalGroup, Pipeline
@@ -124,3 +126,19 @@ def group_kv(group: LayerGroup, layer: int, slot: int, length: int) -> tuple[tor
     table = torch.tensor([slot_table(slot, group.spec.max_len)])
     k, v = group.cache.gather(layer - group.spec.start, table, length)
     return k[0], v[0]
+
+
+def weak_late_layers(src: Path, dst: Path, scale: float, first: int) -> Path:
+    """A copy of a model whose layers from `first` on add `scale` times what they did (0: nothing, so an
+    identity exit at `first` predicts exactly what full depth does)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    weights = load_file(src / "model.safetensors")
+    for name in weights:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        if layer >= first and name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = weights[name] * scale
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

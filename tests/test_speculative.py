@@ -6,17 +6,15 @@ request fields are checked."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
-from tests.helpers import load_groups, pipeline_of, rows, slot_table
+from tests.helpers import load_groups, pipeline_of, rows, slot_table, weak_late_layers
 from workers.modes import Backfill, Policy
 
 PROMPTS = [
@@ -26,22 +24,6 @@ PROMPTS = [
     "A long time ago",
     "Question: what is the capital of France? Answer:",
 ]
-
-
-def weak_late_layers(src: Path, dst: Path, scale: float, first: int) -> Path:
-    """A copy of a model whose layers from `first` on add `scale` times what they did (0: nothing, so an
-    identity exit at `first` predicts exactly what full depth does)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    weights = load_file(src / "model.safetensors")
-    for name in weights:
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        if layer >= first and name.endswith(("o_proj.weight", "down_proj.weight")):
-            weights[name] = weights[name] * scale
-    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
