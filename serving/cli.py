@@ -14,8 +14,11 @@ import time
 from typing import get_args
 
 from serving.config import GRPC_SERVICE, AppConfig
+from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
 from serving.engine.params import BackfillName, PolicyName
+from serving.engine.plan import plan_pipeline
+from serving.engine.speculative import SpeculativeParams, resolve_speculative
 from serving.quality import calibrate
 from serving.quality.continuations import Traffic
 from serving.quality.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
@@ -70,10 +73,51 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
     """The configuration file (if any) with the command line's flags on top."""
     data = (AppConfig.from_yaml(args.config) if args.config else AppConfig()).model_dump()
     data["engine"] |= _given(args, *ENGINE_FLAGS)
+    data["engine"]["speculative"] |= _speculative_flags(args, "engine_")
     data["http"] |= _given(args, host="http_host", port="http_port")
     data["grpc"] |= _given(args, host="grpc_host", port="grpc_port")
     data |= _given(args, "num_pipelines")
     return AppConfig.model_validate(data)
+
+
+def _speculative_options(p: argparse.ArgumentParser, dest: str, title: str, description: str) -> None:
+    g = p.add_argument_group(title, description)
+    g.add_argument("--speculative-tokens", type=int, metavar="N", dest=f"{dest}speculative_tokens",
+                   help="tokens drafted per round at most, 0 to 16 (0: off)")  # fmt: skip
+    g.add_argument("--draft-depth", metavar="D|auto", dest=f"{dest}draft_depth",
+                   help="layers the drafts run: a layer-group boundary, or 'auto' (the deepest; default)")  # fmt: skip
+
+
+def _speculative_flags(args: argparse.Namespace, dest: str) -> dict:
+    """The speculative fields the flags give (`dest`: their attributes' prefix)."""
+    given = _given(args, num_tokens=f"{dest}speculative_tokens", draft_depth=f"{dest}draft_depth")
+    depth = given.get("draft_depth")
+    if depth is not None and depth != "auto":
+        try:
+            given["draft_depth"] = int(depth)
+        except ValueError:
+            raise ValueError(f"--draft-depth: {depth!r} is not a depth; give a group boundary or 'auto'") from None
+    return given
+
+
+def _request_speculative(args: argparse.Namespace, default: SpeculativeParams) -> dict | None:
+    """`adept generate`'s speculative flags (the engine takes the rest from the configuration's default)."""
+    given = _speculative_flags(args, "")
+    if "draft_depth" in given and not given.get("num_tokens", default.num_tokens):
+        raise ValueError("--draft-depth: speculative decoding is off; give --speculative-tokens N (1 to 16) too")
+    return given or None
+
+
+def _check_speculative(engine: EngineConfig) -> None:
+    """A default draft depth that is not one of the pipeline's boundaries would refuse every request: say so
+    before anything starts."""
+    if engine.speculative.num_tokens == 0:
+        return
+    groups = plan_pipeline(engine, ModelArch.from_config(load_config(resolve_model(engine.model)))).groups
+    try:
+        resolve_speculative(None, engine.speculative, groups)
+    except RequestError as e:
+        raise ValueError(f"engine.speculative{e.param.removeprefix('adept.speculative')}: {e.message}") from None
 
 
 def _given(args: argparse.Namespace, *same: str, **renamed: str) -> dict:
@@ -98,6 +142,10 @@ def _add_generate(commands) -> None:
     e.add_argument("--min-depth", type=int, help="no exit before this many layers")
     e.add_argument("--max-depth", type=int, help="exit by this depth (static: the fixed depth)")
     e.add_argument("--backfill", choices=get_args(BackfillName))
+    _speculative_options(
+        p, "", "speculative decoding", "this request's (greedy only): the exit head at --draft-depth drafts, the "
+        "deeper layer groups verify, the tokens are full depth's; no early-exit flags with it",
+    )  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument("--show-exits", action="store_true", help="print each token with its exit layer")
     out.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and exits")
@@ -108,7 +156,9 @@ def _add_generate(commands) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from serving.engine import Engine
 
-    engine = Engine.local(_app_config(args).engine)
+    config = _app_config(args).engine
+    _request_speculative(args, config.speculative)  # bad speculative flags fail before the model loads
+    engine = Engine.local(config)
 
     async def run() -> int:
         try:
@@ -132,13 +182,15 @@ async def generate_with(engine, args: argparse.Namespace) -> int:
     }
     exit_keys = ("exit_policy", "threshold", "min_depth", "max_depth", "backfill")
     exit_params = {k.removeprefix("exit_"): getattr(args, k) for k in exit_keys if getattr(args, k) is not None}
+    speculative = _request_speculative(args, engine.config.speculative)
     started = time.perf_counter()
-    text, token_ids, exits, last = "", [], [], None
-    stream = engine.submit(prompt, sampling, exit_params)
+    text, token_ids, exits, last, speculated = "", [], [], None, False
+    stream = engine.submit(prompt, sampling, exit_params, speculative=speculative)
     async for out in stream:
         text += out.text
         token_ids += out.token_ids
         exits += out.exit_layers
+        speculated |= out.accepted is not None
         last = out
         if not args.json:
             piece = "".join(f"{out.text}[{d}]" for d in out.exit_layers) if args.show_exits else out.text
@@ -162,14 +214,18 @@ async def generate_with(engine, args: argparse.Namespace) -> int:
                     "completion_tokens": usage.completion_tokens,
                     "layers_computed": usage.layers_computed,
                     "layers_total": usage.layers_total,
+                    "draft_tokens": usage.draft_tokens,
+                    "accepted_tokens": usage.accepted_tokens,
                 }
             )
         )
     else:
+        usage = last.usage
+        drafts = f", {usage.accepted_tokens} of {usage.draft_tokens} drafts accepted" if speculated else ""
         print()
         print(
             f"[{len(token_ids)} tokens, {len(token_ids) / elapsed:.1f} tokens/s, mean exit depth "
-            f"{mean_depth:.1f} of {num_layers} layers, finish: {last.finish_reason}]",
+            f"{mean_depth:.1f} of {num_layers} layers{drafts}, finish: {last.finish_reason}]",
             file=sys.stderr,
         )
     return 0
@@ -189,6 +245,10 @@ def _add_serve(commands) -> None:
     n.add_argument("--pipelines", type=int, dest="num_pipelines", help="pipelines (pipeline replicas)")
     n.add_argument("--address", help="an existing Ray cluster (default: start one on this machine)")
     _engine_options(p)
+    _speculative_options(
+        p, "engine_", "speculative decoding", "the default of requests that leave adept.speculative unset "
+        "(engine.speculative in the configuration)",
+    )  # fmt: skip
     p.set_defaults(run=_serve)
 
 
@@ -200,6 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.deploy import server
 
     config = _app_config(args)
+    _check_speculative(config.engine)
     server.init_ray(config, args.address)
     try:
         server.start(config, build_app(config))
@@ -210,14 +271,15 @@ def _serve(args: argparse.Namespace) -> int:
             default_exit += "; prompt tokens: " + ", ".join(f"{k} {v}" for k, v in info.default_exit["prefill"].items())
         log.warning(
             "ADEPT Serve is up: model %r, %d layers in %d layer groups, exit points %s, %d pipeline(s)\n"
-            "  default early exit: %s\n"
+            "  default early exit: %s\n%s"
             "  KV cache: %d tokens per pipeline (all sequences together; engine.kv_cache_memory sets it)\n"
             "  Live view of early exit: http://%s:%d/\n"
             "  HTTP  http://%s:%d  (OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health, /metrics)\n"
             "  gRPC  %s:%d  (%s, server reflection on)\n"
             "Ctrl-C stops it.",
             info.name, info.num_layers, info.num_layer_groups, info.exit_points, config.num_pipelines,
-            default_exit, info.kv_cache_tokens, config.http.host, config.http.port, config.http.host, config.http.port,
+            default_exit, _speculative_line(info), info.kv_cache_tokens, config.http.host, config.http.port,
+            config.http.host, config.http.port,
             config.grpc.host, config.grpc.port, GRPC_SERVICE,
         )  # fmt: skip
         # Stop on Ctrl-C and on SIGTERM, even where the shell started us with SIGINT ignored (background).
@@ -229,6 +291,19 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _speculative_line(info) -> str:
+    """`adept serve`'s line about the default speculative decoding (none while it is off)."""
+    spec = info.default_speculative
+    if not spec["num_tokens"]:
+        return ""
+    auto = spec["draft_depth"] == "auto"
+    depth = info.draft_depths[-1] if auto else spec["draft_depth"]
+    return (
+        f"  default speculative decoding: up to {spec['num_tokens']} drafts a round from depth {depth}"
+        f"{' (auto)' if auto else ''} of draft depths {info.draft_depths}; greedy requests, full depth's tokens\n"
+    )
 
 
 def _add_calibrate(commands) -> None:

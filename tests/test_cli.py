@@ -1,7 +1,11 @@
-"""`adept generate` as a user runs it: a subprocess on the real default model."""
+"""`adept generate` as a user runs it: a subprocess on the real default model (speculative flags: on a tiny
+model, and through the CLI's own parser and request path in-process, as tests/test_golden.py replays it)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import os
 import signal
@@ -13,6 +17,10 @@ import time
 import httpx
 import pytest
 
+from serving import cli
+from serving.engine import Engine
+from serving.engine.messages import ModelInfo
+from serving.engine.speculative import SpeculativeParams
 from tests.conftest import free_port
 from workers.exit_pack import load_pack
 from workers.model_store import DEFAULT_MODEL, resolve_model
@@ -77,6 +85,71 @@ def test_bad_arguments_exit_2_with_a_message(flags, message):
     r = adept("generate", "hi", *flags)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_speculative_flags_keep_the_tokens_and_count_the_drafts(tiny_chat_dir):
+    base = ["generate", "The quick brown fox", "--max-tokens", "12", "--model", str(tiny_chat_dir), "--exit-pack",
+            "none", "--layer-groups", "3"]  # fmt: skip
+    spec = ["--speculative-tokens", "2", "--draft-depth", "4"]  # the tiny model's 6 layers: boundaries 2 and 4
+    parsed = [cli.parser().parse_args(argv) for argv in ([*base, "--json"], [*base, "--json", *spec], base + spec)]
+    engine = Engine.local(cli._app_config(parsed[0]).engine)
+
+    async def run() -> list[tuple[str, str]]:
+        outs = []
+        try:
+            for args in parsed:
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    assert await cli.generate_with(engine, args) == 0
+                outs.append((out.getvalue(), err.getvalue()))
+        finally:
+            await engine.shutdown()
+        return outs
+
+    (plain, _), (fast, _), (printed, summary) = asyncio.run(run())
+    plain, fast = json.loads(plain), json.loads(fast)
+    assert fast["token_ids"] == plain["token_ids"] and fast["text"] == plain["text"] == printed.removesuffix("\n")
+    assert fast["exit_layers"] == [6] * 12 and plain["draft_tokens"] == plain["accepted_tokens"] == 0
+    assert fast["draft_tokens"] > 0 and fast["accepted_tokens"] <= fast["draft_tokens"]
+    assert " drafts accepted, " in summary and "12 tokens" in summary
+
+
+def test_speculative_flags_set_the_servers_default_or_one_requests():
+    serve = cli.parser().parse_args(["serve", "--speculative-tokens", "3", "--draft-depth", "10"])
+    assert cli._app_config(serve).engine.speculative == SpeculativeParams(num_tokens=3, draft_depth=10)
+    generate = cli.parser().parse_args(["generate", "hi", "--speculative-tokens", "3", "--draft-depth", "auto"])
+    assert cli._app_config(generate).engine.speculative == SpeculativeParams()  # the request's, not the engine's
+    # adept serve's start-up line about it (none while it is off)
+    info = ModelInfo("m", 30, [8, 30], 3, 1024, {}, 0, {"num_tokens": 3, "draft_depth": "auto"}, [10, 20])
+    assert "default speculative decoding: up to 3 drafts a round from depth 20 (auto)" in cli._speculative_line(info)
+    info.default_speculative = {"num_tokens": 0, "draft_depth": "auto"}
+    assert cli._speculative_line(info) == ""
+
+
+SPECULATE = "--speculative-tokens 2 --draft-depth "
+NOT_A_BOUNDARY = "speculative.draft_depth: 3 is not a layer-group boundary of this server (2, 4)"
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "message", "as_user"),
+    [
+        ("generate", SPECULATE + "3", "adept." + NOT_A_BOUNDARY, True),
+        ("serve", SPECULATE + "3", "engine." + NOT_A_BOUNDARY, True),
+        ("generate", SPECULATE + "deep", "--draft-depth: 'deep' is not a depth", False),
+        ("generate", "--draft-depth 2", "--draft-depth: speculative decoding is off", False),
+    ],
+    ids=["generate-not-a-boundary", "serve-not-a-boundary", "malformed-depth", "depth-without-tokens"],
+)
+def test_bad_speculative_flags_exit_2_with_one_line(tiny_chat_dir, capsys, command, flags, message, as_user):
+    """A draft depth that is no group boundary, as a user meets it (a subprocess; `adept serve` refuses it
+    before starting anything); malformed flags, refused before the model loads (in-process)."""
+    argv = [command, *(["hi"] if command == "generate" else []), "--model", str(tiny_chat_dir), "--exit-pack", "none"]
+    if as_user:
+        r = adept(*argv, *flags.split())
+        code, err = r.returncode, r.stderr
+    else:
+        code, err = cli.main([*argv, *flags.split()]), capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"adept: error: {message}"), err
 
 
 def test_adept_serve_starts_answers_and_stops_on_ctrl_c():

@@ -6,8 +6,10 @@ import pytest
 from pydantic import ValidationError
 from transformers import LlamaConfig
 
+from serving.config import AppConfig
 from serving.engine.config import EngineConfig
 from serving.engine.plan import default_exit_points, plan_pipeline
+from serving.engine.speculative import SpeculativeParams
 from workers.arch import ModelArch
 
 ARCH = ModelArch.from_config(
@@ -27,6 +29,21 @@ def test_environment_and_yaml_feed_the_same_config(tmp_path, monkeypatch):
     config = EngineConfig.from_yaml(path, max_model_len=1024)
     assert (config.num_layer_groups, config.max_num_seqs, config.max_model_len) == (3, 4, 1024)  # YAML beats env
     assert (config.exit.policy, config.exit.max_depth) == ("static", 12)
+
+
+def test_speculative_default_from_yaml_and_environment(tmp_path, monkeypatch):
+    assert EngineConfig().speculative == SpeculativeParams(num_tokens=0, draft_depth="auto")  # off
+    monkeypatch.setenv("ADEPT_SPECULATIVE__NUM_TOKENS", "4")
+    assert EngineConfig().speculative == SpeculativeParams(num_tokens=4, draft_depth="auto")
+    monkeypatch.setenv("ADEPT_SPECULATIVE__DRAFT_DEPTH", "20")
+    assert EngineConfig().speculative == SpeculativeParams(num_tokens=4, draft_depth=20)
+
+    path = tmp_path / "app.yaml"  # the file adept serve --config and serve run read
+    path.write_text("engine:\n  speculative:\n    num_tokens: 3\n    draft_depth: 10\n")
+    assert AppConfig.from_yaml(path).engine.speculative == SpeculativeParams(num_tokens=3, draft_depth=10)
+    path.write_text("engine:\n  speculative:\n    num_tokens: 17\n")
+    with pytest.raises(ValidationError, match=r"engine\.speculative\.num_tokens"):
+        AppConfig.from_yaml(path)
 
 
 def test_bad_config_names_the_field(tmp_path):

@@ -41,8 +41,8 @@ def recovering(served):
     serve.delete(name)
 
 
-def _body(model: str, prompt: str, stream: bool) -> dict:
-    return {
+def _body(model: str, prompt: str, stream: bool, speculative: dict | None = None) -> dict:
+    body = {
         "model": model,
         "prompt": prompt,
         "max_tokens": TOKENS,
@@ -50,6 +50,7 @@ def _body(model: str, prompt: str, stream: bool) -> dict:
         "ignore_eos": True,
         "stream": stream,
     }
+    return body | ({"adept": {"speculative": speculative}} if speculative else {})
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: list[float]) -> tuple[str, list[str]]:
@@ -94,13 +95,15 @@ def test_a_killed_worker_loses_no_stream(recovering, served):
     ]
     before = replica.workers.remote().result()
     victim = before[1]  # the middle layer group
+    # half the streams decode speculatively (drafts to depth 20, verified by the last group): mid-round too,
+    # the text is full depth's
+    speculative = [None, {"num_tokens": 3, "draft_depth": 20}] * 2
 
     async def run() -> tuple[list, float]:
         progress: list[float] = []
         async with httpx.AsyncClient(timeout=180) as client:
-            streams = [
-                asyncio.create_task(_stream(client, url, _body(served.model, p, True), progress)) for p in prompts
-            ]
+            bodies = [_body(served.model, p, True, s) for p, s in zip(prompts, speculative, strict=True)]
+            streams = [asyncio.create_task(_stream(client, url, b, progress)) for b in bodies]
             while len(progress) < 4 * 8:  # every stream well under way
                 await asyncio.sleep(0.05)
             killed_at = time.monotonic()

@@ -81,10 +81,27 @@ def test_http_grpc_and_in_process_engine_give_the_same_tokens(stub, served):
     assert any(d < 30 for _, exits in by_grpc for d in exits), "the comparison should include early exits"
 
 
+def test_speculative_decoding_gives_full_depths_tokens(stub, served):
+    """Speculative (draft depth unset: auto, the deepest boundary): full depth's tokens, each marked
+    accepted or not, the drafts counted in usage."""
+    full, _ = generate(stub, prompt=PROMPTS[1], max_tokens=12, temperature=0, adept=pb.ExitControls(policy="none"))
+    spec, final = generate(
+        stub, prompt=PROMPTS[1], max_tokens=12, temperature=0, speculative=pb.SpeculativeControls(num_tokens=3)
+    )
+    assert [t.token_id for t in spec] == [t.token_id for t in full]
+    assert "".join(t.text for t in spec) == "".join(t.text for t in full)
+    assert all(t.exit_layer == 30 and t.HasField("accepted") for t in spec)
+    assert not any(t.HasField("accepted") for t in full)
+    usage = final.usage
+    assert sum(t.accepted for t in spec) == usage.accepted_tokens <= usage.draft_tokens and usage.draft_tokens > 0
+
+
 def test_list_models(stub, served):
     (model,) = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
     assert model.id == served.model and model.num_layers == 30 and model.num_layer_groups == 3
     assert list(model.exit_points) == [8, 12, 16, 20, 24, 28, 30] and model.max_model_len == 1024
+    assert list(model.draft_depths) == [10, 20]
+    assert model.default_speculative.num_tokens == 0 and not model.default_speculative.HasField("draft_depth")
 
 
 def test_server_reflection_describes_the_service(served):
@@ -114,6 +131,16 @@ def test_server_reflection_describes_the_service(served):
             "adept.policy",
         ),
         ({"prompt": "hi", "adept": pb.ExitControls(max_depth=99)}, grpc.StatusCode.INVALID_ARGUMENT, "adept.max_depth"),
+        (
+            {"prompt": "hi", "temperature": 0, "speculative": pb.SpeculativeControls(num_tokens=2, draft_depth=7)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "adept.speculative.draft_depth",
+        ),
+        (
+            {"prompt": "hi", "speculative": pb.SpeculativeControls(num_tokens=-1)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "adept.speculative.num_tokens",
+        ),
         ({}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (
             {"prompt": "hi", "messages": [pb.ChatMessage(role="user", content="hi")]},

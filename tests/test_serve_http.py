@@ -115,6 +115,45 @@ def test_exit_layers_follow_the_requests_controls(served):
     assert sum(eager) < sum(default)
 
 
+SPECULATIVE = {"num_tokens": 3, "draft_depth": 20}  # the default model's boundaries: 10 and 20
+
+
+def test_speculative_decoding_gives_full_depths_tokens(served):
+    """Drafts from depth 20, verified by the last group: the same text and tokens as full depth, with
+    per-token `accepted` flags and the drafts counted in usage (whole responses and stream chunks)."""
+    c = client(served)
+    request = dict(
+        model=served.model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16,
+        temperature=0,
+    )  # fmt: skip
+    full = c.chat.completions.create(**request, extra_body={"adept": {"policy": "none"}})
+    spec = c.chat.completions.create(**request, extra_body={"adept": {"speculative": SPECULATIVE}})
+    assert spec.choices[0].message.content == full.choices[0].message.content
+    adept, usage = spec.model_extra["adept"], spec.usage.model_extra
+    assert adept["token_ids"] == full.model_extra["adept"]["token_ids"]
+    assert adept["exit_layers"] == [30] * spec.usage.completion_tokens
+    assert len(adept["accepted"]) == len(adept["token_ids"]) and sum(adept["accepted"]) == usage["accepted_tokens"]
+    assert usage["draft_tokens"] > 0 and usage["accepted_tokens"] <= usage["draft_tokens"]
+    assert "accepted" not in full.model_extra["adept"]
+    assert full.usage.model_extra["draft_tokens"] == full.usage.model_extra["accepted_tokens"] == 0
+
+    chunks = list(
+        c.chat.completions.create(
+            **request,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"adept": {"speculative": SPECULATIVE}},
+        )
+    )
+    pieces = [ch.model_extra["adept"] for ch in chunks if ch.choices and ch.model_extra["adept"]["token_ids"]]
+    assert all(len(p["accepted"]) == len(p["token_ids"]) for p in pieces)
+    assert [t for p in pieces for t in p["token_ids"]] == adept["token_ids"]
+    assert [a for p in pieces for a in p["accepted"]] == adept["accepted"]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == full.choices[0].message.content
+    assert chunks[-1].usage.model_extra["accepted_tokens"] == usage["accepted_tokens"]
+    wait_for_clean_blocks(served)
+
+
 def test_logprobs(served):
     c = client(served)
     out = c.chat.completions.create(
@@ -208,6 +247,18 @@ LONG = "word " * 1100  # more tokens than the 1024-token context
         ({"prompt": "hi", "adept": {"threshold": 2}}, 400, "adept.threshold"),
         ({"prompt": "hi", "adept": {"policy": "warp"}}, 400, "adept.policy"),
         ({"prompt": "hi", "adept": {"policy": "static"}}, 400, "adept.max_depth"),
+        ({"prompt": "hi", "adept": {"speculative": {"num_tokens": 99}}}, 400, "adept.speculative.num_tokens"),
+        (
+            {"prompt": "hi", "adept": {"speculative": {"num_tokens": 2, "draft_depth": 7}}},
+            400,
+            "adept.speculative.draft_depth",
+        ),
+        ({"prompt": "hi", "adept": {"speculative": {"draft_depth": "deep"}}}, 400, "adept.speculative.draft_depth"),
+        (
+            {"prompt": "hi", "temperature": 0, "adept": {"policy": "none", "speculative": {"num_tokens": 2}}},
+            400,
+            "adept.policy",
+        ),
         ({"prompt": LONG}, 400, "prompt"),
         ({"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
@@ -250,6 +301,8 @@ def test_models_and_health(served):
         "default_exit": load_pack("auto", DEFAULT_MODEL, resolve_model(DEFAULT_MODEL)).defaults,  # the shipped pack's
         # the default 1 GiB of K/V in blocks of 16 positions, 46,080 bytes a position (30 layers, float32)
         "kv_cache_tokens": (1 << 30) // (16 * 46_080) * 16,
+        "default_speculative": {"num_tokens": 0, "draft_depth": "auto"},  # off unless engine.speculative says
+        "draft_depths": [10, 20],  # the layer-group boundaries
     }
     health = httpx.get(served.http + "/health", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok"}

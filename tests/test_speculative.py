@@ -239,14 +239,18 @@ def test_server_default_and_sampled_requests(mixed_dir):
         engine = make_engine(mixed_dir, speculative={"num_tokens": 3, "draft_depth": 4})
         default = await generate(engine, PROMPTS[0], None)
         off = await generate(engine, PROMPTS[0], {"num_tokens": 0})
+        shallow = await generate(engine, PROMPTS[0], {"draft_depth": 2})  # num_tokens: the default's 3
         sampled = None
         async for out in engine.generate(PROMPTS[0], {"max_tokens": 5, "temperature": 0.8, "seed": 1}):
             sampled = out
         await assert_clean(engine)
         await engine.shutdown()
-        return default, off, sampled
+        return default, off, shallow, sampled
 
-    default, off, sampled = asyncio.run(main())
-    assert default["tokens"] == off["tokens"]
+    default, off, shallow, sampled = asyncio.run(main())
+    assert default["tokens"] == off["tokens"] == shallow["tokens"]
     assert default["usage"].draft_tokens > 0 and off["usage"].draft_tokens == 0
+    assert shallow["usage"].accepted_tokens < default["usage"].accepted_tokens  # depth 2 drafts worse than 4
     assert sampled.usage.draft_tokens == 0
+    with pytest.raises(ValueError, match=r"engine.speculative.draft_depth: 3 is not a layer-group boundary"):
+        make_engine(mixed_dir, speculative={"num_tokens": 2, "draft_depth": 3})

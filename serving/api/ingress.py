@@ -32,8 +32,9 @@ from serving.api.openai_api import ChatCompletionRequest, CompletionRequest, Res
 from serving.config import GRPC_SERVICE, AppConfig
 from serving.deploy.health import unhealthy
 from serving.engine.exceptions import EngineError, RequestError
-from serving.engine.messages import Admitted, GenerateRequest, ModelInfo, Rejected, RequestOutput
+from serving.engine.messages import Admitted, GenerateRequest, ModelInfo, Rejected, RequestOutput, Usage
 from serving.engine.params import ExitParams, SamplingParams, request_error
+from serving.engine.speculative import SpeculativeParams
 from serving.telemetry import tracing
 from serving.telemetry.metrics import ApiStats, node_metrics
 
@@ -100,6 +101,8 @@ def _grpc_error(context: RayServegRPCContext, error: ApiError) -> None:
 
 def _grpc_token(out: RequestOutput, i: int) -> pb.GenerateResponse:
     message = pb.GenerateResponse(text=out.text, token_id=out.token_ids[i], exit_layer=out.exit_layers[i])
+    if out.accepted is not None:
+        message.accepted = out.accepted[i]
     if out.logprobs:
         message.logprob = out.logprobs[i]
         message.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=v) for t, v in out.top_logprobs[i].items())
@@ -124,6 +127,48 @@ def _grpc_exit(request: pb.GenerateRequest) -> dict:
         fields = (*EXIT_FIELDS, "full_depth_last")
         exit["prefill"] = {f: getattr(request.prefill, f) for f in fields if request.prefill.HasField(f)}
     return exit
+
+
+SPECULATIVE_FIELDS = ("num_tokens", "draft_depth")
+
+
+def _grpc_speculative(request: pb.GenerateRequest) -> dict | None:
+    """The request's speculative decoding (None: the server's default; its unset fields too)."""
+    if not request.HasField("speculative"):
+        return None
+    s = request.speculative
+    return {f: getattr(s, f) for f in SPECULATIVE_FIELDS if s.HasField(f)}
+
+
+def _grpc_usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        layers_computed=usage.layers_computed,
+        layers_total=usage.layers_total,
+        prompt_layers_computed=usage.prompt_layers_computed,
+        prompt_layers_total=usage.prompt_layers_total,
+        draft_tokens=usage.draft_tokens,
+        accepted_tokens=usage.accepted_tokens,
+    )
+
+
+def _grpc_model(info: ModelInfo) -> pb.Model:
+    default = info.default_speculative
+    depth = default.get("draft_depth")
+    speculative = pb.SpeculativeControls(
+        num_tokens=default.get("num_tokens", 0), draft_depth=None if depth == "auto" else depth
+    )
+    return pb.Model(
+        id=info.name,
+        num_layers=info.num_layers,
+        exit_points=info.exit_points,
+        num_layer_groups=info.num_layer_groups,
+        max_model_len=info.max_model_len,
+        draft_depths=info.draft_depths,
+        default_speculative=speculative,
+    )
 
 
 async def _drain(events: DeploymentResponseGenerator, responder: Responder) -> RequestOutput:
@@ -175,7 +220,8 @@ class Ingress:
                     prompt=prompt,
                     messages=None,
                     sampling=sampling,
-                    exit=body.adept or ExitParams(),
+                    exit=body.exit_params(),
+                    speculative=body.speculative_params(),
                 )
                 for i, prompt in enumerate(prompts)
             ]
@@ -207,7 +253,8 @@ class Ingress:
                 prompt=None,
                 messages=body.chat(),
                 sampling=body.sampling(body.max_completion_tokens or body.max_tokens, logprobs),
-                exit=body.adept or ExitParams(),
+                exit=body.exit_params(),
+                speculative=body.speculative_params(),
             )
             responder = Responder(chat=True, model=self.model, logprobs=body.logprobs)
             return await self._http([generate], [responder], body.stream, body.stream_options)
@@ -237,6 +284,8 @@ class Ingress:
                             "num_layer_groups": info.num_layer_groups,
                             "default_exit": info.default_exit,  # what requests get for unset controls
                             "kv_cache_tokens": info.kv_cache_tokens,
+                            "default_speculative": info.default_speculative,  # for requests that leave it unset
+                            "draft_depths": info.draft_depths,  # what adept.speculative.draft_depth may be
                         },
                     }
                 ],
@@ -388,20 +437,11 @@ class Ingress:
                 for extra in messages[1:]:  # a merged output: the text goes with the first token
                     extra.text = ""
                 if event.finished:
-                    usage = event.usage
                     messages.append(
                         pb.GenerateResponse(
                             text="" if event.token_ids else event.text,
                             finish_reason=event.finish_reason,
-                            usage=pb.Usage(
-                                prompt_tokens=usage.prompt_tokens,
-                                completion_tokens=usage.completion_tokens,
-                                total_tokens=usage.prompt_tokens + usage.completion_tokens,
-                                layers_computed=usage.layers_computed,
-                                layers_total=usage.layers_total,
-                                prompt_layers_computed=usage.prompt_layers_computed,
-                                prompt_layers_total=usage.prompt_layers_total,
-                            ),
+                            usage=_grpc_usage(event.usage),
                         )
                     )
                     outcome = "ok"
@@ -423,14 +463,7 @@ class Ingress:
             _grpc_error(grpc_context, e)
             raise
         info = await self._model_info()
-        model = pb.Model(
-            id=info.name,
-            num_layers=info.num_layers,
-            exit_points=info.exit_points,
-            num_layer_groups=info.num_layer_groups,
-            max_model_len=info.max_model_len,
-        )
-        return pb.ListModelsResponse(models=[model])
+        return pb.ListModelsResponse(models=[_grpc_model(info)])
 
     # ---- gRPC (grpc.health.v1.Health): what /health says, for probes and load balancers -------------------
 
@@ -482,6 +515,11 @@ class Ingress:
             exit_params = ExitParams.model_validate(exit)
         except ValidationError as e:
             raise _invalid(request_error(e, "adept.")) from None
+        speculative = _grpc_speculative(request)
+        try:
+            speculative_params = None if speculative is None else SpeculativeParams.model_validate(speculative)
+        except ValidationError as e:
+            raise _invalid(request_error(e, "adept.speculative.")) from None
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages
         ]
@@ -491,6 +529,7 @@ class Ingress:
             messages=messages or None,
             sampling=sampling_params,
             exit=exit_params,
+            speculative=speculative_params,
         )
 
     # ---- both ----------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: request schemas (pydantic, unknown fields refused by name) and the JSON
-of responses and stream chunks. Early exit travels in an `adept` object both ways."""
+of responses and stream chunks. Early exit and speculative decoding travel in an `adept` object both ways."""
 
 from __future__ import annotations
 
@@ -13,10 +13,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serving.engine.exceptions import RequestError
 from serving.engine.messages import RequestOutput, Usage
 from serving.engine.params import ExitParams, SamplingParams, request_error
+from serving.engine.speculative import SpeculativeParams
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class AdeptParams(ExitParams):
+    """A request's `adept` object: its early-exit controls and, beside them (not one of them: the
+    configuration's exit controls have no such field), its speculative decoding. None: the server's
+    default; `{"num_tokens": 0}`: off."""
+
+    speculative: SpeculativeParams | None = None
+
+    def exit_params(self) -> ExitParams:
+        return ExitParams(**{name: getattr(self, name) for name in ExitParams.model_fields})
+
+    def speculative_params(self) -> SpeculativeParams | None:
+        return self.speculative  # its unset fields take the server's default
 
 
 class StreamOptions(_Strict):
@@ -38,7 +53,7 @@ class _GenerationRequest(_Strict):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    adept: ExitParams | None = None
+    adept: AdeptParams | None = None
 
     @field_validator("n")
     @classmethod
@@ -53,6 +68,12 @@ class _GenerationRequest(_Strict):
         if v:
             raise ValueError("penalties are not supported (only 0)")
         return v
+
+    def exit_params(self) -> ExitParams:
+        return ExitParams() if self.adept is None else self.adept.exit_params()
+
+    def speculative_params(self) -> SpeculativeParams | None:
+        return None if self.adept is None else self.adept.speculative_params()
 
     def sampling(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
@@ -146,6 +167,8 @@ def usage_json(usage: Usage) -> dict:
         "layers_total": usage.layers_total,
         "prompt_layers_computed": usage.prompt_layers_computed,
         "prompt_layers_total": usage.prompt_layers_total,
+        "draft_tokens": usage.draft_tokens,
+        "accepted_tokens": usage.accepted_tokens,
     }
 
 
@@ -170,6 +193,7 @@ class Responder:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
+    accepted: list[bool] | None = None  # speculative requests: per token, a draft the full model kept
     prompt_exit_layers: list[int] | None = None
     logprob_items: list[LogprobItem] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)
@@ -206,6 +230,8 @@ class Responder:
         self.text += text
         self.token_ids += out.token_ids
         self.exit_layers += out.exit_layers
+        if out.accepted is not None:
+            self.accepted = (self.accepted or []) + out.accepted
         if self.logprobs:
             self.logprob_items += items
             self.text_offsets += offsets
@@ -229,6 +255,8 @@ class Responder:
         choice["finish_reason"] = out.finish_reason
         extra = {"usage": None} if include_usage else {}
         adept = {"token_ids": out.token_ids, "exit_layers": out.exit_layers}
+        if out.accepted is not None:
+            adept["accepted"] = out.accepted
         if self.echo and out.prompt is not None:
             adept["prompt_exit_layers"] = out.prompt.exit_layers
         return self._envelope([choice], object=obj, adept=adept, **extra)
@@ -256,6 +284,8 @@ class Responder:
 
     def _adept(self) -> dict:
         adept = {"token_ids": self.token_ids, "exit_layers": self.exit_layers}
+        if self.accepted is not None:
+            adept["accepted"] = self.accepted
         if self.prompt_exit_layers is not None:
             adept["prompt_exit_layers"] = self.prompt_exit_layers
         return adept

@@ -19,6 +19,7 @@ from serving.engine import Engine
 from serving.engine.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
 from serving.engine.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.engine.outputs import auto_interval
+from serving.engine.speculative import draft_depths
 from serving.telemetry.metrics import RayStats
 from workers.exit_pack import ExitPack
 
@@ -53,7 +54,7 @@ class PipelineReplica:
         Cancelling the call (the client went away) aborts the request and frees its KV blocks."""
         try:
             prompt = request.prompt if request.messages is None else self._chat(request.messages)
-            stream = self.engine.submit(prompt, request.sampling, request.exit, request.request_id)
+            stream = self.engine.submit(prompt, request.sampling, request.exit, request.request_id, request.speculative)
         except (RequestError, QueueFullError, EngineUnavailable) as e:
             yield Rejected(e)
             return
@@ -78,6 +79,7 @@ class PipelineReplica:
         return ModelInfo(
             self.name, plan.num_layers, list(plan.exit_points), len(plan.groups), plan.max_model_len,
             self.engine.exit_defaults.model_dump(exclude_none=True), self.engine.kv_cache_tokens,
+            self.engine.config.speculative.model_dump(), draft_depths(plan.groups),
         )  # fmt: skip
 
     async def kv_blocks(self) -> dict:

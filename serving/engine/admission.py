@@ -48,6 +48,10 @@ class Admission:
             mine = {k: v for k, v in own.items() if k != "prefill"}
             defaults["prefill"] = {**({} if mine else tuned["prefill"]), **own.get("prefill", {})} or None
         self.exit_defaults = ExitParams.model_validate(defaults)
+        try:  # a default no request could use is a configuration error
+            resolve_speculative(None, config.speculative, plan.groups)
+        except RequestError as e:
+            raise ValueError(f"engine.speculative{e.param.removeprefix('adept.speculative')}: {e.message}") from None
 
     def sequence(
         self,

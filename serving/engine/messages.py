@@ -4,9 +4,13 @@ of the import order, so the HTTP and gRPC side never imports the engine for its 
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
+from typing import TYPE_CHECKING
 
 from serving.engine.exceptions import EngineError, QueueFullError, RequestError
 from serving.engine.params import ExitParams, SamplingParams
+
+if TYPE_CHECKING:  # for its annotation only: the speculative module imports torch, and this one stays light
+    from serving.engine.speculative import SpeculativeParams
 
 
 @dataclass
@@ -82,6 +86,7 @@ class GenerateRequest:
     messages: list[dict[str, str]] | None
     sampling: SamplingParams
     exit: ExitParams
+    speculative: SpeculativeParams | None = None  # None: the server's default
 
 
 @dataclass
@@ -108,6 +113,8 @@ class ModelInfo:
     max_model_len: int
     default_exit: dict  # requests' default exit controls (the exit pack's tuned ones unless configured)
     kv_cache_tokens: int  # positions the pipeline's KV blocks hold, all sequences together
+    default_speculative: dict  # requests' default speculative decoding (num_tokens 0: off)
+    draft_depths: list[int]  # the depths speculative drafts may stop at: the layer-group boundaries
 
 
 Event = Admitted | Rejected | RequestOutput

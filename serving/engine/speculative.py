@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.engine.exceptions import RequestError
 from serving.engine.params import ResolvedExit
@@ -40,6 +40,16 @@ class SpeculativeParams(BaseModel):
     draft_depth: int | Literal["auto"] = Field(
         "auto", description="layers the drafts run (a layer-group boundary); 'auto': the deepest boundary"
     )
+
+    @field_validator("draft_depth", mode="before")
+    @classmethod
+    def _depth_or_auto(cls, v: object) -> object:
+        """Named as the field itself when wrong, not as one member of its union."""
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool)):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():  # environment variables, flags
+            return int(v)
+        raise ValueError("must be a layer-group boundary (an integer) or 'auto'")
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,13 @@ def draft_depths(groups: tuple[GroupSpec, ...]) -> list[int]:
 def resolve_speculative(
     request: SpeculativeParams | dict | None, default: SpeculativeParams, groups: tuple[GroupSpec, ...]
 ) -> SpecConfig | None:
-    """A request's speculative mode (absent: the server's default), checked against the pipeline's groups;
-    None when off."""
-    params = default if request is None else SpeculativeParams.model_validate(request)
+    """A request's speculative mode (the fields it leaves unset: the server's default), checked against the
+    pipeline's groups; None when off."""
+    if request is None:
+        params = default
+    else:
+        given = request if isinstance(request, SpeculativeParams) else SpeculativeParams.model_validate(request)
+        params = default.model_copy(update=given.model_dump(exclude_unset=True))
     if params.num_tokens == 0:
         return None
     depths = draft_depths(groups)

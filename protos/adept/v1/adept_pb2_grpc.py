@@ -50,8 +50,9 @@ class AdeptServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams one message per generated token (text, token id, exit layer), then a final message with the
-        finish reason and usage. With prompt_logprobs the first message also carries the scored prompt.
+        """Streams one message per generated token (text, token id, exit layer; speculative requests: whether it
+        was an accepted draft), then a final message with the finish reason and usage. With prompt_logprobs the
+        first message also carries the scored prompt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
