@@ -254,6 +254,9 @@ class Engine:
             if trace:
                 trace.computed(result.results.exit_layer, result.timings, batch.start)
             updates = self.scheduler.update(batch, result.results, result.draft_hidden)
+            if batch.start:  # a verification batch: each update is a round
+                for u in updates:
+                    self.stats.speculated(u.seq.spec.config.depth, u.drafted, sum(u.accepted))
             self._release([u.seq for u in updates if self.outputs.deliver(u)])
         self._inflight.discard(asyncio.current_task())
         self._launch()

@@ -85,6 +85,7 @@ class SequenceUpdate:
     sampled: TokenResults | None
     prompt_done: bool = False  # this step fed the prompt's last token
     accepted: list[bool] | None = None  # speculative: per new token, whether it was a draft the model kept
+    drafted: int = 0  # a verified round's drafts
 
 
 class Scheduler:
@@ -333,16 +334,16 @@ class Scheduler:
             seq.in_flight = False
             rows, spec, b = results.select(slice(start, start + n)), seq.spec, seq.num_computed
             start += n
-            j = spec.verified(rows)
+            k, j = spec.k, spec.verified(rows)
             kept = rows.select(slice(0, j + 1))
             seq.layers_computed += int(rows.exit_layer.sum()) - n * spec.config.depth  # the layers past D
             seq.num_computed = b + j + 1
             seq.output_ids += kept.tokens.tolist()
             seq.exit_layers += kept.exit_layer.tolist()
-            if j < spec.k:
-                self._rejected.append((list(seq.blocks), b + j + 1, b + spec.k + 1))
+            if j < k:
+                self._rejected.append((list(seq.blocks), b + j + 1, b + k + 1))
             spec.reset()
-            updates.append(SequenceUpdate(seq, kept, accepted=[True] * j + [False]))
+            updates.append(SequenceUpdate(seq, kept, accepted=[True] * j + [False], drafted=k))
         return updates
 
 

@@ -38,6 +38,9 @@ class EngineStats:
     def recovered(self, seconds: float) -> None:
         """A lost worker was back after `seconds` and the running sequences' caches are being rebuilt."""
 
+    def speculated(self, depth: int, drafted: int, accepted: int) -> None:
+        """A speculative round verified: `drafted` tokens drafted at `depth`, `accepted` of them kept."""
+
 
 class RayStats(EngineStats):
     """The pipeline replica's: Serve metrics of its replica."""
