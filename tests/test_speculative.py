@@ -14,8 +14,10 @@ import torch
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
+from serving.engine.speculative import FIRST_BACKOFF, PROBE_TOKENS, RoundCost, SpecConfig, SpecState
 from tests.helpers import load_groups, pipeline_of, rows, slot_table, weak_late_layers
 from workers.modes import Backfill, Policy
+from workers.protocol import TokenResults
 
 PROMPTS = [
     "The quick brown fox",
@@ -39,7 +41,10 @@ def exact_dir(tiny_chat_dir, tmp_path_factory) -> Path:
 
 
 def make_engine(path: Path, **kw) -> Engine:
-    config = dict(model=str(path), num_layer_groups=3, max_num_seqs=8, max_model_len=128, exit_pack="none")
+    """Drafting every round (not only where it pays: on these tiny models with a 49,152-token LM head it
+    never does) unless `speculative_adaptive` is given."""
+    config = dict(model=str(path), num_layer_groups=3, max_num_seqs=8, max_model_len=128, exit_pack="none",
+                  speculative_adaptive=False)  # fmt: skip
     return Engine.local(EngineConfig(**{**config, **kw}))
 
 
@@ -254,3 +259,62 @@ def test_server_default_and_sampled_requests(mixed_dir):
     assert sampled.usage.draft_tokens == 0
     with pytest.raises(ValueError, match=r"engine.speculative.draft_depth: 3 is not a layer-group boundary"):
         make_engine(mixed_dir, speculative={"num_tokens": 2, "draft_depth": 3})
+
+
+def _round(state: SpecState, kept: int) -> int:
+    """One round as the scheduler runs it: its draft count, and the full model keeping `kept` drafts."""
+    state.start(room=1000)
+    k = state.k
+    if k:
+        state.drafts = [1] * k
+        results = TokenResults.empty(k + 1, 0)
+        results.tokens[:] = torch.tensor([1] * min(kept, k) + [2] * (k + 1 - min(kept, k)))
+        state.verified(results)
+        state.reset()
+    return k
+
+
+def test_drafting_steps_aside_when_it_does_not_pay_and_comes_back_when_it_does():
+    """The default model's shapes (30 layers, an LM head worth 8, drafts to 20) on a CPU: drafts must be kept
+    about 9 times in 10 to pay; below that the sequence decodes plainly, probing with a short round after
+    back-offs that double; once probes are kept, drafting resumes and grows."""
+    cost = RoundCost(30, 20, 8.0, 0.145)
+    assert 0.85 < cost.break_even(4) < 0.97
+    assert cost.best(0.3, 4) == 0 and cost.best(0.99, 4) >= 3
+    assert RoundCost(30, 20, 8.0, 1.0).break_even(4) is None  # verifying as dear as 5 steps never pays
+    state = SpecState(SpecConfig(4, 20, 2, cost))
+    ks = [_round(state, kept=0) for _ in range(3 * FIRST_BACKOFF + 3)]
+    assert ks[0] == PROBE_TOKENS  # the first round measures
+    probes = [i for i, k in enumerate(ks) if k]
+    assert probes == [0, FIRST_BACKOFF + 1, 3 * FIRST_BACKOFF + 2]  # back-offs of 16 then 32 plain steps
+    assert state.acceptance < 0.2
+    ks = [_round(state, kept=100) for _ in range(8 * FIRST_BACKOFF)]
+    assert ks[-1] >= 3 and all(ks[-8:])  # kept drafts bring it back, every round, more per round
+    assert state.acceptance > 0.9
+    crowded = SpecState(SpecConfig(4, 20, 2, None))
+    crowded.start(room=1000, crowded=True)
+    assert crowded.k == 0
+
+
+def test_adaptive_engine_keeps_full_depths_text_and_drafts_only_probes(mixed_dir):
+    """On a tiny model whose LM head outweighs its layers 14 times no draft pays: only the probe rounds draft.
+    With more sequences running than speculative_max_batch, none do."""
+
+    async def main():
+        adaptive = make_engine(mixed_dir, speculative_adaptive=True)
+        full = await asyncio.gather(*(generate(adaptive, p, None) for p in PROMPTS))
+        probed = await asyncio.gather(*(generate(adaptive, p, {"num_tokens": 4, "draft_depth": 4}) for p in PROMPTS))
+        await assert_clean(adaptive)
+        await adaptive.shutdown()
+        crowded = make_engine(mixed_dir, speculative_max_batch=1)
+        busy = await asyncio.gather(*(generate(crowded, p, {"num_tokens": 4, "draft_depth": 4}) for p in PROMPTS))
+        alone = await generate(crowded, PROMPTS[0], {"num_tokens": 4, "draft_depth": 4})
+        await crowded.shutdown()
+        return full, probed, busy, alone
+
+    full, probed, busy, alone = asyncio.run(main())
+    for ref, a, b in zip(full, probed, busy, strict=True):
+        assert a["tokens"] == b["tokens"] == ref["tokens"]
+        assert 0 < a["usage"].draft_tokens <= 2 * PROBE_TOKENS  # the first round and one after the back-off
+    # 5 running, at most 1 may speculate: only the last to finish drafted, at the end
+    assert sum(b["usage"].draft_tokens for b in busy) < alone["usage"].draft_tokens

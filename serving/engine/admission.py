@@ -3,6 +3,7 @@ turned into a Sequence for the scheduler. Everything here fails fast with a Requ
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 
 from pydantic import ValidationError
@@ -21,8 +22,9 @@ from serving.engine.params import (
 )
 from serving.engine.plan import PipelinePlan
 from serving.engine.scheduler import Sequence
-from serving.engine.speculative import SpecConfig, SpecState, SpeculativeParams, resolve_speculative
+from serving.engine.speculative import RoundCost, SpecConfig, SpecState, SpeculativeParams, resolve_speculative
 from workers.arch import ModelArch
+from workers.device import resolve_device
 from workers.exit_pack import ExitPack
 
 
@@ -48,6 +50,7 @@ class Admission:
             mine = {k: v for k, v in own.items() if k != "prefill"}
             defaults["prefill"] = {**({} if mine else tuned["prefill"]), **own.get("prefill", {})} or None
         self.exit_defaults = ExitParams.model_validate(defaults)
+        self._device = resolve_device(config.device).type  # where the workers run: what verifying costs there
         try:  # a default no request could use is a configuration error
             resolve_speculative(None, config.speculative, plan.groups)
         except RequestError as e:
@@ -99,7 +102,11 @@ class Admission:
             spec = resolve_speculative(speculative, self.config.speculative, self.plan.groups)
         except ValidationError as e:
             raise request_error(e, "adept.speculative.") from None
-        return spec if sampling.temperature == 0 else None
+        if spec is None or sampling.temperature > 0:
+            return None
+        if not self.config.speculative_adaptive:
+            return spec
+        return dataclasses.replace(spec, cost=RoundCost.of(self.arch, spec.depth, self._device))
 
     def _speculative_exit(self, exit: ExitParams | dict | None) -> PhaseExits:
         """Speculative decoding verifies every generated token at full depth, and reads the prompt at full

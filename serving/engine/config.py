@@ -47,6 +47,14 @@ class EngineConfig(BaseSettings):
         description="speculative decoding of requests that leave it unset (num_tokens 0: off): exits draft, the "
         "deeper layer groups verify, output is full depth's",
     )
+    speculative_adaptive: bool = Field(
+        True,
+        description="per sequence, draft only as many tokens a round as pay for themselves (measured acceptance, "
+        "the cost model), decoding plainly and probing again later when none do; false: always num_tokens",
+    )
+    speculative_max_batch: int = Field(
+        8, ge=0, description="speculation steps aside while more sequences than this run (compute-bound there)"
+    )
     max_num_seqs: int = Field(
         128, ge=1, description="sequences in the running batch at most; KV memory usually limits it first"
     )

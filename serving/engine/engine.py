@@ -94,6 +94,7 @@ class Engine:
         self.scheduler = Scheduler(
             BlockPool(min(g.num_blocks for g in pipeline.groups)), config.block_size, config.max_num_seqs,
             config.max_num_batched_tokens, config.max_waiting_requests, plan.max_model_len,
+            config.speculative_max_batch,
         )  # fmt: skip
         check_kv_capacity(self.scheduler.pool, config.block_size, plan.max_model_len, pipeline.block_bytes)
         self.outputs = OutputProcessor(tokenizer, arch.eos_token_ids, plan.num_layers, plan.max_model_len, self.stats)

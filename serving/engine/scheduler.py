@@ -97,9 +97,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_waiting: int,
         max_model_len: int,
+        speculative_max_batch: int = 8,
         watermark: float = 0.01,
     ) -> None:
         self.pool, self.block_size, self.max_model_len = pool, block_size, max_model_len
+        self.speculative_max_batch = speculative_max_batch
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -224,7 +226,7 @@ class Scheduler:
             n = min(len(seq.tokens) - seq.num_computed, budget)
             decoding = seq.prefill_done and len(seq.tokens) - seq.num_computed == 1
             if seq.spec is not None and decoding and seq.spec.fed == 0:  # a new speculative round
-                seq.spec.start(self._draft_room(seq))
+                seq.spec.start(self._draft_room(seq), crowded=len(self.running) > self.speculative_max_batch)
             if self._grow(seq, seq.spec.fed + 1 if seq.drafting else n, picked):
                 picked.append((seq, n))
                 budget -= n

@@ -12,6 +12,13 @@ A round of one sequence, whose next token t (the full model's) is unfed at posit
 - roll back: the rejected positions' K/V is forgotten in every group (per position: the cache's fill map
   must not vouch for stale K/V), and the next round starts at the first unverified token.
 
+When drafting does not pay it steps aside, per sequence: from the acceptance it measured (over about the
+last 20 drafts) and a cost model of a round (`RoundCost`), each round drafts as many tokens as maximise the
+expected speed-up, none if no count beats plain decoding (while every draft of the last round was kept, it
+measures on with short rounds). It then decodes plainly, probing again with a short round after a back-off
+that doubles while drafting still does not pay. With more sequences running than `speculative_max_batch`
+(the engine is compute-bound there) every sequence decodes plainly.
+
 Scheduler and engine know rounds only through `SpecState`; the layer groups know drafts only as rows whose
 back-fill mode is DRAFT (they stop at D, write no K/V past it and hand back their hidden state)."""
 
@@ -25,10 +32,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.engine.exceptions import RequestError
 from serving.engine.params import ResolvedExit
+from workers.arch import ModelArch
 from workers.modes import Backfill, Policy
 from workers.protocol import GroupSpec, TokenResults
 
 MAX_SPECULATIVE_TOKENS = 16
+# Each verified position past the first, as a share of verifying one (benchmarks/spec_speed.py's cost model:
+# 5 positions through the default model's last 10 layers and LM head cost 1.58x one on a 2-core CPU; on a GPU
+# at small batch they are nearly free).
+EXTRA_ROW_COST = {"cpu": 0.145, "cuda": 0.02}
+PROBE_TOKENS = 2  # drafts of a round that measures acceptance again after stepping aside
+FIRST_BACKOFF = 16  # plain tokens before that round; doubled each time drafting still does not pay
+MAX_BACKOFF = 256
+DECAY = 0.95  # per draft compared: the measured acceptance weighs about the last 20 drafts
+PRIOR = (0.5, 1.0)  # acceptance before any evidence: successes, trials
 
 
 class SpeculativeParams(BaseModel):
@@ -53,12 +70,61 @@ class SpeculativeParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class RoundCost:
+    """What a round costs, in layers' worth of one position's weight reads (decoding at small batches is
+    bound by reading weights): a decoder layer 1, the LM head `head`; verifying n positions costs one's
+    (1 + extra_row (n - 1)) times."""
+
+    layers: int
+    depth: int
+    head: float
+    extra_row: float
+
+    @classmethod
+    def of(cls, arch: ModelArch, depth: int, device: str) -> RoundCost:
+        h, i = arch.hidden_size, arch.intermediate_size
+        layer = 2 * arch.q_size * h + 2 * arch.kv_size * h + 3 * h * i
+        return cls(arch.num_layers, depth, arch.vocab_size * h / layer, EXTRA_ROW_COST.get(device, 0.0))
+
+    @property
+    def full(self) -> float:
+        """One plain step: every layer and the LM head."""
+        return self.layers + self.head
+
+    def round(self, k: int) -> float:
+        """k drafts (each to the draft depth, with the exit head), the last one fed, k + 1 positions verified."""
+        verify = (self.layers - self.depth + self.head) * (1 + self.extra_row * k)
+        return k * (self.depth + self.head) + self.depth + verify
+
+    def speedup(self, acceptance: float, k: int) -> float:
+        """Expected tokens per unit cost against plain decoding, each draft kept with probability `acceptance`."""
+        return sum(acceptance**i for i in range(k + 1)) * self.full / self.round(k)
+
+    def best(self, acceptance: float, most: int) -> int:
+        """The draft count that maximises the expected speed-up; 0 when none beats plain decoding."""
+        k = max(range(1, most + 1), key=lambda n: self.speedup(acceptance, n), default=0)
+        return k if k and self.speedup(acceptance, k) > 1 else 0
+
+    def break_even(self, k: int) -> float | None:
+        """The acceptance at which k drafts a round pay for themselves; None if even all kept do not."""
+        if self.speedup(1.0, k) <= 1:
+            return None
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.speedup(mid, k) < 1 else (lo, mid)
+        return hi
+
+
+@dataclass(frozen=True)
 class SpecConfig:
-    """A request's resolved speculative mode: drafts per round, their depth, the group verification enters."""
+    """A request's resolved speculative mode: drafts per round at most, their depth, the group verification
+    enters, and the cost model that decides how many drafts pay (None: always the most)."""
 
     num_tokens: int
     depth: int
     group: int
+    cost: RoundCost | None = None
 
     @property
     def draft_exit(self) -> ResolvedExit:
@@ -109,6 +175,11 @@ class SpecState:
     hidden: list[torch.Tensor] = field(default_factory=list)
     drafted: int = 0  # tokens drafted in every verified round
     accepted: int = 0  # of which the full model kept
+    successes: float = 0.0  # drafts kept, and drafts compared (the first rejected one included), decayed
+    trials: float = 0.0
+    wait: int = 1  # plain steps before the next probe round (1: the first round probes)
+    backoff: int = FIRST_BACKOFF
+    kept_all: bool = False  # the last round kept every draft
 
     @property
     def drafting(self) -> bool:
@@ -118,10 +189,31 @@ class SpecState:
     def verifying(self) -> bool:
         return self.k > 0 and self.fed == self.k + 1
 
-    def start(self, room: int) -> None:
-        """A new round with at most `room` drafts (0: this step decodes plainly, at full depth)."""
-        self.k, self.fed = min(self.config.num_tokens, max(room, 0)), 0
-        self.drafts, self.hidden = [], []
+    @property
+    def acceptance(self) -> float:
+        """The measured chance that a draft is kept."""
+        return (self.successes + PRIOR[0]) / (self.trials + PRIOR[1])
+
+    def start(self, room: int, crowded: bool = False) -> None:
+        """A new round with at most `room` drafts, as many as pay (0: this step decodes plainly, at full
+        depth); `crowded`: the engine is compute-bound, no drafts."""
+        self.fed, self.drafts, self.hidden = 0, [], []
+        most, cost = min(self.config.num_tokens, max(room, 0)), self.config.cost
+        if most == 0 or crowded:
+            self.k = 0
+        elif cost is None:
+            self.k = most
+        elif self.wait > 0:  # stepped aside: plain steps, then a short round to measure again
+            self.wait -= 1
+            self.k = 0 if self.wait else min(PROBE_TOKENS, most)
+        else:
+            self.k = cost.best(self.acceptance, most)
+            if self.k == 0 and self.kept_all:  # not enough evidence yet, but all good: measure on
+                self.k = min(PROBE_TOKENS, most)
+            elif self.k == 0:
+                self.wait, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+            else:
+                self.backoff = FIRST_BACKOFF
 
     def reset(self) -> None:
         """Drafts discarded (preempted, or the K/V rebuilt): the next round starts afresh."""
@@ -145,4 +237,8 @@ class SpecState:
         j = next((i for i, (x, y) in enumerate(zip(self.drafts, full, strict=True)) if x != y), self.k)
         self.drafted += self.k
         self.accepted += j
+        compared = j + (j < self.k)
+        self.successes = DECAY**compared * self.successes + j
+        self.trials = DECAY**compared * self.trials + compared
+        self.kept_all = j == self.k
         return j
