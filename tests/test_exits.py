@@ -175,7 +175,7 @@ def test_one_lm_head_and_one_backfill_per_group_for_rows_exiting_at_several_poin
 
     heads: list[int] = []  # rows per LM head call
     real = ExitHead.project
-    monkeypatch.setattr(ExitHead, "project", lambda self, h: heads.append(len(h)) or real(self, h))
+    monkeypatch.setattr(ExitHead, "project", lambda self, h, vocab=None: heads.append(len(h)) or real(self, h, vocab))
     backfills: list[int] = []  # rows per back-fill product
     real_kv = lg.decoupled_kv
     monkeypatch.setattr(lg, "decoupled_kv", lambda h, *a: backfills.append(len(h)) or real_kv(h, *a))

@@ -6,6 +6,7 @@ request fields are checked."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,10 @@ def exact_dir(tiny_chat_dir, tmp_path_factory) -> Path:
 
 def make_engine(path: Path, **kw) -> Engine:
     """Drafting every round (not only where it pays: on these tiny models with a 49,152-token LM head it
-    never does) unless `speculative_adaptive` is given."""
+    never does) unless `speculative_adaptive` is given; drafts over the whole vocabulary (a random model's
+    token ids do not come by frequency) unless `draft_vocab_size` is."""
     config = dict(model=str(path), num_layer_groups=3, max_num_seqs=8, max_model_len=128, exit_pack="none",
-                  speculative_adaptive=False)  # fmt: skip
+                  speculative_adaptive=False, draft_vocab_size=None)  # fmt: skip
     return Engine.local(EngineConfig(**{**config, **kw}))
 
 
@@ -71,7 +73,8 @@ async def assert_clean(engine: Engine) -> None:
     "engine_kw",
     [
         {},
-        {"block_size": 4, "max_inflight_batches": 2, "exit_points": [3, 6]},  # drafts end where no exit point is
+        # drafts end where no exit point is, and choose among the first 30,000 token ids only
+        {"block_size": 4, "max_inflight_batches": 2, "exit_points": [3, 6], "draft_vocab_size": 30000},
         {"block_size": 4, "max_model_len": 64, "kv_cache_memory": 24 * 4 * 6 * 2 * 2 * 16 * 4},  # 24 blocks
     ],
     ids=["default", "small-blocks-two-micro-batches", "preempting"],
@@ -318,3 +321,21 @@ def test_adaptive_engine_keeps_full_depths_text_and_drafts_only_probes(mixed_dir
         assert 0 < a["usage"].draft_tokens <= 2 * PROBE_TOKENS  # the first round and one after the back-off
     # 5 running, at most 1 may speculate: only the last to finish drafted, at the end
     assert sum(b["usage"].draft_tokens for b in busy) < alone["usage"].draft_tokens
+
+
+def test_drafts_choose_within_the_draft_vocabulary(mixed_dir):
+    """A group's draft_vocab limits what its exit head drafts to the first token ids: the draft is the best
+    of those at the draft depth, by the hidden state the draft hands back."""
+    groups = load_groups(mixed_dir, [0, 2, 4, 6], [6])
+    groups[1].spec = dataclasses.replace(groups[1].spec, draft_vocab=100)
+
+    async def main():
+        pipe = pipeline_of(groups)
+        await pipe.execute(rows([5, 17, 301], range(3)))
+        return await pipe.execute(rows([42], [3], policy=Policy.STATIC, max_depth=4, backfill=Backfill.DRAFT))
+
+    result = asyncio.run(main())
+    token = int(result.results.tokens[0])
+    logits = groups[1].head.project(result.draft_hidden)
+    assert token < 100 and token == int(logits[0, :100].argmax())
+    assert int(result.results.exit_layer[0]) == 4

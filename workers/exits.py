@@ -201,10 +201,12 @@ class ExitHead:
             return (first if has_prompt else decode)(h, features)
         return torch.where(prompt, first(h, features), decode(h, features))
 
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: one call weighs as much as several decoder layers (the whole vocabulary's
-        weights), whatever the rows, so callers gather rows from several exit points into one."""
-        return F.linear(rms_norm(h, self.norm, self.eps), self.lm_head).float()
+    def project(self, h: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """Final norm and LM head (over the first `vocab` token ids only, if given): one call weighs as much
+        as several decoder layers (the whole vocabulary's weights), whatever the rows, so callers gather rows
+        from several exit points into one."""
+        head = self.lm_head if vocab is None else self.lm_head[:vocab]
+        return F.linear(rms_norm(h, self.norm, self.eps), head).float()
 
     def decide(
         self, depth: int, is_last: bool, h: torch.Tensor, rows: Rows

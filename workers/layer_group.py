@@ -68,6 +68,7 @@ class _Scoring:
     rows: Rows
     logits: torch.Tensor | None
     adapted: torch.Tensor | None
+    vocab: int | None = None  # speculative drafts: the LM head over the first this many token ids
 
 
 class LayerGroup:
@@ -273,9 +274,16 @@ class LayerGroup:
 
     def _score(self, items: list[_Scoring], top_k: int) -> None:
         """Sample the exited rows' tokens and score their targets, for every exit point of the call at once:
-        one LM head for all rows whose logits no decision computed (it weighs as much as several layers)."""
+        one LM head for all rows whose logits no decision computed (it weighs as much as several layers), one
+        more over the draft vocabulary for speculative drafts."""
+        for vocab in dict.fromkeys(i.vocab for i in items):
+            self._score_part([i for i in items if i.vocab == vocab], top_k, vocab)
+
+    def _score_part(self, items: list[_Scoring], top_k: int, vocab: int | None) -> None:
         adapted = [i.adapted for i in items if i.logits is None]
-        projected = iter(self.head.project(torch.cat(adapted)).split([len(a) for a in adapted])) if adapted else None
+        projected = None
+        if adapted:
+            projected = iter(self.head.project(torch.cat(adapted), vocab).split([len(a) for a in adapted]))
         logits = torch.cat([i.logits if i.logits is not None else next(projected) for i in items])
         rows = Rows.cat([i.rows for i in items])
         res = TokenResults.cat([i.results.select(i.at) for i in items])
@@ -392,10 +400,14 @@ class LayerGroup:
                 scoring = _Scoring(
                     res, need, sub.select(need), logits[pos_in_logits[exiting.nonzero().flatten()[need]]], None
                 )
+                out.scoring.append(scoring)
             else:
-                adapted = self.head.adapt(h[idx[need]], depth, sub.prompt[need])
-                scoring = _Scoring(res, need, sub.select(need), None, adapted)
-            out.scoring.append(scoring)
+                # drafts project onto the draft vocabulary (a cheaper head), every other row onto all of it
+                drafts = sub.backfill[need] == Backfill.DRAFT
+                for part, vocab in ((need[drafts], self.spec.draft_vocab), (need[~drafts], None)):
+                    if part.numel():
+                        adapted = self.head.adapt(h[idx[part]], depth, sub.prompt[part])
+                        out.scoring.append(_Scoring(res, part, sub.select(part), None, adapted, vocab))
         out.rows.append(row_ids)
         out.results.append(res)
 

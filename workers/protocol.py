@@ -84,6 +84,7 @@ class GroupSpec:
     kv_cache_fraction: float = 0.9  # on a GPU without kv_cache_memory: share of the memory left after weights
     max_blocks: int | None = None  # never more than this (what the pipeline's sequences could fill)
     num_blocks: int | None = None  # exactly this many blocks (tests); overrides the three above
+    draft_vocab: int | None = None  # speculative drafts choose among the first this many token ids (None: all)
 
 
 @dataclass

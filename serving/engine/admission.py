@@ -106,7 +106,8 @@ class Admission:
             return None
         if not self.config.speculative_adaptive:
             return spec
-        return dataclasses.replace(spec, cost=RoundCost.of(self.arch, spec.depth, self._device))
+        cost = RoundCost.of(self.arch, spec.depth, self._device, self.config.draft_vocab_size)
+        return dataclasses.replace(spec, cost=cost)
 
     def _speculative_exit(self, exit: ExitParams | dict | None) -> PhaseExits:
         """Speculative decoding verifies every generated token at full depth, and reads the prompt at full

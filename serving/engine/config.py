@@ -52,6 +52,12 @@ class EngineConfig(BaseSettings):
         description="per sequence, draft only as many tokens a round as pay for themselves (measured acceptance, "
         "the cost model), decoding plainly and probing again later when none do; false: always num_tokens",
     )
+    draft_vocab_size: int | None = Field(
+        16384,
+        ge=1,
+        description="speculative drafts choose among the first this many token ids, a cheaper LM head (BPE ids "
+        "come roughly by frequency: 94% of the default model's chat tokens are below 16,384); null: all",
+    )
     speculative_max_batch: int = Field(
         8, ge=0, description="speculation steps aside while more sequences than this run (compute-bound there)"
     )

@@ -58,6 +58,7 @@ def plan_pipeline(config: EngineConfig, arch: ModelArch, pack_points: list[int] 
             kv_cache_memory=config.kv_cache_memory,
             kv_cache_fraction=config.kv_cache_fraction,
             max_blocks=config.max_num_seqs * blocks_for(max_len, config.block_size),
+            draft_vocab=config.draft_vocab_size,
         )
         for a, b in itertools.pairwise(bounds)
     )

@@ -72,19 +72,22 @@ class SpeculativeParams(BaseModel):
 @dataclass(frozen=True)
 class RoundCost:
     """What a round costs, in layers' worth of one position's weight reads (decoding at small batches is
-    bound by reading weights): a decoder layer 1, the LM head `head`; verifying n positions costs one's
-    (1 + extra_row (n - 1)) times."""
+    bound by reading weights): a decoder layer 1, the LM head `head`, the drafts' head (over the draft
+    vocabulary) `draft_head`; verifying n positions costs one's (1 + extra_row (n - 1)) times."""
 
     layers: int
     depth: int
     head: float
     extra_row: float
+    draft_head: float | None = None  # None: the whole head
 
     @classmethod
-    def of(cls, arch: ModelArch, depth: int, device: str) -> RoundCost:
+    def of(cls, arch: ModelArch, depth: int, device: str, draft_vocab: int | None = None) -> RoundCost:
         h, i = arch.hidden_size, arch.intermediate_size
         layer = 2 * arch.q_size * h + 2 * arch.kv_size * h + 3 * h * i
-        return cls(arch.num_layers, depth, arch.vocab_size * h / layer, EXTRA_ROW_COST.get(device, 0.0))
+        head = arch.vocab_size * h / layer
+        draft = head * min(draft_vocab or arch.vocab_size, arch.vocab_size) / arch.vocab_size
+        return cls(arch.num_layers, depth, head, EXTRA_ROW_COST.get(device, 0.0), draft)
 
     @property
     def full(self) -> float:
@@ -94,7 +97,8 @@ class RoundCost:
     def round(self, k: int) -> float:
         """k drafts (each to the draft depth, with the exit head), the last one fed, k + 1 positions verified."""
         verify = (self.layers - self.depth + self.head) * (1 + self.extra_row * k)
-        return k * (self.depth + self.head) + self.depth + verify
+        draft_head = self.head if self.draft_head is None else self.draft_head
+        return k * (self.depth + draft_head) + self.depth + verify
 
     def speedup(self, acceptance: float, k: int) -> float:
         """Expected tokens per unit cost against plain decoding, each draft kept with probability `acceptance`."""
