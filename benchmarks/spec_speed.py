@@ -213,11 +213,13 @@ def main(args: argparse.Namespace) -> dict:
             layer_boundaries=bounds,
             max_model_len=1024,
             max_num_seqs=max(args.streams),
+            speculative_adaptive=not args.fixed,
         )
     )
     messages = list(chat_prompts(CorpusPart.of(str(CHATS), (0.5, 1.0))))[: args.prompts]
     prompts = [engine.chat_prompt(m) for m in messages]
     report: dict = {"machine": machine(), "model": args.model, "exit_pack": pack, "layer_boundaries": bounds,
+                    "adaptive": not args.fixed, "draft_vocab_size": engine.config.draft_vocab_size,
                     "chat_prompts": len(prompts), "max_tokens": args.max_tokens, "rounds": args.rounds}  # fmt: skip
     try:
         report["cost_model"] = cost_model(engine, args.draft_depths, args.speculative_tokens)
@@ -240,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=6, help="chat prompts of the report half")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fixed", action="store_true", help="draft num_tokens every round (no stepping aside)")
     p.add_argument("--hf", action="store_true", help="also Hugging Face's assistant_early_exit, 1 stream")
     p.add_argument("--workdir", default="/tmp/adept-spec-speed", help="where the zeroed copy is written")
     p.add_argument("--json", help="also write the report here")

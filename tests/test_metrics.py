@@ -1,5 +1,6 @@
 """Prometheus metrics at /metrics: the exposition parses, and the counters move with what was served (the
-exit-layer histogram counts exactly the tokens generated)."""
+exit-layer histogram counts exactly the tokens generated; the speculative counters, exactly a speculative
+response's drafts and kept drafts, under its draft depth)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for got, v in found if all(got.get(k) == want for k, want in labels.items()))
 
 
-def settled(served) -> dict:
+SERVED_NAMES = ("adept_exit_layer_count", "adept_api_requests", "adept_request_latency_seconds_count")
+SPEC_NAMES = ("adept_spec_decode_draft_tokens", "adept_spec_decode_accepted_tokens", "adept_spec_decode_rounds")
+
+
+def settled(served, names: tuple[str, ...] = SERVED_NAMES) -> dict:
     """A scrape that no earlier test's late export changes any more (two scrapes, 2.5 export intervals apart,
     agree on the counters this test reads)."""
-    names = ("adept_exit_layer_count", "adept_api_requests", "adept_request_latency_seconds_count")
     last = scrape(served)
     for _ in range(30):
         time.sleep(2.5)
@@ -87,3 +91,40 @@ def test_metrics_parse_and_count_what_was_served(served):
     workers = {labels["layers"] for labels, _ in after["ray_adept_worker_kv_blocks_free"]}
     assert workers == {"0-10", "10-20", "20-30"}
     assert after["ray_adept_pipeline_kv_blocks_free"] and after["ray_adept_waiting_requests"]
+
+
+def test_speculative_counters_count_a_responses_drafts(served):
+    """A greedy speculative request: the draft and kept-draft counters under its draft depth move by exactly
+    its usage's draft_tokens and accepted_tokens; the other depth's do not move."""
+    before = settled(served, SPEC_NAMES)
+    body = {
+        "model": served.model,
+        "prompt": "The capital of France is",  # the depth-20 head's drafts are kept now and then here
+        "max_tokens": 12,
+        "temperature": 0,
+        "adept": {"speculative": {"num_tokens": 3, "draft_depth": 20}},
+    }
+    usage = httpx.post(f"{served.http}/v1/completions", json=body, timeout=120).json()["usage"]
+    assert 0 < usage["accepted_tokens"] <= usage["draft_tokens"], usage  # both counters have something to count
+    expected = {
+        ("adept_spec_decode_draft_tokens", "20"): usage["draft_tokens"],
+        ("adept_spec_decode_accepted_tokens", "20"): usage["accepted_tokens"],
+        ("adept_spec_decode_draft_tokens", "10"): 0,
+        ("adept_spec_decode_accepted_tokens", "10"): 0,
+    }
+
+    def moved(after: dict) -> dict:
+        return {(n, d): total(after, n, draft_depth=d) - total(before, n, draft_depth=d) for n, d in expected}
+
+    deadline = time.monotonic() + 30
+    while True:
+        after = scrape(served)
+        if all(m >= expected[k] for k, m in moved(after).items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert moved(after) == expected
+    # at most num_tokens drafts a round, at least one: the rounds lie between
+    rounds = total(after, "adept_spec_decode_rounds", draft_depth="20") - total(
+        before, "adept_spec_decode_rounds", draft_depth="20"
+    )
+    assert usage["draft_tokens"] / 3 <= rounds <= usage["draft_tokens"]

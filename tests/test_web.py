@@ -1,10 +1,12 @@
 """The live view at /, in a real headless browser (Debian's chromium driven by Playwright) against the real
 server: a comparison streams to the end, the rendered tokens join to the text the API returns for the same
-request, every token carries an exit layer of the model, the figures are filled, and a bad input shows the
-server's error. A screenshot is saved in test-artifacts/."""
+request, every token carries an exit layer of the model, the figures are filled, a speculative run marks the
+drafts the full model kept and gives full depth's text, and a bad input shows the server's error. Screenshots
+are saved in test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -80,6 +82,41 @@ def test_page_streams_a_comparison_coloured_by_exit_layer(page, served):
     assert full.locator('[data-figure="saved"]').text_content() == "0.0%"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "live-view.png"), full_page=True)
+
+
+def test_page_marks_the_kept_drafts_of_a_speculative_run(page, served):
+    """Speculative decoding on, drafting at depth 20 (the default model's boundaries: 10 and 20): the request
+    carries adept.speculative, the page underlines the drafts the full model kept and not its own tokens, and
+    its text is the full-depth run's beside it (greedy: lossless)."""
+    sent = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    assert page.locator("#draft-depth option").evaluate_all("els => els.map(e => e.value)") == ["10", "20"]
+    assert page.locator("#legend-speculative").is_hidden()
+    page.select_option("#mode", "completion")
+    page.fill("#prompt", "The capital of France is")  # the depth-20 head agrees with full depth now and then
+    page.fill("#max-tokens", "12")
+    page.check("#compare")
+    page.check("#speculative")
+    assert page.locator("#policy").is_disabled() and page.locator("#legend-speculative").is_visible()
+    page.select_option("#draft-depth", "20")
+    page.fill("#draft-tokens", "3")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=120_000)
+    assert page.locator("#error").is_hidden()
+    assert {"num_tokens": 3, "draft_depth": 20} in [body["adept"].get("speculative") for body in sent]
+
+    early, full = page.locator("#panel-early"), page.locator("#panel-full")
+    flags = early.locator(".tok").evaluate_all("els => els.map(e => e.dataset.accepted)")
+    assert len(flags) == 12 and set(flags) == {"true", "false"}  # one span a token, some kept drafts, some not
+    assert early.locator(".tok.draft").count() == flags.count("true")
+    layers = early.locator(".tok").evaluate_all("els => els.map(e => Number(e.dataset.exitLayer))")
+    assert set(layers) == {30}  # every output token is full depth's
+    shown = early.locator("[data-text]").text_content()
+    assert shown and shown == full.locator("[data-text]").text_content()
+    assert early.locator('[data-figure="kept"]').text_content().startswith(f"{flags.count('true')} of ")
+    assert full.locator("[data-speculative]").is_hidden() and full.locator(".tok[data-accepted]").count() == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "live-view-speculative.png"), full_page=True)
 
 
 def test_page_shows_the_servers_error(page):

@@ -77,6 +77,15 @@ class RayStats(EngineStats):
         self.backfill_seconds = metrics.Histogram(
             "adept_backfill_lag_seconds", "a back-fill's finish after its step's critical path", LATENCY_BUCKETS
         )
+        # Speculative decoding, as vLLM's spec_decode metrics: per draft depth, acceptance is
+        # rate(accepted_tokens) / rate(draft_tokens), and 1 + rate(accepted_tokens) / rate(rounds) the tokens a
+        # verification pass yields (drafts a round vary: adaptive drafting picks each round's count).
+        depth = ("draft_depth",)
+        self.spec_drafted = metrics.Counter("adept_spec_decode_draft_tokens", "tokens drafted", tag_keys=depth)
+        self.spec_accepted = metrics.Counter(
+            "adept_spec_decode_accepted_tokens", "drafts the full model kept", tag_keys=depth
+        )
+        self.spec_rounds = metrics.Counter("adept_spec_decode_rounds", "speculative rounds verified", tag_keys=depth)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -110,6 +119,14 @@ class RayStats(EngineStats):
         self.backfill_pending.set(pending)
         if seconds is not None:
             self.backfill_seconds.observe(seconds)
+
+    def speculated(self, depth: int, drafted: int, accepted: int) -> None:
+        tags = {"draft_depth": str(depth)}
+        self.spec_rounds.inc(tags=tags)
+        if drafted:  # Ray's counters take only positive increments
+            self.spec_drafted.inc(drafted, tags=tags)
+        if accepted:
+            self.spec_accepted.inc(accepted, tags=tags)
 
 
 class ApiStats:

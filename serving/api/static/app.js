@@ -1,11 +1,12 @@
 // The live view: streams a completion from this server's own OpenAI-compatible API and colours every
-// token by the depth it exited at. Plain JavaScript, nothing fetched from anywhere else. The API key, if
+// token by the depth it exited at; with speculative decoding on, the drafts the full model kept are underlined
+// (the stream's per-token `accepted` flags). Plain JavaScript, nothing fetched from anywhere else. The API key, if
 // any, lives only in this page's memory (the input field). URLs are relative: the page works under any
 // Serve route prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let model = null; // {id, num_layers, exit_points, default_exit}
+let model = null; // {id, num_layers, exit_points, default_exit, draft_depths, default_speculative}
 let running = [];
 
 function layers() {
@@ -54,8 +55,43 @@ async function loadModel() {
     $("threshold").value = defaults.threshold;
     $("threshold-value").value = defaults.threshold;
   }
+  fillSpeculative();
   $("panel-early").querySelector(".settings").textContent = describe(controls());
   drawLegend();
+  syncSpeculative();
+}
+
+// The draft depths this server offers (its layer-group boundaries); its default speculative decoding, if on.
+function fillSpeculative() {
+  const depths = model.draft_depths || [];
+  const select = $("draft-depth");
+  select.innerHTML = "";
+  for (const d of depths) {
+    const option = document.createElement("option");
+    option.value = option.textContent = String(d);
+    select.append(option);
+  }
+  const defaults = model.default_speculative || {};
+  if (depths.length) {
+    const depth = depths.includes(defaults.draft_depth) ? defaults.draft_depth : depths[depths.length - 1];
+    select.value = String(depth); // "auto" is the deepest
+  }
+  if (defaults.num_tokens > 0) $("draft-tokens").value = defaults.num_tokens;
+  $("speculative").checked = depths.length > 0 && defaults.num_tokens > 0;
+  $("speculative").disabled = !depths.length; // one layer group: nothing to draft from
+}
+
+function serverSpeculates() {
+  return Boolean(model && model.default_speculative && model.default_speculative.num_tokens > 0);
+}
+
+// A speculative request takes no exit controls (its tokens are full depth's): those are off while it is on.
+function syncSpeculative() {
+  const on = $("speculative").checked;
+  for (const id of ["policy", "threshold", "threshold-default", "max-depth", "backfill"]) $(id).disabled = on;
+  for (const id of ["draft-depth", "draft-tokens"]) $(id).disabled = !on;
+  const key = $("legend-speculative");
+  if (key) key.hidden = !on;
 }
 
 function drawLegend() {
@@ -69,11 +105,29 @@ function drawLegend() {
   bar.style.background = `linear-gradient(to right, ${stops})`;
   const right = document.createElement("span");
   right.textContent = `${n} (full depth)`;
-  $("legend").append(left, bar, right);
+  // speculative decoding: every token is full depth's; the underline tells a kept draft from the model's own
+  const key = document.createElement("span");
+  key.id = "legend-speculative";
+  key.className = "key";
+  const sample = (label, kept) => {
+    const tok = document.createElement("span");
+    tok.className = kept ? "tok draft" : "tok";
+    tok.style.background = colour(n);
+    tok.textContent = label;
+    return tok;
+  };
+  key.append(sample("draft kept", true), " ", sample("the model's own token", false));
+  $("legend").append(left, bar, right, key);
 }
 
 function controls() {
+  if ($("speculative").checked) {
+    const speculative = { draft_depth: Number($("draft-depth").value) };
+    if ($("draft-tokens").value !== "") speculative.num_tokens = Number($("draft-tokens").value);
+    return { speculative };
+  }
   const adept = {};
+  if (serverSpeculates()) adept.speculative = { num_tokens: 0 }; // this run decodes plainly
   if ($("policy").value) adept.policy = $("policy").value;
   if (!$("threshold-default").checked) adept.threshold = Number($("threshold").value);
   if ($("max-depth").value) adept.max_depth = Number($("max-depth").value);
@@ -82,8 +136,18 @@ function controls() {
 }
 
 function describe(adept) {
-  const parts = Object.entries(adept).map(([k, v]) => `${k} ${v}`);
+  const parts = [];
+  for (const [k, v] of Object.entries(adept)) {
+    if (k !== "speculative") parts.push(`${k} ${v}`);
+    else if (v.num_tokens !== 0) parts.push(`up to ${v.num_tokens ?? "default"} drafts from depth ${v.draft_depth}`);
+  }
   return parts.length ? parts.join(", ") : "server defaults";
+}
+
+// Whether a run with these controls decodes speculatively.
+function speculating(adept) {
+  const own = adept.speculative && adept.speculative.num_tokens;
+  return (own ?? (model.default_speculative || {}).num_tokens ?? 0) > 0;
 }
 
 function request(adept) {
@@ -96,13 +160,16 @@ function request(adept) {
     stream_options: { include_usage: true },
     adept,
   };
+  // A speculative chunk carries a round's tokens: their log-probability entries give each token's text.
+  if (speculating(adept)) body.logprobs = chat ? true : 0;
   if (chat) body.messages = [{ role: "user", content: $("prompt").value }];
   else body.prompt = $("prompt").value;
   return { chat, body, url: chat ? "v1/chat/completions" : "v1/completions" };
 }
 
-function resetPanel(panel) {
+function resetPanel(panel, speculative) {
   panel.querySelector("[data-text]").innerHTML = "";
+  panel.querySelector("[data-speculative]").hidden = !speculative;
   panel.querySelector("[data-histogram]").innerHTML = "";
   for (const dd of panel.querySelectorAll("[data-figure]")) dd.textContent = "–";
   // Layer numbers under the histogram's exit points (the only depths a token can leave at): once per run.
@@ -126,6 +193,35 @@ function figures(panel, state, now) {
     : 1 - state.depthSum / (state.tokens * layers());
   set("saved", `${(100 * saved).toFixed(1)}%`);
   set("tokens", String(state.tokens));
+  const u = state.usage;
+  set("kept", u && u.draft_tokens ? `${u.accepted_tokens} of ${u.draft_tokens}` : String(state.kept));
+}
+
+// One token's span (or, where the chunk's text does not split into its tokens' texts, the chunk's): coloured
+// by the deepest exit; `accepted` (speculative): per token, a draft the full model kept, underlined.
+function tokenSpan(piece, exits, accepted) {
+  const span = document.createElement("span");
+  const deepest = Math.max(...exits);
+  span.className = "tok";
+  span.textContent = piece;
+  span.dataset.exitLayer = String(deepest);
+  span.style.background = colour(deepest);
+  let title = `exit layer ${exits.join(", ")} of ${layers()}`;
+  if (accepted) {
+    const kept = accepted.filter(Boolean).length;
+    span.dataset.accepted = kept === accepted.length ? "true" : kept ? "partly" : "false";
+    if (kept) span.classList.add(kept === accepted.length ? "draft" : "partly");
+    if (accepted.length > 1) title += `; ${kept} of these ${accepted.length} tokens: drafts the full model kept`;
+    else title += kept ? "; a draft the full model kept" : "; the model's own token";
+  }
+  span.title = title;
+  return span;
+}
+
+function tokenTexts(choice, chat) {
+  const lp = choice && choice.logprobs;
+  if (!lp) return null;
+  return chat ? (lp.content || []).map((e) => e.token) : lp.tokens || null;
 }
 
 function histogram(panel, counts) {
@@ -143,11 +239,11 @@ function histogram(panel, counts) {
 }
 
 async function stream(panel, adept, signal) {
-  resetPanel(panel);
+  resetPanel(panel, speculating(adept));
   const { chat, body, url } = request(adept);
   const text = panel.querySelector("[data-text]");
   const counts = new Array(layers() + 1).fill(0);
-  const state = { started: performance.now(), first: null, tokens: 0, depthSum: 0, usage: null };
+  const state = { started: performance.now(), first: null, tokens: 0, depthSum: 0, kept: 0, usage: null };
   const response = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!response.ok) throw await failure(response);
   const reader = response.body.getReader();
@@ -168,15 +264,15 @@ async function stream(panel, adept, signal) {
       const choice = event.choices && event.choices[0];
       const piece = choice ? (chat ? (choice.delta && choice.delta.content) || "" : choice.text || "") : "";
       const exits = (event.adept && event.adept.exit_layers) || [];
+      const accepted = event.adept && event.adept.accepted; // speculative requests only
       if (exits.length) {
-        const span = document.createElement("span");
-        const deepest = Math.max(...exits);
-        span.className = "tok";
-        span.textContent = piece;
-        span.dataset.exitLayer = String(deepest);
-        span.title = `exit layer ${exits.join(", ")} of ${layers()}`;
-        span.style.background = colour(deepest);
-        text.append(span);
+        const texts = tokenTexts(choice, chat);
+        if (exits.length > 1 && texts && texts.length === exits.length && texts.join("") === piece) {
+          texts.forEach((t, i) => text.append(tokenSpan(t, [exits[i]], accepted && [accepted[i]])));
+        } else {
+          text.append(tokenSpan(piece, exits, accepted));
+        }
+        if (accepted) state.kept += accepted.filter(Boolean).length;
         state.first = state.first ?? performance.now();
         state.tokens += exits.length;
         for (const d of exits) {
@@ -206,13 +302,16 @@ async function run(event) {
   const compare = $("compare").checked;
   $("panel-full").hidden = !compare;
   const adept = controls();
-  $("panel-early").querySelector(".settings").textContent = describe(adept);
+  const early = $("panel-early");
+  early.querySelector("h2").firstChild.textContent = speculating(adept) ? "Speculative " : "Early exit ";
+  early.querySelector(".settings").textContent = describe(adept);
   running = [new AbortController(), new AbortController()];
   $("run").disabled = true;
   $("stop").disabled = false;
   status.textContent = "streaming…";
   const jobs = [stream($("panel-early"), adept, running[0].signal)];
-  if (compare) jobs.push(stream($("panel-full"), { policy: "none" }, running[1].signal));
+  const full = serverSpeculates() ? { policy: "none", speculative: { num_tokens: 0 } } : { policy: "none" };
+  if (compare) jobs.push(stream($("panel-full"), full, running[1].signal));
   const results = await Promise.allSettled(jobs);
   const failed = results.filter((r) => r.status === "rejected" && r.reason.name !== "AbortError");
   if (failed.length) showError(failed.map((r) => String(r.reason.message || r.reason)).join("\n"));
@@ -231,8 +330,13 @@ function addFullDepthPanel() {
 }
 
 addFullDepthPanel();
+syncSpeculative();
 $("form").addEventListener("submit", run);
 $("stop").addEventListener("click", () => running.forEach((c) => c.abort()));
+$("speculative").addEventListener("change", () => {
+  syncSpeculative();
+  if (model) $("panel-early").querySelector(".settings").textContent = describe(controls());
+});
 $("threshold").addEventListener("input", () => {
   $("threshold-value").value = $("threshold").value;
   $("threshold-default").checked = false;
