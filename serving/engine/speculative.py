@@ -41,8 +41,8 @@ MAX_SPECULATIVE_TOKENS = 16
 # 5 positions through the default model's last 10 layers and LM head cost 1.58x one on a 2-core CPU; on a GPU
 # at small batch they are nearly free).
 EXTRA_ROW_COST = {"cpu": 0.145, "cuda": 0.02}
-PROBE_TOKENS = 2  # drafts of a round that measures acceptance again after stepping aside
-FIRST_BACKOFF = 16  # plain tokens before that round; doubled each time drafting still does not pay
+PROBE_TOKENS = 1  # drafts of a round that measures acceptance again after stepping aside (cheap: one)
+FIRST_BACKOFF = 32  # plain tokens before that round; doubled each time drafting still does not pay
 MAX_BACKOFF = 256
 DECAY = 0.95  # per draft compared: the measured acceptance weighs about the last 20 drafts
 PRIOR = (0.5, 1.0)  # acceptance before any evidence: successes, trials
@@ -212,7 +212,7 @@ class SpecState:
             self.k = 0 if self.wait else min(PROBE_TOKENS, most)
         else:
             self.k = cost.best(self.acceptance, most)
-            if self.k == 0 and self.kept_all:  # not enough evidence yet, but all good: measure on
+            if self.k == 0 and self.kept_all and cost.best(1.0, most):  # could pay, all kept so far: measure on
                 self.k = min(PROBE_TOKENS, most)
             elif self.k == 0:
                 self.wait, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
