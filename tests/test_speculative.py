@@ -17,16 +17,9 @@ from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
 from serving.engine.speculative import FIRST_BACKOFF, PROBE_TOKENS, RoundCost, SpecConfig, SpecState
 from tests.helpers import load_groups, pipeline_of, rows, slot_table, weak_late_layers
+from tests.test_engine import PROMPTS
 from workers.modes import Backfill, Policy
 from workers.protocol import TokenResults
-
-PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time in a land far away there lived",
-    "1, 2, 3,",
-    "A long time ago",
-    "Question: what is the capital of France? Answer:",
-]
 
 
 @pytest.fixture(scope="module")
