@@ -29,6 +29,7 @@ from engine_speed import hf_model, log, machine, publish  # benchmarks/ is on sy
 
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
+from serving.engine.speculative import break_even_acceptance
 from workers.corpus import CorpusPart, chat_prompts
 from workers.model_store import DEFAULT_MODEL, resolve_model
 from workers.modes import Backfill, Policy
@@ -144,7 +145,7 @@ def cost_model(engine: Engine, depths: list[int], max_tokens: list[int], reps: i
             round_ms = k * draft + feed + verify
             per_k[k] = {"verify_ms": round(verify, 2), "round_ms": round(round_ms, 2),
                         "limit_speedup": round((k + 1) * full / round_ms, 3),
-                        "break_even_acceptance": _break_even(k, round_ms / full)}  # fmt: skip
+                        "break_even_acceptance": _rounded(break_even_acceptance(k, round_ms / full))}  # fmt: skip
         report["per_depth"][d] = {"draft_step_ms": round(draft, 2), "feed_step_ms": round(feed, 2), "per_k": per_k}
     engine.scheduler.pool.free(blocks)
     asyncio.run(_confirm(pipe.free(blocks)))
@@ -157,17 +158,8 @@ async def _confirm(calls) -> None:
     await Pipeline.confirm(calls)
 
 
-def _break_even(k: int, steps: float) -> float | None:
-    """Per-token acceptance a at which a round's expected tokens (1 - a^(k+1)) / (1 - a) equal its cost
-    in full-depth steps; None if even full acceptance does not pay."""
-    if steps >= k + 1:
-        return None
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        a = (lo + hi) / 2
-        expected = sum(a**i for i in range(k + 1))
-        lo, hi = (a, hi) if expected < steps else (lo, a)
-    return round(lo, 3)
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 # ---- Hugging Face's self-speculation ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.exceptions import RequestError
 from serving.engine.params import BackfillName, PolicyName
 from serving.engine.plan import plan_pipeline
-from serving.engine.speculative import SpeculativeParams, resolve_speculative
+from serving.engine.speculative import SpeculativeParams, check_default
 from serving.quality import calibrate
 from serving.quality.continuations import Traffic
 from serving.quality.evaluation import CHAT_PROMPTS, LEARNED_THRESHOLDS
@@ -113,11 +113,10 @@ def _check_speculative(engine: EngineConfig) -> None:
     before anything starts."""
     if engine.speculative.num_tokens == 0:
         return
-    groups = plan_pipeline(engine, ModelArch.from_config(load_config(resolve_model(engine.model)))).groups
-    try:
-        resolve_speculative(None, engine.speculative, groups)
-    except RequestError as e:
-        raise ValueError(f"engine.speculative{e.param.removeprefix('adept.speculative')}: {e.message}") from None
+    check_default(
+        engine.speculative,
+        plan_pipeline(engine, ModelArch.from_config(load_config(resolve_model(engine.model)))).groups,
+    )
 
 
 def _given(args: argparse.Namespace, *same: str, **renamed: str) -> dict:

@@ -46,6 +46,7 @@ class _Exits:
 
     last: torch.Tensor | None  # bool per forward row: no later row of its sequence is in the call (None: no
     # row can exit before the last layer, so nothing is back-filled here)
+    drafting: bool = False  # some forward row is a speculative draft (else no exit looks for drafts)
     rows: list[torch.Tensor] = field(default_factory=list)
     results: list[TokenResults] = field(default_factory=list)
     scoring: list[_Scoring] = field(default_factory=list)
@@ -237,7 +238,8 @@ class LayerGroup:
         # Rows with policy none only exit at the last layer: skip the exit points in between for them.
         flags = torch.stack([(rows.policy != Policy.NONE).any(), (rows.backfill == Backfill.DRAFT).any()]).tolist()
         can_exit_early, drafting = flags if n else (False, False)
-        out = _Exits(last=_last_of_each_sequence(rows.block_table, rows.positions) if can_exit_early else None)
+        last = _last_of_each_sequence(rows.block_table, rows.positions) if can_exit_early else None
+        out = _Exits(last=last, drafting=drafting)
 
         layout = None
         for i in range(self.spec.end - self.spec.start):
@@ -401,8 +403,10 @@ class LayerGroup:
                     res, need, sub.select(need), logits[pos_in_logits[exiting.nonzero().flatten()[need]]], None
                 )
                 out.scoring.append(scoring)
-            else:
-                # drafts project onto the draft vocabulary (a cheaper head), every other row onto all of it
+            elif not out.drafting:
+                adapted = self.head.adapt(h[idx[need]], depth, sub.prompt[need])
+                out.scoring.append(_Scoring(res, need, sub.select(need), None, adapted))
+            else:  # drafts project onto the draft vocabulary (a cheaper head), every other row onto all of it
                 drafts = sub.backfill[need] == Backfill.DRAFT
                 for part, vocab in ((need[drafts], self.spec.draft_vocab), (need[~drafts], None)):
                     if part.numel():
@@ -411,14 +415,14 @@ class LayerGroup:
         out.rows.append(row_ids)
         out.results.append(res)
 
-        draft = sub.backfill == Backfill.DRAFT
-        from_exit = (sub.backfill != Backfill.EXACT) & ~draft
-        any_draft, any_from_exit = torch.stack([draft.any(), from_exit.any()]).tolist()  # one host sync
-        if any_draft:
+        from_exit = sub.backfill != Backfill.EXACT
+        if out.drafting:  # drafts leave too, with their hidden state and nothing to back-fill
+            draft = sub.backfill == Backfill.DRAFT
+            from_exit &= ~draft
             out.drafted.append(row_ids[draft])
             out.draft_hidden.append(h[idx[draft]].clone())
-        if any_from_exit:
-            backfilled = idx[from_exit]
+        backfilled = idx[from_exit]
+        if backfilled.numel():
             if not self.is_last:
                 out.carry_ids.append(row_ids[from_exit])
                 out.carry_hidden.append(h[backfilled].clone())
@@ -437,7 +441,7 @@ class LayerGroup:
                     out.deferred.append((h[backfilled], meta))
                 else:
                     self._kv_from_exit(h[backfilled], meta)
-        return idx[from_exit | draft] if any_draft or any_from_exit else None
+        return idx[from_exit | draft] if out.drafting else backfilled
 
     def _kv_from_exit(self, h_exit: torch.Tensor, meta: SkippedRows) -> None:
         """Decoupled/mapped back-fill of this group's layers that rows skipped (from each row's exit layer,

@@ -22,7 +22,14 @@ from serving.engine.params import (
 )
 from serving.engine.plan import PipelinePlan
 from serving.engine.scheduler import Sequence
-from serving.engine.speculative import RoundCost, SpecConfig, SpecState, SpeculativeParams, resolve_speculative
+from serving.engine.speculative import (
+    RoundCost,
+    SpecConfig,
+    SpecState,
+    SpeculativeParams,
+    check_default,
+    resolve_speculative,
+)
 from workers.arch import ModelArch
 from workers.device import resolve_device
 from workers.exit_pack import ExitPack
@@ -51,10 +58,7 @@ class Admission:
             defaults["prefill"] = {**({} if mine else tuned["prefill"]), **own.get("prefill", {})} or None
         self.exit_defaults = ExitParams.model_validate(defaults)
         self._device = resolve_device(config.device).type  # where the workers run: what verifying costs there
-        try:  # a default no request could use is a configuration error
-            resolve_speculative(None, config.speculative, plan.groups)
-        except RequestError as e:
-            raise ValueError(f"engine.speculative{e.param.removeprefix('adept.speculative')}: {e.message}") from None
+        check_default(config.speculative, plan.groups)
 
     def sequence(
         self,

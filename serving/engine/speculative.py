@@ -111,13 +111,7 @@ class RoundCost:
 
     def break_even(self, k: int) -> float | None:
         """The acceptance at which k drafts a round pay for themselves; None if even all kept do not."""
-        if self.speedup(1.0, k) <= 1:
-            return None
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if self.speedup(mid, k) < 1 else (lo, mid)
-        return hi
+        return break_even_acceptance(k, self.round(k) / self.full)
 
 
 @dataclass(frozen=True)
@@ -165,6 +159,26 @@ def resolve_speculative(
             "those or 'auto'",
         )
     return SpecConfig(params.num_tokens, depth, depths.index(depth) + 1)
+
+
+def check_default(default: SpeculativeParams, groups: tuple[GroupSpec, ...]) -> None:
+    """A server default no request could use is a configuration error: raise it as one."""
+    try:
+        resolve_speculative(None, default, groups)
+    except RequestError as e:
+        raise ValueError(f"engine.speculative{e.param.removeprefix('adept.speculative')}: {e.message}") from None
+
+
+def break_even_acceptance(k: int, steps: float) -> float | None:
+    """The per-draft acceptance a at which a round of k drafts, costing `steps` plain steps, yields as many
+    tokens as plain decoding ((1 - a^(k+1)) / (1 - a) = steps); None if even all kept do not pay."""
+    if steps >= k + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid**i for i in range(k + 1)) < steps else (lo, mid)
+    return hi
 
 
 @dataclass
