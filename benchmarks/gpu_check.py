@@ -9,6 +9,10 @@
    depth; rows run c at a time). For one static depth d both are num_layers / d.
 3. Four layer groups (in-process threads, no Ray) with a static exit at 1/4 depth: asynchronous against
    synchronous back-fill.
+4. Speculative decoding on a copy of the model whose layers from 3/4 depth on add nothing (their o_proj and
+   down_proj zeroed, so the identity head there drafts exactly full depth's token): 4 identity-head drafts
+   a round from 3/4 depth, with the engine's default cost model (which drafts only where it pays) and
+   drafting every round, against full depth on the same copy; the tokens must be full depth's.
 
 Speeds are ratios from interleaved rounds (A, B, A, B, ...): the median ratio and its min/max. Progress goes
 to stderr, the JSON report to stdout (and --json PATH). `--tiny` is the CPU mode for CI (tests/test_gpu_check.py):
@@ -82,6 +86,8 @@ class Run:
     tokens_per_s: float
     tokens: list[list[int]] = field(default_factory=list)
     depths: list[list[int]] = field(default_factory=list)  # per request, each token's exit depth
+    drafted: int = 0  # speculative decoding: tokens drafted, and kept
+    accepted: int = 0
 
 
 def sync(device: torch.device) -> None:
@@ -118,6 +124,14 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype, seed: int
     return model
 
 
+def zero_late_layers(model: LlamaForCausalLM, first: int) -> None:
+    """Layers from `first` on add nothing to the residual stream: an identity exit at `first` is exact."""
+    with torch.no_grad():
+        for layer in model.model.layers[first:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
 def save_model(model: LlamaForCausalLM, path: Path) -> None:
     """Safetensors weights and a word-level tokenizer ("t0" ... "tN"; the engine needs one, prompts are ids)."""
     model.save_pretrained(path)
@@ -127,9 +141,9 @@ def save_model(model: LlamaForCausalLM, path: Path) -> None:
 
 
 def workdir(model_bytes: int) -> tempfile.TemporaryDirectory:
-    """/dev/shm when it has room (the 8B shape writes and reads 16 GB), else the usual temp folder."""
+    """/dev/shm when it has room (the 8B shape writes two copies of 16 GB), else the usual temp folder."""
     shm = Path("/dev/shm")
-    roomy = shm.is_dir() and shutil.disk_usage(shm).free > 2 * model_bytes
+    roomy = shm.is_dir() and shutil.disk_usage(shm).free > 3 * model_bytes
     return tempfile.TemporaryDirectory(prefix="gpu-check-", dir=shm if roomy else None)
 
 
@@ -159,8 +173,9 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_tokens: int) -> li
 
 
 async def engine_tps(
-    engine: Engine, prompts: list[list[int]], exits: list[dict], max_tokens: int, concurrency: int
-) -> Run:
+    engine: Engine, prompts: list[list[int]], exits: list[dict | None], max_tokens: int, concurrency: int,
+    speculative: dict | None = None,
+) -> Run:  # fmt: skip
     """Greedy generation of every prompt (each with its own exit controls), `concurrency` at a time."""
     device = torch.device(engine.config.device)
     sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
@@ -169,9 +184,12 @@ async def engine_tps(
 
     async def one(i: int) -> None:
         async with gate:
-            async for out in engine.generate(prompts[i], sampling, exits[i]):
+            async for out in engine.generate(prompts[i], sampling, exits[i], None, speculative):
                 run.tokens[i] += out.token_ids
                 run.depths[i] += out.exit_layers
+                if out.finished:
+                    run.drafted += out.usage.draft_tokens
+                    run.accepted += out.usage.accepted_tokens
 
     await engine_warmup(engine, prompts[0], exits[0])
     await settle(engine, device)
@@ -248,14 +266,16 @@ class Check:
     def config(self, **kw: object) -> EngineConfig:
         a, c = self.args, self.args.concurrency
         return EngineConfig(
-            model=str(self.path), exit_pack="none", device=self.device.type, exit_points=self.depths,
+            model=str(kw.pop("model", self.path)), exit_pack="none", device=self.device.type, exit_points=self.depths,
             min_exit_depth=self.depths[0], max_num_seqs=max(c, 2), max_model_len=a.prompt_len + a.max_tokens,
             max_num_batched_tokens=max(512, c * a.prompt_len), **kw,
         )  # fmt: skip
 
-    def engine(self, engine: Engine, level: tuple[int, int], exits: list[dict]) -> Callable[[], Awaitable[Run]]:
+    def engine(
+        self, engine: Engine, level: tuple[int, int], exits: list[dict | None], speculative: dict | None = None
+    ) -> Callable[[], Awaitable[Run]]:
         concurrency, n = level
-        return lambda: engine_tps(engine, self.prompts[:n], exits, self.args.max_tokens, concurrency)
+        return lambda: engine_tps(engine, self.prompts[:n], exits, self.args.max_tokens, concurrency, speculative)
 
     def hf(self, model: LlamaForCausalLM, level: tuple[int, int]) -> Callable[[], Awaitable[Run]]:
         concurrency, n = level
@@ -316,6 +336,33 @@ class Check:
             await engine.shutdown()
         return report
 
+    async def speculative(self, path: Path) -> dict:
+        """Section 4, on the copy at `path` whose layers from the draft depth on add nothing."""
+        depth = self.depths[-1]
+        spec = {"num_tokens": 4, "draft_depth": depth}
+        same = dict(num_layer_groups=1, model=str(path), speculative_max_batch=max(self.args.concurrency, 8))
+        engines = {
+            "full": Engine.local(self.config(**same)),
+            "adaptive": Engine.local(self.config(**same)),
+            "every round": Engine.local(self.config(**same, speculative_adaptive=False)),
+        }
+        report: dict = {"draft_depth": depth, "num_tokens": 4}
+        for level in self.levels:
+            n = level[1]
+            measures = {"full": self.engine(engines["full"], level, [FULL] * n)}
+            for name in ("adaptive", "every round"):
+                measures[name] = self.engine(engines[name], level, [None] * n, spec)
+            table, last = await interleaved(measures, "full", self.args.rounds)
+            for name in ("adaptive", "every round"):
+                run = last[name]
+                identical = sum(a == b for a, b in zip(run.tokens, last["full"].tokens, strict=True))
+                table[name] |= {"identical": identical, "prompts": n, "drafted": run.drafted, "accepted": run.accepted}
+            report[str(level[0])] = table
+            log(f"  {level[0]} at a time: {table}")
+        for engine in engines.values():
+            await engine.shutdown()
+        return report
+
 
 async def run_check(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
@@ -343,16 +390,19 @@ async def run_check(args: argparse.Namespace) -> dict:
         check = Check(args, device, Path(tmp), num_layers, depths, prompts, [(1, min(args.alone, c)), (c, c)])
         save_model(model, check.path)
         engine = Engine.local(check.config(num_layer_groups=1))
+        weak = Path(tmp) / "weak"
         sync(device)
         report["setup_s"] = round(time.perf_counter() - started, 1)
 
-        log(f"[1/3] full depth vs HF generate ({c} prompts of {args.prompt_len} ids, {args.max_tokens} new tokens)")
+        log(f"[1/4] full depth vs HF generate ({c} prompts of {args.prompt_len} ids, {args.max_tokens} new tokens)")
         report["full_depth"] = await check.full_depth(model, engine)
         log(f"  {report['full_depth']}")
+        zero_late_layers(model, depths[-1])  # section 4's copy
+        save_model(model, weak)
         del model
         gc.collect()
 
-        log(f"[2/3] static exits at {depths} and a heterogeneous batch, against full depth")
+        log(f"[2/4] static exits at {depths} and a heterogeneous batch, against full depth")
         report["static_exits"] = await check.static_exits(engine)
         await engine.shutdown()
         del engine
@@ -360,8 +410,10 @@ async def run_check(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        log(f"[3/3] 4 layer groups, static exit at {depths[0]}: asynchronous vs synchronous back-fill")
+        log(f"[3/4] 4 layer groups, static exit at {depths[0]}: asynchronous vs synchronous back-fill")
         report["layer_groups"] = await check.layer_groups()
+        log(f"[4/4] speculative decoding: identity-head drafts at {depths[-1]}, the later layers adding nothing")
+        report["speculative"] = await check.speculative(weak)
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     return report
 

@@ -65,7 +65,9 @@ def settings(args: argparse.Namespace) -> dict[str, dict]:
     out = {"full depth": {"num_tokens": 0}}
     for d in args.draft_depths:
         for n in args.speculative_tokens:
-            out[f"draft {d}, {n} tokens"] = {"num_tokens": n, "draft_depth": d}
+            for c in args.min_confidence:
+                name = f"draft {d}, {n} tokens" + (f", min confidence {c}" if c else "")
+                out[name] = {"num_tokens": n, "draft_depth": d, "min_confidence": c}
     return out
 
 
@@ -120,10 +122,10 @@ def cost_model(engine: Engine, depths: list[int], max_tokens: list[int], reps: i
     pipe, layers = engine.pipeline, engine.plan.num_layers
     hidden = torch.randn(most, engine.arch.hidden_size) * 0.5
 
-    def timed(rows: Rows, start: int = 0) -> float:
+    def timed(rows: Rows, depth: int = 0) -> float:
         async def once() -> float:
             t = time.perf_counter()
-            await pipe.collect(pipe.submit(rows, None, start, hidden[: len(rows)] if start else None))
+            await pipe.collect(pipe.submit(rows, None, hidden[: len(rows)] if depth else None, depth))
             return time.perf_counter() - t
 
         async def all_reps() -> list[float]:
@@ -135,13 +137,12 @@ def cost_model(engine: Engine, depths: list[int], max_tokens: list[int], reps: i
     full = timed(_rows(blocks, [context], Policy.NONE, layers, Backfill.EXACT, True))
     report: dict = {"full_step_ms": round(full, 2), "per_depth": {}}
     for d in depths:
-        group = next(i for i, g in enumerate(engine.plan.groups) if g.start == d)
         draft = timed(_rows(blocks, [context], Policy.STATIC, d, Backfill.DRAFT, True))
         feed = timed(_rows(blocks, [context], Policy.STATIC, d, Backfill.DRAFT, False))
         per_k = {}
         for k in max_tokens:
             verify = timed(_rows(blocks, list(range(context, context + k + 1)), Policy.NONE, layers, Backfill.EXACT,
-                                 True), start=group)  # fmt: skip
+                                 True), depth=d)  # fmt: skip
             round_ms = k * draft + feed + verify
             per_k[k] = {"verify_ms": round(verify, 2), "round_ms": round(round_ms, 2),
                         "limit_speedup": round((k + 1) * full / round_ms, 3),
@@ -196,13 +197,13 @@ def main(args: argparse.Namespace) -> dict:
         path = weak_late_layers(path, Path(args.workdir) / f"zeroed-{min(args.draft_depths)}", 0.0,
                                 min(args.draft_depths))  # fmt: skip
         pack = "none"
-    bounds = sorted(set(args.draft_depths))
+    bounds = args.layer_boundaries
     engine = Engine.local(
         EngineConfig(
             model=str(path),
             exit_pack=pack,
-            num_layer_groups=len(bounds) + 1,
-            layer_boundaries=bounds,
+            num_layer_groups=len(bounds) + 1 if bounds else 3,
+            layer_boundaries=bounds or None,
             max_model_len=1024,
             max_num_seqs=max(args.streams),
             speculative_adaptive=not args.fixed,
@@ -210,11 +211,12 @@ def main(args: argparse.Namespace) -> dict:
     )
     messages = list(chat_prompts(CorpusPart.of(str(CHATS), (0.5, 1.0))))[: args.prompts]
     prompts = [engine.chat_prompt(m) for m in messages]
-    report: dict = {"machine": machine(), "model": args.model, "exit_pack": pack, "layer_boundaries": bounds,
+    report: dict = {"machine": machine(), "model": args.model, "exit_pack": pack,
+                    "layer_boundaries": [g.start for g in engine.plan.groups[1:]],
                     "adaptive": not args.fixed, "draft_vocab_size": engine.config.draft_vocab_size,
                     "chat_prompts": len(prompts), "max_tokens": args.max_tokens, "rounds": args.rounds}  # fmt: skip
     try:
-        report["cost_model"] = cost_model(engine, args.draft_depths, args.speculative_tokens)
+        report["cost_model"] = cost_model(engine, args.cost_depths or args.draft_depths, args.speculative_tokens)
         log(f"cost model: {report['cost_model']}")
         for streams in args.streams:
             report[f"{streams} streams"] = rounds(engine, prompts, streams, args)
@@ -228,7 +230,10 @@ def main(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["default", "zeroed"], default="default")
-    p.add_argument("--draft-depths", default="20", help="comma-separated; each becomes a layer-group boundary")
+    p.add_argument("--draft-depths", default="20", help="comma-separated")
+    p.add_argument("--layer-boundaries", default="", help="comma-separated (default: the server's 3 groups)")
+    p.add_argument("--cost-depths", default="", help="the cost model's depths (default: the draft depths)")
+    p.add_argument("--min-confidence", default="0", help="comma-separated: rounds stop at less confident drafts")
     p.add_argument("--speculative-tokens", default="4", help="comma-separated drafts per round")
     p.add_argument("--streams", default="1", help="comma-separated concurrent streams")
     p.add_argument("--prompts", type=int, default=6, help="chat prompts of the report half")
@@ -242,6 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.draft_depths = [int(x) for x in args.draft_depths.split(",")]
     args.speculative_tokens = [int(x) for x in args.speculative_tokens.split(",")]
     args.streams = [int(x) for x in args.streams.split(",")]
+    args.layer_boundaries = [int(x) for x in args.layer_boundaries.split(",") if x]
+    args.cost_depths = [int(x) for x in args.cost_depths.split(",") if x]
+    args.min_confidence = [float(x) for x in args.min_confidence.split(",")]
     return args
 
 

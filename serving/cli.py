@@ -85,32 +85,39 @@ def _speculative_options(p: argparse.ArgumentParser, dest: str, title: str, desc
     g.add_argument("--speculative-tokens", type=int, metavar="N", dest=f"{dest}speculative_tokens",
                    help="tokens drafted per round at most, 0 to 16 (0: off)")  # fmt: skip
     g.add_argument("--draft-depth", metavar="D|auto", dest=f"{dest}draft_depth",
-                   help="layers the drafts run: a layer-group boundary, or 'auto' (the deepest; default)")  # fmt: skip
+                   help="layers the drafts run (1 to the model's depth - 1), or 'auto' (the exit point where the "
+                   "exit pack's agreement promises the most; default)")  # fmt: skip
+    g.add_argument("--draft-min-confidence", type=float, metavar="P", dest=f"{dest}draft_min_confidence",
+                   help="a round stops drafting at a draft its head gives less probability (0: never)")  # fmt: skip
 
 
 def _speculative_flags(args: argparse.Namespace, dest: str) -> dict:
     """The speculative fields the flags give (`dest`: their attributes' prefix)."""
-    given = _given(args, num_tokens=f"{dest}speculative_tokens", draft_depth=f"{dest}draft_depth")
+    given = _given(
+        args, num_tokens=f"{dest}speculative_tokens", draft_depth=f"{dest}draft_depth",
+        min_confidence=f"{dest}draft_min_confidence",
+    )  # fmt: skip
     depth = given.get("draft_depth")
     if depth is not None and depth != "auto":
         try:
             given["draft_depth"] = int(depth)
         except ValueError:
-            raise ValueError(f"--draft-depth: {depth!r} is not a depth; give a group boundary or 'auto'") from None
+            raise ValueError(f"--draft-depth: {depth!r} is not a depth; give a number of layers or 'auto'") from None
     return given
 
 
 def _request_speculative(args: argparse.Namespace, default: SpeculativeParams) -> dict | None:
     """`adept generate`'s speculative flags (the engine takes the rest from the configuration's default)."""
     given = _speculative_flags(args, "")
-    if "draft_depth" in given and not given.get("num_tokens", default.num_tokens):
-        raise ValueError("--draft-depth: speculative decoding is off; give --speculative-tokens N (1 to 16) too")
+    for field, flag in (("draft_depth", "--draft-depth"), ("min_confidence", "--draft-min-confidence")):
+        if field in given and not given.get("num_tokens", default.num_tokens):
+            raise ValueError(f"{flag}: speculative decoding is off; give --speculative-tokens N (1 to 16) too")
     return given or None
 
 
 def _check_speculative(engine: EngineConfig) -> None:
-    """A default draft depth that is not one of the pipeline's boundaries would refuse every request: say so
-    before anything starts."""
+    """A default draft depth the model does not have would refuse every request: say so before anything
+    starts."""
     if engine.speculative.num_tokens == 0:
         return
     check_default(
@@ -142,8 +149,9 @@ def _add_generate(commands) -> None:
     e.add_argument("--max-depth", type=int, help="exit by this depth (static: the fixed depth)")
     e.add_argument("--backfill", choices=get_args(BackfillName))
     _speculative_options(
-        p, "", "speculative decoding", "this request's (greedy only): the exit head at --draft-depth drafts, the "
-        "deeper layer groups verify, the tokens are full depth's; no early-exit flags with it",
+        p, "", "speculative decoding", "this request's: the exit head at --draft-depth drafts, the deeper "
+        "layers verify, the tokens are full depth's (sampled: plain decoding's for the seed); no early-exit flags "
+        "with it",
     )  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument("--show-exits", action="store_true", help="print each token with its exit layer")
@@ -298,10 +306,10 @@ def _speculative_line(info) -> str:
     if not spec["num_tokens"]:
         return ""
     auto = spec["draft_depth"] == "auto"
-    depth = info.draft_depths[-1] if auto else spec["draft_depth"]
+    depth = info.auto_draft_depth if auto else spec["draft_depth"]
     return (
         f"  default speculative decoding: up to {spec['num_tokens']} drafts a round from depth {depth}"
-        f"{' (auto)' if auto else ''} of draft depths {info.draft_depths}; greedy requests, full depth's tokens\n"
+        f"{' (auto)' if auto else ''} (exit heads at {info.draft_depths}); full depth's tokens\n"
     )
 
 

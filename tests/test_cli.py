@@ -120,28 +120,28 @@ def test_speculative_flags_set_the_servers_default_or_one_requests():
     generate = cli.parser().parse_args(["generate", "hi", "--speculative-tokens", "3", "--draft-depth", "auto"])
     assert cli._app_config(generate).engine.speculative == SpeculativeParams()  # the request's, not the engine's
     # adept serve's start-up line about it (none while it is off)
-    info = ModelInfo("m", 30, [8, 30], 3, 1024, {}, 0, {"num_tokens": 3, "draft_depth": "auto"}, [10, 20])
-    assert "default speculative decoding: up to 3 drafts a round from depth 20 (auto)" in cli._speculative_line(info)
+    info = ModelInfo("m", 30, [8, 30], 3, 1024, {}, 0, {"num_tokens": 3, "draft_depth": "auto"}, [8], 8)
+    assert "default speculative decoding: up to 3 drafts a round from depth 8 (auto)" in cli._speculative_line(info)
     info.default_speculative = {"num_tokens": 0, "draft_depth": "auto"}
     assert cli._speculative_line(info) == ""
 
 
 SPECULATE = "--speculative-tokens 2 --draft-depth "
-NOT_A_BOUNDARY = "speculative.draft_depth: 3 is not a layer-group boundary of this server (2, 4)"
+NOT_A_DEPTH = "speculative.draft_depth: 6 is not a depth a draft can stop at: pick one from 1 to 5 or 'auto'"
 
 
 @pytest.mark.parametrize(
     ("command", "flags", "message", "as_user"),
     [
-        ("generate", SPECULATE + "3", "adept." + NOT_A_BOUNDARY, True),
-        ("serve", SPECULATE + "3", "engine." + NOT_A_BOUNDARY, True),
+        ("generate", SPECULATE + "6", "adept." + NOT_A_DEPTH, True),
+        ("serve", SPECULATE + "6", "engine." + NOT_A_DEPTH, True),
         ("generate", SPECULATE + "deep", "--draft-depth: 'deep' is not a depth", False),
         ("generate", "--draft-depth 2", "--draft-depth: speculative decoding is off", False),
     ],
-    ids=["generate-not-a-boundary", "serve-not-a-boundary", "malformed-depth", "depth-without-tokens"],
+    ids=["generate-not-a-depth", "serve-not-a-depth", "malformed-depth", "depth-without-tokens"],
 )
 def test_bad_speculative_flags_exit_2_with_one_line(tiny_chat_dir, capsys, command, flags, message, as_user):
-    """A draft depth that is no group boundary, as a user meets it (a subprocess; `adept serve` refuses it
+    """A draft depth the model does not have, as a user meets it (a subprocess; `adept serve` refuses it
     before starting anything); malformed flags, refused before the model loads (in-process)."""
     argv = [command, *(["hi"] if command == "generate" else []), "--model", str(tiny_chat_dir), "--exit-pack", "none"]
     if as_user:

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py in its CPU mode (--tiny): every section is there, the engine at full depth is HF
-token for token, speeds are positive, and the static exits' bounds are what their depths say."""
+token for token, speeds are positive, the static exits' bounds are what their depths say, and speculative
+decoding gives full depth's tokens with every exact draft kept."""
 
 from __future__ import annotations
 
@@ -35,7 +36,16 @@ def speeds(node: object) -> list[float]:
 
 
 def test_every_section(report: dict) -> None:
-    for key in ("machine", "model", "settings", "exit_depths", "full_depth", "static_exits", "layer_groups"):
+    for key in (
+        "machine",
+        "model",
+        "settings",
+        "exit_depths",
+        "full_depth",
+        "static_exits",
+        "layer_groups",
+        "speculative",
+    ):
         assert key in report
     c = str(report["settings"]["concurrency"])
     assert report["device"] == "cpu" and report["dtype"] == "float32"
@@ -84,3 +94,15 @@ def test_static_exit_bounds(report: dict) -> None:
     # one request at a time: each step's deepest row is its own; all together: the deepest depth asked
     assert mix["1"]["weight_read_bound"] == mix["1"]["compute_bound"]
     assert mix[str(c)]["weight_read_bound"] == round(layers / max(depths), 3)
+
+
+def test_speculative_decoding_is_full_depths_and_keeps_exact_drafts(report: dict) -> None:
+    spec = report["speculative"]
+    assert spec["draft_depth"] == report["exit_depths"][-1] and spec["num_tokens"] == 4
+    for level in ("1", str(report["settings"]["concurrency"])):
+        for name in ("adaptive", "every round"):
+            row = spec[level][name]
+            assert row["identical"] == row["prompts"] > 0
+            assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        forced = spec[level]["every round"]
+        assert forced["accepted"] == forced["drafted"] > 0  # the copy's drafts are all exact

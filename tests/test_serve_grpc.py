@@ -82,7 +82,7 @@ def test_http_grpc_and_in_process_engine_give_the_same_tokens(stub, served):
 
 
 def test_speculative_decoding_gives_full_depths_tokens(stub, served):
-    """Speculative (draft depth unset: auto, the deepest boundary): full depth's tokens, each marked
+    """Speculative (draft depth unset: auto, by the pack's agreement): full depth's tokens, each marked
     accepted or not, the drafts counted in usage."""
     full, _ = generate(stub, prompt=PROMPTS[1], max_tokens=12, temperature=0, adept=pb.ExitControls(policy="none"))
     spec, final = generate(
@@ -100,7 +100,8 @@ def test_list_models(stub, served):
     (model,) = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
     assert model.id == served.model and model.num_layers == 30 and model.num_layer_groups == 3
     assert list(model.exit_points) == [8, 12, 16, 20, 24, 28, 30] and model.max_model_len == 1024
-    assert list(model.draft_depths) == [10, 20]
+    assert list(model.draft_depths) == [8, 12, 16, 20, 24, 28]  # the exit heads below the last layer
+    assert model.auto_draft_depth in model.draft_depths
     assert model.default_speculative.num_tokens == 0 and not model.default_speculative.HasField("draft_depth")
 
 
@@ -132,7 +133,7 @@ def test_server_reflection_describes_the_service(served):
         ),
         ({"prompt": "hi", "adept": pb.ExitControls(max_depth=99)}, grpc.StatusCode.INVALID_ARGUMENT, "adept.max_depth"),
         (
-            {"prompt": "hi", "temperature": 0, "speculative": pb.SpeculativeControls(num_tokens=2, draft_depth=7)},
+            {"prompt": "hi", "temperature": 0, "speculative": pb.SpeculativeControls(num_tokens=2, draft_depth=30)},
             grpc.StatusCode.INVALID_ARGUMENT,
             "adept.speculative.draft_depth",
         ),
@@ -140,6 +141,11 @@ def test_server_reflection_describes_the_service(served):
             {"prompt": "hi", "speculative": pb.SpeculativeControls(num_tokens=-1)},
             grpc.StatusCode.INVALID_ARGUMENT,
             "adept.speculative.num_tokens",
+        ),
+        (
+            {"prompt": "hi", "speculative": pb.SpeculativeControls(num_tokens=2, min_confidence=-0.5)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "adept.speculative.min_confidence",
         ),
         ({}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (

@@ -14,9 +14,11 @@ import openai
 import pytest
 import ray
 
+from serving.engine.speculative import RoundCost, auto_depth
 from tests.test_hf_parity import PROMPTS as HF_PROMPTS
+from workers.arch import ModelArch
 from workers.exit_pack import load_pack
-from workers.model_store import DEFAULT_MODEL, resolve_model
+from workers.model_store import DEFAULT_MODEL, load_config, resolve_model
 
 PROMPTS = [
     *HF_PROMPTS,
@@ -151,6 +153,16 @@ def test_speculative_decoding_gives_full_depths_tokens(served):
     assert [a for p in pieces for a in p["accepted"]] == adept["accepted"]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == full.choices[0].message.content
     assert chunks[-1].usage.model_extra["accepted_tokens"] == usage["accepted_tokens"]
+
+    # sampled with a seed: reproducible, and what plain decoding gives for that seed
+    request.update(temperature=0.9, seed=7)
+    sampled = [
+        c.chat.completions.create(**request, extra_body={"adept": {"speculative": SPECULATIVE}}) for _ in range(2)
+    ]
+    plain = c.chat.completions.create(**request, extra_body={"adept": {"policy": "none"}})
+    ids = [out.model_extra["adept"]["token_ids"] for out in (*sampled, plain)]
+    assert ids[0] == ids[1] == ids[2]
+    assert sampled[0].usage.model_extra["draft_tokens"] > 0
     wait_for_clean_blocks(served)
 
 
@@ -249,11 +261,16 @@ LONG = "word " * 1100  # more tokens than the 1024-token context
         ({"prompt": "hi", "adept": {"policy": "static"}}, 400, "adept.max_depth"),
         ({"prompt": "hi", "adept": {"speculative": {"num_tokens": 99}}}, 400, "adept.speculative.num_tokens"),
         (
-            {"prompt": "hi", "adept": {"speculative": {"num_tokens": 2, "draft_depth": 7}}},
+            {"prompt": "hi", "adept": {"speculative": {"num_tokens": 2, "draft_depth": 30}}},
             400,
             "adept.speculative.draft_depth",
         ),
         ({"prompt": "hi", "adept": {"speculative": {"draft_depth": "deep"}}}, 400, "adept.speculative.draft_depth"),
+        (
+            {"prompt": "hi", "adept": {"speculative": {"num_tokens": 2, "min_confidence": "high"}}},
+            400,
+            "adept.speculative.min_confidence",
+        ),
         (
             {"prompt": "hi", "temperature": 0, "adept": {"policy": "none", "speculative": {"num_tokens": 2}}},
             400,
@@ -291,6 +308,14 @@ def test_the_openai_client_raises_its_own_errors(served):
         c.chat.completions.create(model=served.model, messages=[])
 
 
+def auto_draft_depth() -> int:
+    """What 'auto' means on this server for up to 16 drafts: the shipped pack's agreement and the CPU cost."""
+    model = resolve_model(DEFAULT_MODEL)
+    agreement = load_pack("auto", DEFAULT_MODEL, model).agreement
+    arch = ModelArch.from_config(load_config(model))
+    return auto_depth(16, [8, 12, 16, 20, 24, 28], agreement, lambda d: RoundCost.of(arch, d, "cpu", 16384))
+
+
 def test_models_and_health(served):
     models = client(served).models.list().data
     assert [m.id for m in models] == [served.model]
@@ -301,8 +326,9 @@ def test_models_and_health(served):
         "default_exit": load_pack("auto", DEFAULT_MODEL, resolve_model(DEFAULT_MODEL)).defaults,  # the shipped pack's
         # the default 1 GiB of K/V in blocks of 16 positions, 46,080 bytes a position (30 layers, float32)
         "kv_cache_tokens": (1 << 30) // (16 * 46_080) * 16,
-        "default_speculative": {"num_tokens": 0, "draft_depth": "auto"},  # off unless engine.speculative says
-        "draft_depths": [10, 20],  # the layer-group boundaries
+        "default_speculative": {"num_tokens": 0, "draft_depth": "auto", "min_confidence": 0.0},  # off unless set
+        "draft_depths": [8, 12, 16, 20, 24, 28],  # the exit heads below the last layer
+        "auto_draft_depth": auto_draft_depth(),
     }
     health = httpx.get(served.http + "/health", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok"}

@@ -66,7 +66,7 @@ async def assert_clean(engine: Engine) -> None:
     "engine_kw",
     [
         {},
-        # drafts end where no exit point is, and choose among the first 30,000 token ids only
+        # drafts end where no exit point is (and at 3, one), and choose among the first 30,000 token ids only
         {"block_size": 4, "max_inflight_batches": 2, "exit_points": [3, 6], "draft_vocab_size": 30000},
         {"block_size": 4, "max_model_len": 64, "kv_cache_memory": 24 * 4 * 6 * 2 * 2 * 16 * 4},  # 24 blocks
     ],
@@ -77,7 +77,8 @@ def test_greedy_output_is_full_depths(mixed_dir, engine_kw):
         engine = make_engine(mixed_dir, **engine_kw)
         full = await asyncio.gather(*(generate(engine, p, None) for p in PROMPTS))
         runs = {}
-        for spec in [(1, 4), (3, 4), (5, 2), (4, 2)]:
+        # boundaries (2, 4), and depths inside a group: the first (1), the second (3), the last (5)
+        for spec in [(1, 4), (3, 4), (5, 2), (4, 2), (2, 3), (3, 5), (2, 1)]:
             params = {"num_tokens": spec[0], "draft_depth": spec[1]}
             runs[spec] = await asyncio.gather(*(generate(engine, p, params) for p in PROMPTS))
         alone = await generate(engine, PROMPTS[1], {"num_tokens": 3, "draft_depth": 4})
@@ -162,9 +163,10 @@ def test_abort_mid_round_frees_everything(mixed_dir):
     assert len(asyncio.run(main())["tokens"]) == 20
 
 
-def test_rejected_drafts_leave_the_cache_as_if_never_drafted(mixed_dir):
-    """Below the scheduler: draft 4 tokens at depth 4, verify them, keep 2 and roll back the rest; every
-    group's cache then equals, in its fill map and in K/V, a cache that saw only the kept tokens."""
+@pytest.mark.parametrize("depth", [4, 3])  # a group boundary, and inside the group [2, 4)
+def test_rejected_drafts_leave_the_cache_as_if_never_drafted(mixed_dir, depth):
+    """Below the scheduler: draft 4 tokens at the draft depth, verify them, keep 2 and roll back the rest;
+    every group's cache then equals, in its fill map and in K/V, a cache that saw only the kept tokens."""
     prompt, drafts, kept = [5, 17, 301, 42, 7, 1000, 64], [11, 12, 13, 14], 2
     b = len(prompt)
 
@@ -177,11 +179,11 @@ def test_rejected_drafts_leave_the_cache_as_if_never_drafted(mixed_dir):
         await pipe.execute(rows(prompt, range(b)))  # say the full model's next token is 9
         inputs, hidden = [9, *drafts], []
         for i, token in enumerate(inputs):  # drafts, one position a step, to depth 4
-            r = rows([token], [b + i], policy=Policy.STATIC, max_depth=4, backfill=Backfill.DRAFT)
+            r = rows([token], [b + i], policy=Policy.STATIC, max_depth=depth, backfill=Backfill.DRAFT)
             hidden.append((await pipe.execute(r)).draft_hidden)
         hidden = torch.cat(hidden)
         verify = rows(inputs, range(b, b + 5), sample_all=True)
-        result = await pipe.collect(pipe.submit(verify, start=2, hidden=hidden))
+        result = await pipe.collect(pipe.submit(verify, hidden=hidden, depth=depth))
         assert (result.results.exit_layer == 6).all()
         table = torch.tensor([slot_table(0)] * (len(drafts) - kept))
         await pipe.confirm(pipe.rollback(table, torch.arange(b + 1 + kept, b + 1 + len(drafts))))
@@ -215,8 +217,9 @@ def test_speculative_fields_are_checked(mixed_dir):
     async def main():
         errors = [
             await refused({"num_tokens": 17}),
-            await refused({"num_tokens": 2, "draft_depth": 3}),
+            await refused({"num_tokens": 2, "draft_depth": 6}),
             await refused({"num_tokens": 2, "bogus": 1}),
+            await refused({"num_tokens": 2, "min_confidence": 1.5}),
             await refused({"num_tokens": 2, "draft_depth": 4}, {"policy": "static", "max_depth": 2}),
         ]
         # a speculative request may read its prompt with exits of its own
@@ -226,35 +229,104 @@ def test_speculative_fields_are_checked(mixed_dir):
 
     errors, ok = asyncio.run(main())
     assert errors[0].param == "adept.speculative.num_tokens"
-    assert errors[1].param == "adept.speculative.draft_depth" and "2, 4" in str(errors[1])
+    assert errors[1].param == "adept.speculative.draft_depth" and "from 1 to 5" in str(errors[1])
     assert errors[2].param == "adept.speculative.bogus"
-    assert errors[3].param == "adept.policy" and "full depth" in str(errors[3])
+    assert errors[3].param == "adept.speculative.min_confidence"
+    assert errors[4].param == "adept.policy" and "full depth" in str(errors[4])
     assert len(ok["tokens"]) == 20
 
 
-def test_server_default_and_sampled_requests(mixed_dir):
-    """engine.speculative applies to requests that leave it unset; a request turns it off with 0; sampled
-    requests decode plainly (for now)."""
+def test_server_default_applies_unless_a_request_sets_its_own(mixed_dir):
+    """engine.speculative applies to requests that leave it unset; a request turns it off with 0."""
 
     async def main():
         engine = make_engine(mixed_dir, speculative={"num_tokens": 3, "draft_depth": 4})
         default = await generate(engine, PROMPTS[0], None)
         off = await generate(engine, PROMPTS[0], {"num_tokens": 0})
         shallow = await generate(engine, PROMPTS[0], {"draft_depth": 2})  # num_tokens: the default's 3
-        sampled = None
-        async for out in engine.generate(PROMPTS[0], {"max_tokens": 5, "temperature": 0.8, "seed": 1}):
-            sampled = out
         await assert_clean(engine)
         await engine.shutdown()
-        return default, off, shallow, sampled
+        return default, off, shallow
 
-    default, off, shallow, sampled = asyncio.run(main())
+    default, off, shallow = asyncio.run(main())
     assert default["tokens"] == off["tokens"] == shallow["tokens"]
     assert default["usage"].draft_tokens > 0 and off["usage"].draft_tokens == 0
     assert shallow["usage"].accepted_tokens < default["usage"].accepted_tokens  # depth 2 drafts worse than 4
-    assert sampled.usage.draft_tokens == 0
-    with pytest.raises(ValueError, match=r"engine.speculative.draft_depth: 3 is not a layer-group boundary"):
-        make_engine(mixed_dir, speculative={"num_tokens": 2, "draft_depth": 3})
+    with pytest.raises(ValueError, match=r"engine.speculative.draft_depth: 6 is not a depth a draft can stop at"):
+        make_engine(mixed_dir, speculative={"num_tokens": 2, "draft_depth": 6})
+
+
+async def sampled(engine: Engine, prompt: list[int], seed: int, spec: dict | None, max_tokens: int, **kw) -> dict:
+    sampling = {"max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "ignore_eos": True, **kw}
+    tokens, accepted, last = [], [], None
+    async for out in engine.generate(prompt, sampling, None, None, spec):
+        tokens += out.token_ids
+        accepted += out.accepted or []
+        last = out
+    return {"tokens": tokens, "accepted": accepted, "usage": last.usage}
+
+
+def test_sampled_speculation_emits_what_plain_sampling_would(mixed_dir):
+    """A draft samples with the noise the full model's token at its position uses (seeded by request seed
+    and position), so a sampled speculative request emits plain decoding's tokens for its seed, whatever its
+    rounds, and keeps the drafts that agree. Top-p and top-k apply to drafts and full model alike."""
+    prompt = list(range(300, 310))
+
+    async def main():
+        engine = make_engine(mixed_dir, speculative_max_batch=16)
+        runs = []
+        for kw in ({}, {"top_p": 0.9}, {"top_k": 5}):
+            for spec in (None, {"num_tokens": 3, "draft_depth": 4}, {"num_tokens": 2, "draft_depth": 2}):
+                runs.append(await asyncio.gather(*(sampled(engine, prompt, s, spec, 16, **kw) for s in range(8))))
+        await assert_clean(engine)
+        await engine.shutdown()
+        return runs
+
+    runs = asyncio.run(main())
+    for plain, deep, shallow in zip(runs[::3], runs[1::3], runs[2::3], strict=True):
+        assert [r["tokens"] for r in plain] == [r["tokens"] for r in deep] == [r["tokens"] for r in shallow]
+        assert len({tuple(r["tokens"]) for r in plain}) > 4  # the seeds really sample
+        drafted = sum(r["usage"].draft_tokens for r in deep)
+        kept = sum(r["usage"].accepted_tokens for r in deep)
+        assert 0 < kept < drafted  # drafts were kept and rejected
+        assert sum(r["usage"].draft_tokens for r in plain) == 0
+
+
+def test_sampled_speculation_follows_full_depths_distribution(mixed_dir):
+    """The distribution test: 1,600 seeds, top-4 sampling at temperature 1. The first token comes from the
+    prompt at full depth; the second is the first one a round verifies. Grouped by the first, the second's
+    counts match full depth's next-token distribution computed by Hugging Face transformers (Pearson
+    chi-square over the four groups)."""
+    from scipy.stats import chi2
+    from transformers import AutoModelForCausalLM
+
+    prompt, n, k = list(range(300, 310)), 1600, 4
+
+    async def main():
+        engine = make_engine(mixed_dir, max_num_seqs=64, max_waiting_requests=n, speculative_max_batch=64)
+        spec = {"num_tokens": 2, "draft_depth": 4}
+        out = await asyncio.gather(*(sampled(engine, prompt, s, spec, 4, top_k=k) for s in range(n)))
+        await assert_clean(engine)
+        await engine.shutdown()
+        return out
+
+    out = asyncio.run(main())
+    assert sum(r["usage"].accepted_tokens for r in out) > n / 4  # many second tokens were accepted drafts
+    model = AutoModelForCausalLM.from_pretrained(mixed_dir).eval()
+    firsts = sorted({r["tokens"][0] for r in out})
+    with torch.no_grad():
+        logits = model(torch.tensor([[*prompt, t] for t in firsts])).logits[:, -1].float()
+    statistic, dof = 0.0, 0
+    for t, row in zip(firsts, logits, strict=True):
+        top = row.topk(k)
+        expected_p = torch.softmax(top.values, dim=-1)
+        seconds = [r["tokens"][1] for r in out if r["tokens"][0] == t]
+        assert set(seconds) <= set(top.indices.tolist())  # never outside full depth's top 4
+        observed = torch.tensor([seconds.count(v) for v in top.indices.tolist()], dtype=torch.float64)
+        expected = expected_p.double() * len(seconds)
+        statistic += float(((observed - expected) ** 2 / expected).sum())
+        dof += k - 1
+    assert chi2.sf(statistic, dof) > 1e-3, (statistic, dof)
 
 
 def _round(state: SpecState, kept: int) -> int:
@@ -333,3 +405,62 @@ def test_drafts_choose_within_the_draft_vocabulary(mixed_dir):
     logits = groups[1].head.project(result.draft_hidden)
     assert token < 100 and token == int(logits[0, :100].argmax())
     assert int(result.results.exit_layer[0]) == 4
+
+
+def test_unconfident_drafts_end_the_round(mixed_dir):
+    """min_confidence: a draft its head gives less probability ends the round without it (the round verifies
+    what was fed, possibly no draft at all); the text stays full depth's, and a stricter threshold drafts
+    fewer tokens and has more of them kept."""
+    state = SpecState(SpecConfig(3, 4, 2, None, min_confidence=0.5))
+    state.start(room=10)
+    hidden = torch.zeros(4)
+    state.fed_one(hidden, 7, 0.9)
+    state.fed_one(hidden, 8, 0.2)  # unconfident: dropped, the round is x1 only
+    assert (state.k, state.drafts, state.fed, state.verifying, state.drafting) == (1, [7], 2, True, False)
+    state.reset()
+    state.start(room=10)
+    state.fed_one(hidden, 7, 0.1)  # the first draft already: the round verifies position b alone
+    assert (state.k, state.fed, state.verifying) == (0, 1, True)
+    assert state.verified(TokenResults.empty(1, 0)) == 0 and state.trials == 0  # nothing measured
+
+    async def main():
+        engine = make_engine(mixed_dir)
+        full = await asyncio.gather(*(generate(engine, p, None) for p in PROMPTS))
+        runs = []
+        for confidence in (0.0, 0.6, 1.0):
+            spec = {"num_tokens": 4, "draft_depth": 4, "min_confidence": confidence}
+            runs.append(await asyncio.gather(*(generate(engine, p, spec) for p in PROMPTS)))
+        await assert_clean(engine)
+        await engine.shutdown()
+        return full, runs
+
+    full, runs = asyncio.run(main())
+    for outs in runs:
+        assert [o["tokens"] for o in outs] == [r["tokens"] for r in full]
+    drafted = [sum(o["usage"].draft_tokens for o in outs) for outs in runs]
+    kept = [sum(o["usage"].accepted_tokens for o in outs) for outs in runs]
+    assert drafted[0] > drafted[1] > drafted[2] == 0
+    assert kept[1] / drafted[1] > kept[0] / drafted[0]
+
+
+def test_auto_depth_maximises_the_promised_speed_up(mixed_dir):
+    """'auto' picks, among the depths with a measured agreement, the one whose best round promises most by
+    the cost model (not simply the deepest or the most agreeing); without figures, the deepest exit head."""
+    from serving.engine.speculative import auto_depth
+
+    def cost_of(d: int) -> RoundCost:
+        return RoundCost(30, d, 8.0, 0.02)
+
+    agreement = {8: 0.3, 16: 0.8, 28: 0.85}
+    promise = {d: max(cost_of(d).speedup(a, k) for k in range(1, 5)) for d, a in agreement.items()}
+    assert auto_depth(4, [8, 16, 28], agreement, cost_of) == max(promise, key=promise.get) == 16
+    assert auto_depth(4, [8, 16, 28], {}, cost_of) == 28
+
+    async def main():
+        engine = make_engine(mixed_dir, exit_points=[2, 3, 6])
+        out = await generate(engine, PROMPTS[0], {"num_tokens": 2})  # auto, no pack: the deepest head, 3
+        await engine.shutdown()
+        return out, engine.admission.auto_depth(2)
+
+    out, depth = asyncio.run(main())
+    assert depth == 3 and out["usage"].draft_tokens > 0

@@ -85,12 +85,13 @@ def test_page_streams_a_comparison_coloured_by_exit_layer(page, served):
 
 
 def test_page_marks_the_kept_drafts_of_a_speculative_run(page, served):
-    """Speculative decoding on, drafting at depth 20 (the default model's boundaries: 10 and 20): the request
+    """Speculative decoding on, drafting at depth 20 (of the default model's exit heads): the request
     carries adept.speculative, the page underlines the drafts the full model kept and not its own tokens, and
     its text is the full-depth run's beside it (greedy: lossless)."""
     sent = []
     page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
-    assert page.locator("#draft-depth option").evaluate_all("els => els.map(e => e.value)") == ["10", "20"]
+    depths = page.locator("#draft-depth option").evaluate_all("els => els.map(e => e.value)")
+    assert depths == ["8", "12", "16", "20", "24", "28"]  # the exit heads below the last layer
     assert page.locator("#legend-speculative").is_hidden()
     page.select_option("#mode", "completion")
     page.fill("#prompt", "The capital of France is")  # the depth-20 head agrees with full depth now and then

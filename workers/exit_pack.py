@@ -81,6 +81,14 @@ class ExitPack:
         """The exit controls the pack was tuned for (policy, threshold, backfill): requests' defaults."""
         return dict(self.manifest.get("defaults", {}))
 
+    @property
+    def agreement(self) -> dict[int, float]:
+        """Per exit point, how often its head predicted full depth's token on the calibration's held-out
+        positions (what a speculative draft there is kept with, about)."""
+        validation = self.manifest.get("evaluation", {}).get("validation", {})
+        found = {int(d): v.get("agreement_adapted") for d, v in validation.items()}
+        return {d: a for d, a in sorted(found.items()) if a is not None}
+
     def has_routers(self) -> bool:
         return any(k.startswith("router.") for k in self.tensors)
 

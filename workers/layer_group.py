@@ -113,15 +113,13 @@ class LayerGroup:
         self.ln1 = stack("input_layernorm.weight")
         self.ln2 = stack("post_attention_layernorm.weight")
         self.embed = weights.get("model.embed_tokens.weight") if self.is_first else None
-        self.head = None
-        # Every group but the last has a head at its end as well: speculative drafts exit there.
-        self.head_points = sorted({*spec.exit_points, *([] if self.is_last else [spec.end])})
-        if self.head_points:
-            lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
-            norm = weights["model.norm.weight"]
-            self.head = ExitHead.build(
-                norm, lm_head, arch.rms_norm_eps, arch.num_layers, self.head_points, pack, dtype, device
-            )
+        # Every group has a head, with the pack's adapters at every depth it has them: speculative drafts may
+        # stop at any depth (the identity head where the pack has none), not only at exit points.
+        lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+        depths = list(range(spec.start + 1, spec.end + 1))
+        self.head = ExitHead.build(
+            weights["model.norm.weight"], lm_head, arch.rms_norm_eps, arch.num_layers, depths, pack, dtype, device
+        )
         self.cos, self.sin = rope
         self._map_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         n_layers = spec.end - spec.start
@@ -137,19 +135,18 @@ class LayerGroup:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> LayerGroup:
-        """Load only this group's layers (plus embeddings if first, final norm and LM head if it has exits)."""
+        """Load only this group's layers (plus embeddings if first), the final norm and the LM head."""
         device = torch.device(device)
         config = load_config(model_path)
         arch = ModelArch.from_config(config)
         layers = {f"model.layers.{i}." for i in range(spec.start, spec.end)}
-        has_head = bool(spec.exit_points) or spec.end < arch.num_layers
 
         def want(name: str) -> bool:
             if name.startswith("model.layers."):
                 return name[: name.index(".", len("model.layers.")) + 1] in layers
             if name == "model.embed_tokens.weight":
-                return spec.start == 0 or (has_head and arch.tie_word_embeddings)
-            return has_head and name in ("model.norm.weight", "lm_head.weight")
+                return spec.start == 0 or arch.tie_word_embeddings
+            return name in ("model.norm.weight", "lm_head.weight")
 
         weights = {k: v.to(device) for k, v in load_tensors(model_path, want, dtype).items()}
         rope = tuple(t.to(device) for t in rope_tables(config, spec.max_len, dtype))
@@ -175,7 +172,7 @@ class LayerGroup:
         n = len(rows)
         top_k = max(int(rows.logprobs.max()), 0) if n else 0  # alternatives: the most any row asked for
         on_device = to_device(rows, self.device), hidden, to_device(skipped, self.device), skipped_hidden
-        exits, h = self._run(*on_device, top_k)
+        exits, h = self._run(*on_device, top_k, 0 if isinstance(batch, Rows) else batch.depth)
         results = TokenResults.cat(exits.results) if exits.results else TokenResults.empty(0, top_k, self.device)
         result = StepResult(_cat_long(exits.rows, self.device).cpu(), to_device(results, torch.device("cpu")))
         if exits.drafted:
@@ -207,10 +204,14 @@ class LayerGroup:
         skipped: SkippedRows,
         skipped_hidden: torch.Tensor | None,
         top_k: int,
+        enter: int = 0,
     ) -> tuple[_Exits, torch.Tensor]:
-        """Back-fill the skipped rows, run the forward rows; returns what exited and the hidden states of
-        the forward rows that go on."""
-        n = len(rows)
+        """Back-fill the skipped rows, run the forward rows (from layer `enter` on, if past the group's
+        start: speculative verification); returns what exited and the hidden states of the forward rows that
+        go on."""
+        n, first = len(rows), max(enter - self.spec.start, 0)
+        if first and bool((skipped.backfill == Backfill.EXACT).any()):
+            raise ValueError("rows entering past a group's first layer cannot carry exact back-fills")
         h_skipped = skipped_hidden.to(self.device, self.dtype)[skipped.index] if len(skipped) else None
         exact = torch.empty(0, dtype=torch.int64, device=self.device)
         if len(skipped):
@@ -240,9 +241,10 @@ class LayerGroup:
         can_exit_early, drafting = flags if n else (False, False)
         last = _last_of_each_sequence(rows.block_table, rows.positions) if can_exit_early else None
         out = _Exits(last=last, drafting=drafting)
+        draft_at = set(rows.max_depth[rows.backfill == Backfill.DRAFT].tolist()) if drafting else set()
 
         layout = None
-        for i in range(self.spec.end - self.spec.start):
+        for i in range(first, self.spec.end - self.spec.start):
             if h.shape[0] == 0:
                 break
             if layout is None:  # built once per set of rows, read by every layer
@@ -251,13 +253,12 @@ class LayerGroup:
             h = self._layer(i, h, at, layout)
             depth = self.spec.start + i + 1
             at_point = depth in self.spec.exit_points
-            # Drafts may exit at the group's end even where it is no exit point (only they).
-            draft_end = drafting and depth == self.spec.end and not at_point and not self.is_last
-            if not (at_point or draft_end) or not (can_exit_early or depth == self.arch.num_layers):
+            draft_here = depth in draft_at and not at_point  # drafts exit at any depth (only they, here)
+            if not (at_point or draft_here) or not (can_exit_early or depth == self.arch.num_layers):
                 continue
             if not bool(deciding.any()):
                 continue
-            leaving = self._exit(depth, h, rows, ids, deciding, out, top_k, drafts_only=draft_end)
+            leaving = self._exit(depth, h, rows, ids, deciding, out, top_k, drafts_only=draft_here)
             if leaving is not None:  # decoupled/mapped rows leave; exact rows keep running this group's layers
                 keep = torch.ones(h.shape[0], dtype=torch.bool, device=self.device)
                 keep[leaving] = False
@@ -303,7 +304,8 @@ class LayerGroup:
         sampling = rows.sample.nonzero().flatten()
         if sampling.numel():
             s, row_logits = rows.select(sampling), logits[sampling]
-            chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions)
+            full = None if vocab is None else self.head.lm_head.shape[0]  # drafts share the full head's noise
+            chosen = sample(row_logits, s.temperature, s.top_p, s.top_k, s.seed, s.positions, full)
             res.tokens[sampling] = chosen
             asked = (s.logprobs >= 0).nonzero().flatten()
             if asked.numel():

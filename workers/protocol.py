@@ -172,6 +172,7 @@ class Continuing(Tensors):
     hidden: torch.Tensor
     skipped: SkippedRows
     skipped_hidden: torch.Tensor  # row i of `skipped` back-fills from skipped_hidden[skipped.index[i]]
+    depth: int = 0  # the layer `hidden` comes out of, where the rows enter past the group's start (verification)
 
     @staticmethod
     def merge(owed: list[Continuing], batch: Continuing) -> Continuing:
@@ -183,7 +184,7 @@ class Continuing(Tensors):
             skipped.append(dataclasses.replace(part.skipped, index=part.skipped.index + offset))
             offset += part.skipped_hidden.shape[0]
         hidden = torch.cat([p.skipped_hidden for p in parts])
-        return Continuing(batch.rows, batch.hidden, SkippedRows.cat(skipped), hidden)
+        return Continuing(batch.rows, batch.hidden, SkippedRows.cat(skipped), hidden, batch.depth)
 
 
 def _fill(dtype: torch.dtype, value: float, per_alternative: bool = False) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Sampling, done where the logits are: only token ids and log-probabilities leave the worker.
 
 Random rows draw their noise from a generator seeded by (request seed, position), so a request's tokens do
-not depend on which other requests share its batches, and the same seed gives the same output."""
+not depend on which other requests share its batches, and the same seed gives the same output. A head over
+fewer token ids (speculative drafts' draft vocabulary) races with the first entries of the full head's noise:
+a draft and the full model's token at one position share their noise, which is what makes speculative
+sampling lossless (serving/engine/speculative.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ def sample(
     top_k: torch.Tensor,
     seed: torch.Tensor,
     positions: torch.Tensor,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Next token per row of logits [R, V] (float32); temperature 0 is greedy."""
+    """Next token per row of logits [R, V] (float32); temperature 0 is greedy. `vocab_size`: the full
+    head's, when the logits cover only its first V ids (the noise is drawn for all of them)."""
     tokens = logits.argmax(dim=-1)
     random_rows = (temperature > 0).nonzero().flatten().tolist()
     for r in random_rows:
@@ -36,7 +41,7 @@ def sample(
             probs = probs.scatter(0, order[drop], 0.0)
         generator = torch.Generator(device=logits.device)
         generator.manual_seed((int(seed[r]) * _MIX + int(positions[r])) % (1 << 63))
-        noise = torch.empty_like(probs).exponential_(generator=generator)
+        noise = probs.new_empty(vocab_size or probs.numel()).exponential_(generator=generator)[: probs.numel()]
         tokens[r] = (probs / noise).argmax()  # exponential race: P(token) = probs[token]
     return tokens
 

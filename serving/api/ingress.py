@@ -129,7 +129,7 @@ def _grpc_exit(request: pb.GenerateRequest) -> dict:
     return exit
 
 
-SPECULATIVE_FIELDS = ("num_tokens", "draft_depth")
+SPECULATIVE_FIELDS = ("num_tokens", "draft_depth", "min_confidence")
 
 
 def _grpc_speculative(request: pb.GenerateRequest) -> dict | None:
@@ -158,7 +158,9 @@ def _grpc_model(info: ModelInfo) -> pb.Model:
     default = info.default_speculative
     depth = default.get("draft_depth")
     speculative = pb.SpeculativeControls(
-        num_tokens=default.get("num_tokens", 0), draft_depth=None if depth == "auto" else depth
+        num_tokens=default.get("num_tokens", 0),
+        draft_depth=None if depth == "auto" else depth,
+        min_confidence=default.get("min_confidence", 0.0),
     )
     return pb.Model(
         id=info.name,
@@ -168,6 +170,7 @@ def _grpc_model(info: ModelInfo) -> pb.Model:
         max_model_len=info.max_model_len,
         draft_depths=info.draft_depths,
         default_speculative=speculative,
+        auto_draft_depth=info.auto_draft_depth,
     )
 
 
@@ -285,7 +288,8 @@ class Ingress:
                             "default_exit": info.default_exit,  # what requests get for unset controls
                             "kv_cache_tokens": info.kv_cache_tokens,
                             "default_speculative": info.default_speculative,  # for requests that leave it unset
-                            "draft_depths": info.draft_depths,  # what adept.speculative.draft_depth may be
+                            "draft_depths": info.draft_depths,  # where exit heads are to draft from
+                            "auto_draft_depth": info.auto_draft_depth,  # draft_depth 'auto' for the default
                         },
                     }
                 ],

@@ -19,7 +19,7 @@ from serving.engine import Engine
 from serving.engine.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
 from serving.engine.messages import Admitted, Event, GenerateRequest, ModelInfo, Rejected, RequestOutput
 from serving.engine.outputs import auto_interval
-from serving.engine.speculative import draft_depths
+from serving.engine.speculative import MAX_SPECULATIVE_TOKENS
 from serving.telemetry.metrics import RayStats
 from workers.exit_pack import ExitPack
 
@@ -79,7 +79,8 @@ class PipelineReplica:
         return ModelInfo(
             self.name, plan.num_layers, list(plan.exit_points), len(plan.groups), plan.max_model_len,
             self.engine.exit_defaults.model_dump(exclude_none=True), self.engine.kv_cache_tokens,
-            self.engine.config.speculative.model_dump(), draft_depths(plan.groups),
+            self.engine.config.speculative.model_dump(), self.engine.admission.draft_depths,
+            self.engine.admission.auto_depth(self.engine.config.speculative.num_tokens or MAX_SPECULATIVE_TOKENS),
         )  # fmt: skip
 
     async def kv_blocks(self) -> dict:

@@ -4,6 +4,7 @@ turned into a Sequence for the scheduler. Everything here fails fast with a Requ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 
 from pydantic import ValidationError
@@ -27,7 +28,9 @@ from serving.engine.speculative import (
     SpecConfig,
     SpecState,
     SpeculativeParams,
+    auto_depth,
     check_default,
+    draft_depths,
     resolve_speculative,
 )
 from workers.arch import ModelArch
@@ -59,6 +62,8 @@ class Admission:
         self.exit_defaults = ExitParams.model_validate(defaults)
         self._device = resolve_device(config.device).type  # where the workers run: what verifying costs there
         check_default(config.speculative, plan.groups)
+        self._agreement = {} if pack is None else pack.agreement
+        self.draft_depths = draft_depths(plan.exit_points, plan.num_layers)
 
     def sequence(
         self,
@@ -72,7 +77,7 @@ class Admission:
             sampling = SamplingParams.model_validate(sampling or {})
         except ValidationError as e:
             raise request_error(e) from None
-        spec = self.resolve_speculative(speculative, sampling)
+        spec = self.resolve_speculative(speculative)
         resolved = self.resolve_exit(exit) if spec is None else self._speculative_exit(exit)
         prompt_ids = self.prompt_ids(prompt)
         room = self.plan.max_model_len - len(prompt_ids)
@@ -97,21 +102,24 @@ class Admission:
             spec=None if spec is None else SpecState(spec),
         )
 
-    def resolve_speculative(
-        self, speculative: SpeculativeParams | dict | None, sampling: SamplingParams
-    ) -> SpecConfig | None:
-        """The request's speculative mode, else the server's; sampled requests decode plainly for now (the
-        rejection rule that keeps their distribution is not in yet)."""
+    def resolve_speculative(self, speculative: SpeculativeParams | dict | None) -> SpecConfig | None:
+        """The request's speculative mode, else the server's, with the cost model that decides how many
+        drafts pay (none with engine.speculative_adaptive off)."""
         try:
-            spec = resolve_speculative(speculative, self.config.speculative, self.plan.groups)
+            spec = resolve_speculative(speculative, self.config.speculative, self.plan.groups, self.auto_depth)
         except ValidationError as e:
             raise request_error(e, "adept.speculative.") from None
-        if spec is None or sampling.temperature > 0:
-            return None
-        if not self.config.speculative_adaptive:
+        if spec is None or not self.config.speculative_adaptive:
             return spec
-        cost = RoundCost.of(self.arch, spec.depth, self._device, self.config.draft_vocab_size)
-        return dataclasses.replace(spec, cost=cost)
+        return dataclasses.replace(spec, cost=self._cost(spec.depth))
+
+    @functools.cache  # noqa: B019 (one Admission per engine)
+    def auto_depth(self, num_tokens: int) -> int:
+        """What draft_depth 'auto' means for rounds of up to `num_tokens` drafts (speculative.auto_depth)."""
+        return auto_depth(num_tokens, self.draft_depths, self._agreement, self._cost)
+
+    def _cost(self, depth: int) -> RoundCost:
+        return RoundCost.of(self.arch, depth, self._device, self.config.draft_vocab_size)
 
     def _speculative_exit(self, exit: ExitParams | dict | None) -> PhaseExits:
         """Speculative decoding verifies every generated token at full depth, and reads the prompt at full

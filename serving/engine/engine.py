@@ -238,7 +238,7 @@ class Engine:
                 return
             trace = self.outputs.trace(batch, self.plan.groups, self.pipeline.sync_backfill)
             listener = trace.trailing_call if trace else None
-            submitted = self.pipeline.submit(batch.rows, listener, batch.start, batch.hidden)
+            submitted = self.pipeline.submit(batch.rows, listener, batch.hidden, batch.depth)
             task = asyncio.get_running_loop().create_task(self._step(batch, submitted, trace))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -253,9 +253,9 @@ class Engine:
             self._failed(batch, e)
         else:
             if trace:
-                trace.computed(result.results.exit_layer, result.timings, batch.start)
+                trace.computed(result.results.exit_layer, result.timings, submitted.start)
             updates = self.scheduler.update(batch, result.results, result.draft_hidden)
-            if batch.start:  # a verification batch: each update is a round
+            if batch.verifies:  # each update is a round
                 for u in updates:
                     self.stats.speculated(u.seq.spec.config.depth, u.drafted, sum(u.accepted))
             self._release([u.seq for u in updates if self.outputs.deliver(u)])

@@ -114,7 +114,8 @@ class ModelInfo:
     default_exit: dict  # requests' default exit controls (the exit pack's tuned ones unless configured)
     kv_cache_tokens: int  # positions the pipeline's KV blocks hold, all sequences together
     default_speculative: dict  # requests' default speculative decoding (num_tokens 0: off)
-    draft_depths: list[int]  # the depths speculative drafts may stop at: the layer-group boundaries
+    draft_depths: list[int]  # depths with an exit head to draft from (any depth below num_layers is accepted)
+    auto_draft_depth: int  # what draft_depth 'auto' picks for the default's num_tokens (16 while it is off)
 
 
 Event = Admitted | Rejected | RequestOutput

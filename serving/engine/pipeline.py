@@ -129,16 +129,20 @@ class Pipeline:
         return await self.collect(self.submit(rows))
 
     def submit(
-        self, rows: Rows, on_trailing: Listener | None = None, start: int = 0, hidden: torch.Tensor | None = None
+        self, rows: Rows, on_trailing: Listener | None = None, hidden: torch.Tensor | None = None, depth: int = 0
     ) -> Submitted:
         """Send the batch to every group it can reach (each call takes the previous one's output); deeper
         groups are owed that output. `on_trailing(group, timing)` hears when each call that only
-        back-fills this batch's rows finishes. With `start`, the batch enters at that group with `hidden`,
-        the rows' hidden states at its first layer (speculative drafts, verified)."""
+        back-fills this batch's rows finishes. With `hidden`, the rows' hidden states after `depth` layers,
+        the batch enters at layer `depth` (speculative drafts, verified)."""
         results = []
         batch: Any = rows
-        if start:
-            batch = Continuing(rows, hidden, SkippedRows.empty(), hidden[:0])
+        start = 0
+        if hidden is not None:
+            start = next(g for g, group in enumerate(self.groups) if group.spec.start <= depth < group.spec.end)
+            if depth > self.groups[start].spec.start and self._owed[start]:
+                self._call_owed(start)  # what it owes runs the group's first layers, which these rows skip
+            batch = Continuing(rows, hidden, SkippedRows.empty(), hidden[:0], depth)
         reach = self._reach(rows)
         for g, group in enumerate(self.groups):
             if g < start:

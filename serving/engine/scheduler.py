@@ -10,6 +10,7 @@ blocks to clear, to a pipeline."""
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -73,8 +74,12 @@ class ScheduledBatch:
     seqs: list[Sequence]
     counts: list[int]  # rows of each sequence, in order
     rows: Rows
-    start: int = 0  # the group it enters at: past the draft depth for a verification batch
-    hidden: torch.Tensor | None = None  # with `start`: the rows' hidden states there
+    hidden: torch.Tensor | None = None  # a verification batch: the rows' hidden states at the draft depth ...
+    depth: int = 0  # ... which is where the batch enters
+
+    @property
+    def verifies(self) -> bool:
+        return self.hidden is not None
 
 
 @dataclass
@@ -252,22 +257,22 @@ class Scheduler:
         return min(seq.max_tokens - len(seq.output_ids) - 1, self.max_model_len - 2 - seq.num_computed)
 
     def _verification(self, room: int) -> ScheduledBatch | None:
-        """A batch of every sequence whose drafts are all fed (as many as fit), those that enter at the same
-        group as the first: positions b..b+k each, at full depth from the draft depth on."""
+        """A batch of every sequence whose drafts are all fed (as many as fit), those that draft at the same
+        depth as the first: positions b..b+k each, at full depth from the draft depth on."""
         ready = [s for s in self.running if not s.in_flight and not s.aborted and s.spec and s.spec.verifying]
         if not ready:
             return None
-        group, budget, picked = ready[0].spec.config.group, self.token_budget, []
+        depth, budget, picked = ready[0].spec.config.depth, self.token_budget, []
         for seq in ready:
             n = seq.spec.k + 1
-            if seq.spec.config.group != group or len(picked) == room or (picked and n > budget):
+            if seq.spec.config.depth != depth or len(picked) == room or (picked and n > budget):
                 continue
             picked.append((seq, n))
             budget -= n
         for seq, _ in picked:
             seq.in_flight = True
         hidden = torch.stack([h for seq, _ in picked for h in seq.spec.hidden])
-        return ScheduledBatch([s for s, _ in picked], [n for _, n in picked], verify_rows(picked), group, hidden)
+        return ScheduledBatch([s for s, _ in picked], [n for _, n in picked], verify_rows(picked), hidden, depth)
 
     def _grow(self, seq: Sequence, n: int, picked: list[tuple[Sequence, int]]) -> bool:
         """Blocks for `seq`'s next `n` positions, preempting the newest sequences not in flight if none are
@@ -296,7 +301,7 @@ class Scheduler:
     ) -> list[SequenceUpdate]:
         """Apply a step's results (per row) to its sequences (`draft_hidden`: per row, the hidden state a
         draft stopped with)."""
-        if batch.start:
+        if batch.verifies:
             return self._verified(batch, results)
         updates = []
         start = 0
@@ -305,7 +310,8 @@ class Scheduler:
             seq.in_flight = False
             if seq.drafting:  # not verified yet: nothing to emit
                 token = int(results.tokens[start]) if bool(batch.rows.sample[start]) else None
-                seq.spec.fed_one(draft_hidden[start], token)
+                asked = bool(batch.rows.logprobs[start] >= 0)  # min_confidence: the draft's probability
+                seq.spec.fed_one(draft_hidden[start], token, math.exp(results.logprobs[start]) if asked else 1.0)
                 seq.layers_computed += int(results.exit_layer[start])
                 updates.append(SequenceUpdate(seq, None))
                 start = end
@@ -449,7 +455,7 @@ def rows_for(picked: list[tuple[Sequence, int]], teacher_forced: bool = False) -
             prompt.append(False)
             sample.append(spec.fed < spec.k)  # the last step only feeds the last draft
             target.append(-1)
-            logprobs.append(-1)
+            logprobs.append(0 if spec.config.min_confidence > 0 else -1)
             per_seq.append((seq, 1))
             continue
         span = range(start, start + n)

@@ -4,13 +4,26 @@ Verify). Lossless: greedy output is full depth's token for token.
 
 A round of one sequence, whose next token t (the full model's) is unfed at position b:
 - draft: t, then each drafted token, run through the layers up to the draft depth D (one row a step, beside
-  the other sequences' rows); the exit head at D drafts x1..xk, and the K/V of layers below D is written as
-  full depth would write it. A last step feeds xk (no head) so that every position has its hidden state at D.
-- verify: positions b..b+k enter the group that starts at D with those hidden states and run the remaining
-  layers in one call per group; position b+i's token y(i+1) checks x(i+1). The longest agreeing prefix is
-  kept, plus the full model's next token (a correction, or a bonus when all k agree).
+  the other sequences' rows); the exit head at D (the pack's where it has one there, else the identity)
+  drafts x1..xk, and the K/V of layers below D is written as full depth would write it. A last step feeds
+  xk (no head) so that every position has its hidden state at D. A draft the head gives less than
+  `min_confidence` ends the round before it (Kangaroo, AdaEDL): it is dropped, and what was fed is verified.
+- verify: positions b..b+k enter the group that holds layer D + 1, at that layer, with those hidden states
+  and run the remaining layers in one call per group; position b+i's token y(i+1) checks x(i+1). The
+  longest agreeing prefix is kept, plus the full model's next token (a correction, or a bonus when all k
+  agree).
 - roll back: the rejected positions' K/V is forgotten in every group (per position: the cache's fill map
   must not vouch for stale K/V), and the next round starts at the first unverified token.
+
+Sampled requests speculate too, and stay exact: a draft samples from the exit head's distribution with the
+noise the full model's token at the same position samples with (workers/sampling.py: an exponential race
+seeded by request seed and position; Gumbel-max coupling, as in "coupling without communication"). The full
+model's token is then exactly the one plain decoding would emit for that seed, and a draft is kept when it
+is that token, as for greedy. This stands in for Leviathan et al.'s rejection rule: both follow full depth's
+distribution exactly; this one also keeps a seeded request's text independent of its rounds and batches and
+sends no distributions between groups, and keeps a draft with probability at least (1 - TV) / (1 + TV)
+against the rule's 1 - TV (TV: the total-variation distance between the two distributions; equal when
+they are).
 
 When drafting does not pay it steps aside, per sequence: from the acceptance it measured (over about the
 last 20 drafts) and a cost model of a round (`RoundCost`), each round drafts as many tokens as maximise the
@@ -24,6 +37,7 @@ back-fill mode is DRAFT (they stop at D, write no K/V past it and hand back thei
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,7 +69,12 @@ class SpeculativeParams(BaseModel):
 
     num_tokens: int = Field(0, ge=0, le=MAX_SPECULATIVE_TOKENS, description="tokens drafted per round at most; 0: off")
     draft_depth: int | Literal["auto"] = Field(
-        "auto", description="layers the drafts run (a layer-group boundary); 'auto': the deepest boundary"
+        "auto",
+        description="layers the drafts run (1 to the model's depth - 1); 'auto': the exit point where the exit "
+        "pack's measured agreement promises the most speed-up (without a pack: the deepest below the last layer)",
+    )
+    min_confidence: float = Field(
+        0.0, ge=0.0, le=1.0, description="a round stops drafting at a draft its head gives less probability; 0: never"
     )
 
     @field_validator("draft_depth", mode="before")
@@ -66,7 +85,7 @@ class SpeculativeParams(BaseModel):
             return v
         if isinstance(v, str) and v.strip().isdigit():  # environment variables, flags
             return int(v)
-        raise ValueError("must be a layer-group boundary (an integer) or 'auto'")
+        raise ValueError("must be a depth (an integer) or 'auto'")
 
 
 @dataclass(frozen=True)
@@ -117,28 +136,50 @@ class RoundCost:
 @dataclass(frozen=True)
 class SpecConfig:
     """A request's resolved speculative mode: drafts per round at most, their depth, the group verification
-    enters, and the cost model that decides how many drafts pay (None: always the most)."""
+    enters (the one holding layer depth + 1), the cost model that decides how many drafts pay (None: always
+    the most), and the confidence below which a round stops drafting."""
 
     num_tokens: int
     depth: int
     group: int
     cost: RoundCost | None = None
+    min_confidence: float = 0.0
 
     @property
     def draft_exit(self) -> ResolvedExit:
         return ResolvedExit(Policy.STATIC, 0.0, 1, self.depth, Backfill.DRAFT)
 
 
-def draft_depths(groups: tuple[GroupSpec, ...]) -> list[int]:
-    """Depths a draft can stop at: the layer-group boundaries (verification is one call per deeper group)."""
-    return [g.start for g in groups[1:]]
+def draft_depths(exit_points: tuple[int, ...], num_layers: int) -> list[int]:
+    """The depths where drafts have exit heads to come from (any depth below the last layer is accepted; the
+    identity head where the pack has none): the exit points below the last layer."""
+    return [d for d in exit_points if d < num_layers] or [max(1, num_layers // 2)]
+
+
+def auto_depth(
+    num_tokens: int, depths: list[int], agreement: dict[int, float], cost_of: Callable[[int], RoundCost]
+) -> int:
+    """'auto': of the depths with a measured agreement (the exit pack's validation figures: how often its head
+    there predicts full depth's token), the one whose best draft count promises the most expected speed-up
+    by the cost model; without figures, the deepest of `depths`."""
+    if not agreement:
+        return depths[-1]
+
+    def promise(d: int) -> float:
+        cost = cost_of(d)
+        return max(cost.speedup(agreement[d], k) for k in range(1, num_tokens + 1))
+
+    return max(sorted(agreement), key=promise)
 
 
 def resolve_speculative(
-    request: SpeculativeParams | dict | None, default: SpeculativeParams, groups: tuple[GroupSpec, ...]
+    request: SpeculativeParams | dict | None,
+    default: SpeculativeParams,
+    groups: tuple[GroupSpec, ...],
+    auto: Callable[[int], int],
 ) -> SpecConfig | None:
     """A request's speculative mode (the fields it leaves unset: the server's default), checked against the
-    pipeline's groups; None when off."""
+    model's depth; `auto(num_tokens)` resolves draft_depth 'auto'. None when off."""
     if request is None:
         params = default
     else:
@@ -146,25 +187,21 @@ def resolve_speculative(
         params = default.model_copy(update=given.model_dump(exclude_unset=True))
     if params.num_tokens == 0:
         return None
-    depths = draft_depths(groups)
-    if not depths:
-        raise RequestError(
-            "adept.speculative", "speculative decoding needs at least two layer groups (drafts stop at a boundary)"
-        )
-    depth = depths[-1] if params.draft_depth == "auto" else params.draft_depth
-    if depth not in depths:
+    num_layers = groups[-1].end
+    depth = auto(params.num_tokens) if params.draft_depth == "auto" else params.draft_depth
+    if not 0 < depth < num_layers:
         raise RequestError(
             "adept.speculative.draft_depth",
-            f"{depth} is not a layer-group boundary of this server ({', '.join(map(str, depths))}); pick one of "
-            "those or 'auto'",
+            f"{depth} is not a depth a draft can stop at: pick one from 1 to {num_layers - 1} or 'auto'",
         )
-    return SpecConfig(params.num_tokens, depth, depths.index(depth) + 1)
+    group = next(i for i, g in enumerate(groups) if g.start <= depth < g.end)
+    return SpecConfig(params.num_tokens, depth, group, min_confidence=params.min_confidence)
 
 
 def check_default(default: SpeculativeParams, groups: tuple[GroupSpec, ...]) -> None:
     """A server default no request could use is a configuration error: raise it as one."""
     try:
-        resolve_speculative(None, default, groups)
+        resolve_speculative(None, default, groups, lambda _: 1)
     except RequestError as e:
         raise ValueError(f"engine.speculative{e.param.removeprefix('adept.speculative')}: {e.message}") from None
 
@@ -205,7 +242,8 @@ class SpecState:
 
     @property
     def verifying(self) -> bool:
-        return self.k > 0 and self.fed == self.k + 1
+        """Every position of the round is fed (k may have dropped to 0: the first draft was not confident)."""
+        return self.fed > 0 and self.fed == self.k + 1
 
     @property
     def acceptance(self) -> float:
@@ -241,18 +279,26 @@ class SpecState:
         """The token the next draft step feeds: the round's first (the full model's) or the last draft."""
         return next_token if self.fed == 0 else self.drafts[self.fed - 1]
 
-    def fed_one(self, hidden: torch.Tensor, token: int | None) -> None:
+    def fed_one(self, hidden: torch.Tensor, token: int | None, confidence: float = 1.0) -> None:
+        """A draft step's result: the fed position's hidden state at the draft depth and the draft it gave
+        (None: the last step, which only feeds). A draft below min_confidence ends the round without it."""
         self.hidden.append(hidden)
-        if token is not None:
-            self.drafts.append(token)
         self.fed += 1
+        if token is None:
+            return
+        if confidence < self.config.min_confidence:
+            self.k = len(self.drafts)
+        else:
+            self.drafts.append(token)
 
     def verified(self, results: TokenResults) -> int:
-        """Greedy acceptance: how many drafts the full model's tokens (`results`, one per position b..b+k)
-        agree with, in order. The full model's tokens up to the first disagreement (or all k + 1) are what
-        the sequence emits."""
+        """How many drafts the full model's tokens (`results`, one per position b..b+k; sampled with the
+        drafts' noise) agree with, in order. The full model's tokens up to the first disagreement (or all
+        k + 1) are what the sequence emits."""
         full = results.tokens[: self.k].tolist()
         j = next((i for i, (x, y) in enumerate(zip(self.drafts, full, strict=True)) if x != y), self.k)
+        if self.k == 0:  # no confident draft: nothing measured
+            return 0
         self.drafted += self.k
         self.accepted += j
         compared = j + (j < self.k)

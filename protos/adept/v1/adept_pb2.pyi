@@ -31,12 +31,14 @@ class ExitControls(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., min_depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., backfill: _Optional[str] = ..., full_depth_last: _Optional[int] = ...) -> None: ...
 
 class SpeculativeControls(_message.Message):
-    __slots__ = ("num_tokens", "draft_depth")
+    __slots__ = ("num_tokens", "draft_depth", "min_confidence")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     draft_depth: int
-    def __init__(self, num_tokens: _Optional[int] = ..., draft_depth: _Optional[int] = ...) -> None: ...
+    min_confidence: float
+    def __init__(self, num_tokens: _Optional[int] = ..., draft_depth: _Optional[int] = ..., min_confidence: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "adept", "logprobs", "prompt_logprobs", "prefill", "speculative")
@@ -141,7 +143,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "num_layers", "exit_points", "num_layer_groups", "max_model_len", "draft_depths", "default_speculative")
+    __slots__ = ("id", "num_layers", "exit_points", "num_layer_groups", "max_model_len", "draft_depths", "default_speculative", "auto_draft_depth")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXIT_POINTS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +151,7 @@ class Model(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DEPTHS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_DRAFT_DEPTH_FIELD_NUMBER: _ClassVar[int]
     id: str
     num_layers: int
     exit_points: _containers.RepeatedScalarFieldContainer[int]
@@ -156,7 +159,8 @@ class Model(_message.Message):
     max_model_len: int
     draft_depths: _containers.RepeatedScalarFieldContainer[int]
     default_speculative: SpeculativeControls
-    def __init__(self, id: _Optional[str] = ..., num_layers: _Optional[int] = ..., exit_points: _Optional[_Iterable[int]] = ..., num_layer_groups: _Optional[int] = ..., max_model_len: _Optional[int] = ..., draft_depths: _Optional[_Iterable[int]] = ..., default_speculative: _Optional[_Union[SpeculativeControls, _Mapping]] = ...) -> None: ...
+    auto_draft_depth: int
+    def __init__(self, id: _Optional[str] = ..., num_layers: _Optional[int] = ..., exit_points: _Optional[_Iterable[int]] = ..., num_layer_groups: _Optional[int] = ..., max_model_len: _Optional[int] = ..., draft_depths: _Optional[_Iterable[int]] = ..., default_speculative: _Optional[_Union[SpeculativeControls, _Mapping]] = ..., auto_draft_depth: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -61,7 +61,8 @@ async function loadModel() {
   syncSpeculative();
 }
 
-// The draft depths this server offers (its layer-group boundaries); its default speculative decoding, if on.
+// The draft depths with exit heads on this server ('auto' picks auto_draft_depth); its default speculative
+// decoding, if on.
 function fillSpeculative() {
   const depths = model.draft_depths || [];
   const select = $("draft-depth");
@@ -73,12 +74,12 @@ function fillSpeculative() {
   }
   const defaults = model.default_speculative || {};
   if (depths.length) {
-    const depth = depths.includes(defaults.draft_depth) ? defaults.draft_depth : depths[depths.length - 1];
-    select.value = String(depth); // "auto" is the deepest
+    const auto = depths.includes(model.auto_draft_depth) ? model.auto_draft_depth : depths[depths.length - 1];
+    select.value = String(depths.includes(defaults.draft_depth) ? defaults.draft_depth : auto);
   }
   if (defaults.num_tokens > 0) $("draft-tokens").value = defaults.num_tokens;
   $("speculative").checked = depths.length > 0 && defaults.num_tokens > 0;
-  $("speculative").disabled = !depths.length; // one layer group: nothing to draft from
+  $("speculative").disabled = !depths.length;
 }
 
 function serverSpeculates() {
