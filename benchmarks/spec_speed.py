@@ -72,6 +72,8 @@ def settings(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def rounds(engine: Engine, prompts: list[list[int]], streams: int, args: argparse.Namespace) -> dict:
+    """Interleaved rounds of every setting; at least as many answers as streams (the prompts repeated)."""
+    prompts = (prompts * -(-streams // len(prompts)))[: max(len(prompts), streams)]
     runs: dict[str, list[dict]] = {s: [] for s in settings(args)}
     for r in range(args.rounds):
         for name, spec in settings(args).items():
@@ -205,8 +207,9 @@ def main(args: argparse.Namespace) -> dict:
             num_layer_groups=len(bounds) + 1 if bounds else 3,
             layer_boundaries=bounds or None,
             max_model_len=1024,
-            max_num_seqs=max(args.streams),
+            max_num_seqs=max(args.streams, default=8),
             speculative_adaptive=not args.fixed,
+            speculative_max_batch=args.max_batch,
         )
     )
     messages = list(chat_prompts(CorpusPart.of(str(CHATS), (0.5, 1.0))))[: args.prompts]
@@ -216,37 +219,40 @@ def main(args: argparse.Namespace) -> dict:
                     "adaptive": not args.fixed, "draft_vocab_size": engine.config.draft_vocab_size,
                     "chat_prompts": len(prompts), "max_tokens": args.max_tokens, "rounds": args.rounds}  # fmt: skip
     try:
-        report["cost_model"] = cost_model(engine, args.cost_depths or args.draft_depths, args.speculative_tokens)
+        depths = args.cost_depths or [d for d in args.draft_depths if d != "auto"]
+        report["cost_model"] = cost_model(engine, depths, args.speculative_tokens)
+        report["auto_draft_depth"] = {k: engine.admission.auto_depth(k) for k in args.speculative_tokens}
         log(f"cost model: {report['cost_model']}")
         for streams in args.streams:
             report[f"{streams} streams"] = rounds(engine, prompts, streams, args)
     finally:
         asyncio.run(engine.shutdown())
     if args.hf:
-        report["hugging face, 1 stream"] = hf_rounds(path, prompts, args.draft_depths, args)
+        report["hugging face, 1 stream"] = hf_rounds(path, prompts, [d for d in args.draft_depths if d != "auto"], args)
     return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["default", "zeroed"], default="default")
-    p.add_argument("--draft-depths", default="20", help="comma-separated")
+    p.add_argument("--draft-depths", default="20", help="comma-separated depths or 'auto'")
     p.add_argument("--layer-boundaries", default="", help="comma-separated (default: the server's 3 groups)")
     p.add_argument("--cost-depths", default="", help="the cost model's depths (default: the draft depths)")
     p.add_argument("--min-confidence", default="0", help="comma-separated: rounds stop at less confident drafts")
     p.add_argument("--speculative-tokens", default="4", help="comma-separated drafts per round")
-    p.add_argument("--streams", default="1", help="comma-separated concurrent streams")
+    p.add_argument("--streams", default="1", help="comma-separated concurrent streams ('': the cost model only)")
     p.add_argument("--prompts", type=int, default=6, help="chat prompts of the report half")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-batch", type=int, default=8, help="engine.speculative_max_batch")
     p.add_argument("--fixed", action="store_true", help="draft num_tokens every round (no stepping aside)")
     p.add_argument("--hf", action="store_true", help="also Hugging Face's assistant_early_exit, 1 stream")
     p.add_argument("--workdir", default="/tmp/adept-spec-speed", help="where the zeroed copy is written")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
-    args.draft_depths = [int(x) for x in args.draft_depths.split(",")]
+    args.draft_depths = [x if x == "auto" else int(x) for x in args.draft_depths.split(",")]
     args.speculative_tokens = [int(x) for x in args.speculative_tokens.split(",")]
-    args.streams = [int(x) for x in args.streams.split(",")]
+    args.streams = [int(x) for x in args.streams.split(",") if x]
     args.layer_boundaries = [int(x) for x in args.layer_boundaries.split(",") if x]
     args.cost_depths = [int(x) for x in args.cost_depths.split(",") if x]
     args.min_confidence = [float(x) for x in args.min_confidence.split(",")]

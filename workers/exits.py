@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.exit_pack import PROMPT_PREFIX, ExitPack, ExitPackError
-from workers.layers import rms_norm
+from workers.layers import head_logits, rms_norm
 from workers.modes import Backfill, Policy
 from workers.protocol import Rows
 
@@ -206,7 +206,7 @@ class ExitHead:
         as several decoder layers (the whole vocabulary's weights), whatever the rows, so callers gather rows
         from several exit points into one."""
         head = self.lm_head if vocab is None else self.lm_head[:vocab]
-        return F.linear(rms_norm(h, self.norm, self.eps), head).float()
+        return head_logits(rms_norm(h, self.norm, self.eps), head).float()
 
     def decide(
         self, depth: int, is_last: bool, h: torch.Tensor, rows: Rows
