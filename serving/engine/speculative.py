@@ -52,9 +52,12 @@ from workers.protocol import GroupSpec, TokenResults
 
 MAX_SPECULATIVE_TOKENS = 16
 # Each verified position past the first, as a share of verifying one (benchmarks/spec_speed.py's cost model:
-# 5 positions through the default model's last 10 layers and LM head cost 1.58x one on a 2-core CPU; on a GPU
-# at small batch they are nearly free).
-EXTRA_ROW_COST = {"cpu": 0.145, "cuda": 0.02}
+# 5 positions through the default model's last 10 layers and LM head cost 1.69x one on a 2-core CPU, 9 cost
+# 2.34x; on a GPU at small batch they are nearly free).
+EXTRA_ROW_COST = {"cpu": 0.17, "cuda": 0.02}
+# The LM head's time against its share of weight reads: on the CPU it runs as a multi-threaded GEMM
+# (workers.layers.head_logits), 3.7 ms for the default model's head against 1.16 ms a layer: 3.2 layers, not 8.
+HEAD_SHARE = {"cpu": 0.4}
 PROBE_TOKENS = 1  # drafts of a round that measures acceptance again after stepping aside (cheap: one)
 FIRST_BACKOFF = 32  # plain tokens before that round; doubled each time drafting still does not pay
 MAX_BACKOFF = 256
@@ -91,8 +94,9 @@ class SpeculativeParams(BaseModel):
 @dataclass(frozen=True)
 class RoundCost:
     """What a round costs, in layers' worth of one position's weight reads (decoding at small batches is
-    bound by reading weights): a decoder layer 1, the LM head `head`, the drafts' head (over the draft
-    vocabulary) `draft_head`; verifying n positions costs one's (1 + extra_row (n - 1)) times."""
+    bound by reading weights; on the CPU the head is cheaper, HEAD_SHARE): a decoder layer 1, the LM head
+    `head`, the drafts' head (over the draft vocabulary) `draft_head`; verifying n positions costs one's
+    (1 + extra_row (n - 1)) times."""
 
     layers: int
     depth: int
@@ -104,7 +108,7 @@ class RoundCost:
     def of(cls, arch: ModelArch, depth: int, device: str, draft_vocab: int | None = None) -> RoundCost:
         h, i = arch.hidden_size, arch.intermediate_size
         layer = 2 * arch.q_size * h + 2 * arch.kv_size * h + 3 * h * i
-        head = arch.vocab_size * h / layer
+        head = arch.vocab_size * h / layer * HEAD_SHARE.get(device, 1.0)
         draft = head * min(draft_vocab or arch.vocab_size, arch.vocab_size) / arch.vocab_size
         return cls(arch.num_layers, depth, head, EXTRA_ROW_COST.get(device, 0.0), draft)
 
