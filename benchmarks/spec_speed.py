@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> dict:
     bounds = args.layer_boundaries
     engine = Engine.local(
         EngineConfig(
-            model=str(path),
+            model=DEFAULT_MODEL if args.model == "default" else str(path),  # by name: its shipped pack loads
             exit_pack=pack,
             num_layer_groups=len(bounds) + 1 if bounds else 3,
             layer_boundaries=bounds or None,
@@ -210,13 +210,15 @@ def main(args: argparse.Namespace) -> dict:
             max_num_seqs=max(args.streams, default=8),
             speculative_adaptive=not args.fixed,
             speculative_max_batch=args.max_batch,
+            max_inflight_batches=args.max_inflight_batches,
         )
     )
     messages = list(chat_prompts(CorpusPart.of(str(CHATS), (0.5, 1.0))))[: args.prompts]
     prompts = [engine.chat_prompt(m) for m in messages]
-    report: dict = {"machine": machine(), "model": args.model, "exit_pack": pack,
+    report: dict = {"machine": machine(), "model": args.model, "exit_pack": engine.pack is not None,
                     "layer_boundaries": [g.start for g in engine.plan.groups[1:]],
                     "adaptive": not args.fixed, "draft_vocab_size": engine.config.draft_vocab_size,
+                    "max_inflight_batches": args.max_inflight_batches,
                     "chat_prompts": len(prompts), "max_tokens": args.max_tokens, "rounds": args.rounds}  # fmt: skip
     try:
         depths = args.cost_depths or [d for d in args.draft_depths if d != "auto"]
@@ -245,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=8, help="engine.speculative_max_batch")
+    p.add_argument("--max-inflight-batches", type=int, default=1, help="micro-batches in the pipeline at once")
     p.add_argument("--fixed", action="store_true", help="draft num_tokens every round (no stepping aside)")
     p.add_argument("--hf", action="store_true", help="also Hugging Face's assistant_early_exit, 1 stream")
     p.add_argument("--workdir", default="/tmp/adept-spec-speed", help="where the zeroed copy is written")
