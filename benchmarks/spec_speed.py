@@ -12,7 +12,8 @@ draft is kept. --hf adds Hugging Face's own self-speculation (generate(assistant
 prompts, one at a time, beside its full-depth generate.
 
     python benchmarks/spec_speed.py --model zeroed --draft-depths 20 --speculative-tokens 4 --streams 1
-    python benchmarks/spec_speed.py --model default --draft-depths 10,20 --speculative-tokens 2,4 --streams 1,8
+    python benchmarks/spec_speed.py --model default --draft-depths auto --speculative-tokens 4 --streams 1,8,64
+    python benchmarks/spec_speed.py --streams "" --cost-depths 8,12,16,20,24,28 --speculative-tokens 1,2,4,8
 """
 
 from __future__ import annotations

@@ -58,8 +58,11 @@ class EngineConfig(BaseSettings):
         description="speculative drafts choose among the first this many token ids, a cheaper LM head (BPE ids "
         "come roughly by frequency: 94% of the default model's chat tokens are below 16,384); null: all",
     )
-    speculative_max_batch: int = Field(
-        8, ge=0, description="speculation steps aside while more sequences than this run (compute-bound there)"
+    speculative_max_batch: int | None = Field(
+        None,
+        ge=0,
+        description="speculation steps aside while more sequences than this run (compute-bound there: a round's "
+        "extra steps hold up the batch); default: 1 on CPUs, where every row costs, 8 on GPUs",
     )
     max_num_seqs: int = Field(
         128, ge=1, description="sequences in the running batch at most; KV memory usually limits it first"

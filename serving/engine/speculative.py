@@ -26,11 +26,13 @@ against the rule's 1 - TV (TV: the total-variation distance between the two dist
 they are).
 
 When drafting does not pay it steps aside, per sequence: from the acceptance it measured (over about the
-last 20 drafts) and a cost model of a round (`RoundCost`), each round drafts as many tokens as maximise the
-expected speed-up, none if no count beats plain decoding (while every draft of the last round was kept, it
-measures on with short rounds). It then decodes plainly, probing again with a short round after a back-off
-that doubles while drafting still does not pay. With more sequences running than `speculative_max_batch`
-(the engine is compute-bound there) every sequence decodes plainly.
+last 20 drafts, evidence aging also while it decodes plainly) and a cost model of a round (`RoundCost`),
+each round drafts as many tokens as maximise the expected speed-up, none if no count beats plain decoding
+(while every draft of the last round was kept and
+the acceptance one standard deviation up would pay, it measures on with short rounds). It then decodes
+plainly, probing again with a short round after a back-off that doubles while drafting still does not pay.
+With more sequences running than `speculative_max_batch` (the engine is compute-bound there; by default 1
+on a CPU, 8 on a GPU) every sequence decodes plainly.
 
 Scheduler and engine know rounds only through `SpecState`; the layer groups know drafts only as rows whose
 back-fill mode is DRAFT (they stop at D, write no K/V past it and hand back their hidden state)."""
@@ -59,9 +61,10 @@ EXTRA_ROW_COST = {"cpu": 0.17, "cuda": 0.02}
 # (workers.layers.head_logits), 3.7 ms for the default model's head against 1.16 ms a layer: 3.2 layers, not 8.
 HEAD_SHARE = {"cpu": 0.4}
 PROBE_TOKENS = 1  # drafts of a round that measures acceptance again after stepping aside (cheap: one)
+MAX_BATCH = {"cpu": 1}  # speculative_max_batch by device (default 8): on a CPU extra rows are not free
 FIRST_BACKOFF = 32  # plain tokens before that round; doubled each time drafting still does not pay
 MAX_BACKOFF = 256
-DECAY = 0.95  # per draft compared: the measured acceptance weighs about the last 20 drafts
+DECAY = 0.95  # per draft compared and per plain step: the measured acceptance weighs about the last 20
 PRIOR = (0.5, 1.0)  # acceptance before any evidence: successes, trials
 
 
@@ -254,6 +257,12 @@ class SpecState:
         """The measured chance that a draft is kept."""
         return (self.successes + PRIOR[0]) / (self.trials + PRIOR[1])
 
+    @property
+    def optimistic(self) -> float:
+        """The measured chance one standard deviation up (its Beta posterior's): what it may still be."""
+        a, n = self.acceptance, self.trials + PRIOR[1]
+        return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
+
     def start(self, room: int, crowded: bool = False) -> None:
         """A new round with at most `room` drafts, as many as pay (0: this step decodes plainly, at full
         depth); `crowded`: the engine is compute-bound, no drafts."""
@@ -265,10 +274,11 @@ class SpecState:
             self.k = most
         elif self.wait > 0:  # stepped aside: plain steps, then a short round to measure again
             self.wait -= 1
+            self.successes, self.trials = DECAY * self.successes, DECAY * self.trials  # evidence ages
             self.k = 0 if self.wait else min(PROBE_TOKENS, most)
         else:
             self.k = cost.best(self.acceptance, most)
-            if self.k == 0 and self.kept_all and cost.best(1.0, most):  # could pay, all kept so far: measure on
+            if self.k == 0 and self.kept_all and cost.best(self.optimistic, most):  # all kept, it may pay: measure on
                 self.k = min(PROBE_TOKENS, most)
             elif self.k == 0:
                 self.wait, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
