@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=6, help="chat prompts of the report half")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--max-batch", type=int, default=8, help="engine.speculative_max_batch")
+    p.add_argument("--max-batch", type=int, help="engine.speculative_max_batch (default: the engine's)")
     p.add_argument("--max-inflight-batches", type=int, default=1, help="micro-batches in the pipeline at once")
     p.add_argument("--fixed", action="store_true", help="draft num_tokens every round (no stepping aside)")
     p.add_argument("--hf", action="store_true", help="also Hugging Face's assistant_early_exit, 1 stream")

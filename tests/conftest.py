@@ -125,7 +125,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SERVED_ENGINE = dict(max_model_len=1024, max_inflight_batches=2)
+# Speculative requests draft beside other requests (a CPU's default speculative_max_batch is 1).
+SERVED_ENGINE = dict(max_model_len=1024, max_inflight_batches=2, speculative_max_batch=8)
 
 
 @pytest.fixture(scope="session")

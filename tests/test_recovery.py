@@ -24,7 +24,7 @@ from serving.config import AppConfig
 from serving.engine.config import EngineConfig
 from tests.test_serve_http import PROMPTS
 
-ENGINE = dict(max_num_seqs=4, max_model_len=512, worker_restart_timeout_s=60)
+ENGINE = dict(max_num_seqs=4, max_model_len=512, worker_restart_timeout_s=60, speculative_max_batch=4)
 TOKENS = 40
 
 
