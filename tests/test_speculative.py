@@ -363,7 +363,7 @@ def test_drafting_steps_aside_when_it_does_not_pay_and_comes_back_when_it_does()
     crowded = SpecState(SpecConfig(4, 20, 2, None))
     crowded.start(room=1000, crowded=True)
     assert crowded.k == 0
-    # a round kept whole measures on only while the acceptance one standard deviation up would pay (one
+    # a round kept whole measures on only while the acceptance half a standard deviation up would pay (one
     # draft pays from 81% kept here): after 1 draft of 1 it may; after 12 of 20 (60%, sd 10%) it may not
     for kept, trials, probes in ((1, 1, True), (12, 20, False)):
         state = SpecState(SpecConfig(4, 20, 2, cost), successes=kept, trials=trials, wait=0, kept_all=True)

@@ -29,7 +29,7 @@ When drafting does not pay it steps aside, per sequence: from the acceptance it 
 last 20 drafts, evidence aging also while it decodes plainly) and a cost model of a round (`RoundCost`),
 each round drafts as many tokens as maximise the expected speed-up, none if no count beats plain decoding
 (while every draft of the last round was kept and
-the acceptance one standard deviation up would pay, it measures on with short rounds). It then decodes
+the acceptance half a standard deviation up would pay, it measures on with short rounds). It then decodes
 plainly, probing again with a short round after a back-off that doubles while drafting still does not pay.
 With more sequences running than `speculative_max_batch` (the engine is compute-bound there; by default 1
 on a CPU, 8 on a GPU) every sequence decodes plainly.
@@ -66,6 +66,7 @@ FIRST_BACKOFF = 32  # plain tokens before that round; doubled each time drafting
 MAX_BACKOFF = 256
 DECAY = 0.95  # per draft compared and per plain step: the measured acceptance weighs about the last 20
 PRIOR = (0.5, 1.0)  # acceptance before any evidence: successes, trials
+EXPLORE = 0.5  # standard deviations of optimism that keep a sequence measuring after a round kept whole
 
 
 class SpeculativeParams(BaseModel):
@@ -259,9 +260,9 @@ class SpecState:
 
     @property
     def optimistic(self) -> float:
-        """The measured chance one standard deviation up (its Beta posterior's): what it may still be."""
+        """The measured chance EXPLORE standard deviations (its Beta posterior's) up: what it may still be."""
         a, n = self.acceptance, self.trials + PRIOR[1]
-        return min(1.0, a + (a * (1 - a) / (n + 1)) ** 0.5)
+        return min(1.0, a + EXPLORE * (a * (1 - a) / (n + 1)) ** 0.5)
 
     def start(self, room: int, crowded: bool = False) -> None:
         """A new round with at most `room` drafts, as many as pay (0: this step decodes plainly, at full
