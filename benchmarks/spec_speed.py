@@ -231,7 +231,9 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         asyncio.run(engine.shutdown())
     if args.hf:
-        report["hugging face, 1 stream"] = hf_rounds(path, prompts, [d for d in args.draft_depths if d != "auto"], args)
+        auto = report["auto_draft_depth"][max(args.speculative_tokens)]  # Hugging Face at the depth 'auto' picks
+        depths = sorted({auto if d == "auto" else d for d in args.draft_depths})
+        report["hugging face, 1 stream"] = hf_rounds(path, prompts, depths, args)
     return report
 
 
