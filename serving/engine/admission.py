@@ -24,6 +24,7 @@ from serving.engine.params import (
 from serving.engine.plan import PipelinePlan
 from serving.engine.scheduler import Sequence
 from serving.engine.speculative import (
+    MAX_BATCH,
     RoundCost,
     SpecConfig,
     SpecState,
@@ -61,6 +62,8 @@ class Admission:
             defaults["prefill"] = {**({} if mine else tuned["prefill"]), **own.get("prefill", {})} or None
         self.exit_defaults = ExitParams.model_validate(defaults)
         self._device = resolve_device(config.device).type  # where the workers run: what verifying costs there
+        max_batch = config.speculative_max_batch
+        self.speculative_max_batch = max_batch if max_batch is not None else MAX_BATCH.get(self._device, 8)
         check_default(config.speculative, plan.groups)
         self._agreement = {} if pack is None else pack.agreement
         self.draft_depths = draft_depths(plan.exit_points, plan.num_layers)

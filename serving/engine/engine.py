@@ -35,7 +35,7 @@ from serving.engine.params import ExitParams, PhaseExits, SamplingParams
 from serving.engine.pipeline import GroupHandle, LocalGroup, Pipeline, Submitted
 from serving.engine.plan import PipelinePlan, plan_pipeline
 from serving.engine.scheduler import ScheduledBatch, Scheduler, Sequence, TeacherForcing, check_kv_capacity
-from serving.engine.speculative import MAX_BATCH, SpeculativeParams
+from serving.engine.speculative import SpeculativeParams
 from serving.telemetry import tracing
 from serving.telemetry.metrics import EngineStats
 from workers.arch import ModelArch
@@ -94,7 +94,7 @@ class Engine:
         self.scheduler = Scheduler(
             BlockPool(min(g.num_blocks for g in pipeline.groups)), config.block_size, config.max_num_seqs,
             config.max_num_batched_tokens, config.max_waiting_requests, plan.max_model_len,
-            _speculative_max_batch(config),
+            self.admission.speculative_max_batch,
         )  # fmt: skip
         check_kv_capacity(self.scheduler.pool, config.block_size, plan.max_model_len, pipeline.block_bytes)
         self.outputs = OutputProcessor(tokenizer, arch.eos_token_ids, plan.num_layers, plan.max_model_len, self.stats)
@@ -359,10 +359,3 @@ class Engine:
         self.outputs.fail_all(lambda: EngineError("the engine is shutting down"))
         await self.pipeline.drain()
         self.pipeline.close()
-
-
-def _speculative_max_batch(config: EngineConfig) -> int:
-    """engine.speculative_max_batch, else the default for where the workers run."""
-    if config.speculative_max_batch is not None:
-        return config.speculative_max_batch
-    return MAX_BATCH.get(resolve_device(config.device).type, 8)

@@ -310,7 +310,7 @@ class Scheduler:
             seq.in_flight = False
             if seq.drafting:  # not verified yet: nothing to emit
                 token = int(results.tokens[start]) if bool(batch.rows.sample[start]) else None
-                asked = bool(batch.rows.logprobs[start] >= 0)  # min_confidence: the draft's probability
+                asked = token is not None and seq.spec.config.min_confidence > 0  # rows_for asked for its logprob
                 seq.spec.fed_one(draft_hidden[start], token, math.exp(results.logprobs[start]) if asked else 1.0)
                 seq.layers_computed += int(results.exit_layer[start])
                 updates.append(SequenceUpdate(seq, None))
