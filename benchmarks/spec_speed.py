@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -30,8 +31,10 @@ from engine_speed import hf_model, log, machine, publish  # benchmarks/ is on sy
 
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
+from serving.engine.plan import PipelinePlan
 from serving.engine.speculative import break_even_acceptance
 from workers.corpus import CorpusPart, chat_prompts
+from workers.exit_pack import ExitPack
 from workers.model_store import DEFAULT_MODEL, resolve_model
 from workers.modes import Backfill, Policy
 from workers.protocol import Rows
@@ -72,17 +75,20 @@ def settings(args: argparse.Namespace) -> dict[str, dict]:
     return out
 
 
-def rounds(engine: Engine, prompts: list[list[int]], streams: int, args: argparse.Namespace) -> dict:
-    """Interleaved rounds of every setting; at least as many answers as streams (the prompts repeated)."""
+def rounds(engines: dict[int, Engine], prompts: list[list[int]], streams: int, args: argparse.Namespace) -> dict:
+    """Interleaved rounds of every setting on every engine (one per --max-inflight-batches value); at least
+    as many answers as streams (the prompts repeated). Ratios are against full depth with the first value."""
     prompts = (prompts * -(-streams // len(prompts)))[: max(len(prompts), streams)]
-    runs: dict[str, list[dict]] = {s: [] for s in settings(args)}
+    runs: dict[str, list[dict]] = {}
     for r in range(args.rounds):
-        for name, spec in settings(args).items():
-            run = asyncio.run(answers(engine, prompts, spec, streams, args.max_tokens))
-            runs[name].append(run)
-            log(f"{streams} streams, round {r + 1}, {name}: {run['tok_s']:.1f} tok/s, accepted {run['accepted']} "
-                f"of {run['drafted']} drafts")  # fmt: skip
-    full = runs.pop("full depth")
+        for inflight, engine in engines.items():
+            for name, spec in settings(args).items():
+                name += f", {inflight} in flight" if len(engines) > 1 else ""
+                run = asyncio.run(answers(engine, prompts, spec, streams, args.max_tokens))
+                runs.setdefault(name, []).append(run)
+                log(f"{streams} streams, round {r + 1}, {name}: {run['tok_s']:.1f} tok/s, accepted "
+                    f"{run['accepted']} of {run['drafted']} drafts")  # fmt: skip
+    full = runs.pop(next(iter(runs)))
     report = {"full depth tok/s": [round(f["tok_s"], 2) for f in full]}
     for name, rs in runs.items():
         ratios = [s["tok_s"] / f["tok_s"] for s, f in zip(rs, full, strict=True)]
@@ -193,6 +199,24 @@ def hf_rounds(path: Path, prompts: list[list[int]], depths: list[int], args: arg
                    "answers_identical": same[name]} for name, r in runs.items()}  # fmt: skip
 
 
+def ray_engine(config: EngineConfig, name: int, args: argparse.Namespace) -> Engine:
+    """The engine calling its layer groups as Ray actors (a process each, as `adept serve` places them),
+    on a local Ray started here."""
+    import ray
+
+    from serving.config import AppConfig
+    from serving.deploy.ray_groups import ray_groups
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+
+    def make_groups(_path: Path, plan: PipelinePlan, _pack: ExitPack | None) -> list:
+        bundle = AppConfig(engine=config).worker_bundle(False)
+        return ray_groups(config, plan, bundle, args.worker_threads, lambda i: f"spec-{name}-group-{i}", 0)
+
+    return Engine.build(config, make_groups)
+
+
 def main(args: argparse.Namespace) -> dict:
     path = resolve_model(DEFAULT_MODEL)
     pack = "auto"
@@ -201,8 +225,9 @@ def main(args: argparse.Namespace) -> dict:
                                 min(args.draft_depths))  # fmt: skip
         pack = "none"
     bounds = args.layer_boundaries
-    engine = Engine.local(
-        EngineConfig(
+    engines = {}
+    for inflight in args.max_inflight_batches:
+        config = EngineConfig(
             model=DEFAULT_MODEL if args.model == "default" else str(path),  # by name: its shipped pack loads
             exit_pack=pack,
             num_layer_groups=len(bounds) + 1 if bounds else 3,
@@ -211,15 +236,16 @@ def main(args: argparse.Namespace) -> dict:
             max_num_seqs=max(args.streams, default=8),
             speculative_adaptive=not args.fixed,
             speculative_max_batch=args.max_batch,
-            max_inflight_batches=args.max_inflight_batches,
+            max_inflight_batches=inflight,
         )
-    )
+        engines[inflight] = Engine.local(config) if args.groups == "local" else ray_engine(config, inflight, args)
+    engine = next(iter(engines.values()))
     messages = list(chat_prompts(CorpusPart.of(str(CHATS), (0.5, 1.0))))[: args.prompts]
     prompts = [engine.chat_prompt(m) for m in messages]
     report: dict = {"machine": machine(), "model": args.model, "exit_pack": engine.pack is not None,
                     "layer_boundaries": [g.start for g in engine.plan.groups[1:]],
                     "adaptive": not args.fixed, "draft_vocab_size": engine.config.draft_vocab_size,
-                    "max_inflight_batches": args.max_inflight_batches,
+                    "max_inflight_batches": args.max_inflight_batches, "groups": args.groups,
                     "chat_prompts": len(prompts), "max_tokens": args.max_tokens, "rounds": args.rounds}  # fmt: skip
     try:
         depths = args.cost_depths or [d for d in args.draft_depths if d != "auto"]
@@ -227,9 +253,10 @@ def main(args: argparse.Namespace) -> dict:
         report["auto_draft_depth"] = {k: engine.admission.auto_depth(k) for k in args.speculative_tokens}
         log(f"cost model: {report['cost_model']}")
         for streams in args.streams:
-            report[f"{streams} streams"] = rounds(engine, prompts, streams, args)
+            report[f"{streams} streams"] = rounds(engines, prompts, streams, args)
     finally:
-        asyncio.run(engine.shutdown())
+        for e in engines.values():
+            asyncio.run(e.shutdown())
     if args.hf:
         auto = report["auto_draft_depth"][max(args.speculative_tokens)]  # Hugging Face at the depth 'auto' picks
         depths = sorted({auto if d == "auto" else d for d in args.draft_depths})
@@ -250,7 +277,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-batch", type=int, help="engine.speculative_max_batch (default: the engine's)")
-    p.add_argument("--max-inflight-batches", type=int, default=1, help="micro-batches in the pipeline at once")
+    p.add_argument(
+        "--max-inflight-batches",
+        default="1",
+        help="comma-separated micro-batches in the pipeline at once (an engine each, interleaved)",
+    )
+    p.add_argument(
+        "--groups",
+        choices=["local", "ray"],
+        default="local",
+        help="layer groups in this process (a thread each) or as Ray actors (a process each)",
+    )
+    p.add_argument("--worker-threads", type=int, help="with --groups ray: torch threads per worker (default Ray's)")
     p.add_argument("--fixed", action="store_true", help="draft num_tokens every round (no stepping aside)")
     p.add_argument("--hf", action="store_true", help="also Hugging Face's assistant_early_exit, 1 stream")
     p.add_argument("--workdir", default="/tmp/adept-spec-speed", help="where the zeroed copy is written")
@@ -262,6 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.layer_boundaries = [int(x) for x in args.layer_boundaries.split(",") if x]
     args.cost_depths = [int(x) for x in args.cost_depths.split(",") if x]
     args.min_confidence = [float(x) for x in args.min_confidence.split(",")]
+    args.max_inflight_batches = [int(x) for x in args.max_inflight_batches.split(",")]
     return args
 
 
