@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import itertools
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -50,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
@@ -76,7 +80,7 @@ def _app_config(args: argparse.Namespace) -> AppConfig:
     data["engine"]["speculative"] |= _speculative_flags(args, "engine_")
     data["http"] |= _given(args, host="http_host", port="http_port")
     data["grpc"] |= _given(args, host="grpc_host", port="grpc_port")
-    data |= _given(args, "num_pipelines")
+    data |= _given(args, "num_pipelines", "shutdown_grace_s")
     return AppConfig.model_validate(data)
 
 
@@ -124,6 +128,22 @@ def _check_speculative(engine: EngineConfig) -> None:
         engine.speculative,
         plan_pipeline(engine, ModelArch.from_config(load_config(resolve_model(engine.model)))).groups,
     )
+
+
+def _check_ports(config: AppConfig) -> None:
+    """Refuse a listener's port that anything holds before starting Ray. Serve's own proxy binds with
+    SO_REUSEPORT, so another `adept serve` on the port would share it (requests landing on either server)
+    rather than fail; a plain bind fails for any listener there."""
+    for name, listener, flag in (("HTTP", config.http, "--http-port"), ("gRPC", config.grpc, "--grpc-port")):
+        try:
+            socket.create_server((listener.host, listener.port)).close()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise ValueError(f"cannot listen on {listener.host}:{listener.port} ({name}): {e.strerror}") from None
+            raise ValueError(
+                f"{listener.host}:{listener.port} ({name}) is in use (another adept serve?): stop what holds it, "
+                f"or choose another port with {flag}"
+            ) from None
 
 
 def _given(args: argparse.Namespace, *same: str, **renamed: str) -> dict:
@@ -251,6 +271,8 @@ def _add_serve(commands) -> None:
     n.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     n.add_argument("--pipelines", type=int, dest="num_pipelines", help="pipelines (pipeline replicas)")
     n.add_argument("--address", help="an existing Ray cluster (default: start one on this machine)")
+    n.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s", metavar="SECONDS",
+                   help="on Ctrl-C or SIGTERM, seconds running requests get to finish (default 10)")  # fmt: skip
     _engine_options(p)
     _speculative_options(
         p, "engine_", "speculative decoding", "the default of requests that leave adept.speculative unset "
@@ -260,15 +282,33 @@ def _add_serve(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from serving.deploy import local_ray
+
+    config = _app_config(args)
+    _check_speculative(config.engine)
+    parent = local_ray.supervisor()
+    if args.address is None and parent is None:  # our own local Ray: its proxies bind on this machine
+        _check_ports(config)
+        return local_ray.supervise(args.argv)  # the server in a child, apart from our process group
+
     from ray import serve
 
     from serving.app import build_app
     from serving.config import APP_NAME
     from serving.deploy import server
 
-    config = _app_config(args)
-    _check_speculative(config.engine)
+    grace = [config.shutdown_grace_s]
+
+    def orphaned() -> None:  # the supervisor was killed (SIGKILL, say): stop at once
+        grace[0] = 0.0
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if parent is not None:
+        local_ray.watch_parent(parent, orphaned)
     server.init_ray(config, args.address)
+    if args.address is None:
+        local_ray.start_reaper(os.getpid())
+    stopping = False
     try:
         server.start(config, build_app(config))
         info = serve.get_deployment_handle("PipelineReplica", APP_NAME).info.remote().result()
@@ -293,10 +333,14 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         threading.Event().wait()
-    except KeyboardInterrupt:
-        log.warning("stopping")
+    except (KeyboardInterrupt, SystemExit):
+        stopping = True
+        log.warning("stopping: running requests get %.0f s to finish (Ctrl-C again: at once)", grace[0])
     finally:
-        server.stop()
+        try:
+            server.stop(grace[0] if stopping else None)
+        except KeyboardInterrupt:  # what we started dies with this process (the reaper)
+            log.warning("stopped at once")
     return 0
 
 

@@ -56,6 +56,10 @@ class AppConfig(BaseModel):
     worker_max_restarts: int = Field(
         3, ge=0, description="times Ray restarts a layer-group worker that died; its pipeline replica rebuilds its KV"
     )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, le=25, description="adept serve stopping (SIGINT, SIGTERM): seconds admitted requests get to "
+        "finish; the rest end with finish_reason 'abort'",
+    )  # fmt: skip
     router_cpus: float = Field(0.1, ge=0, description="CPUs of a pipeline replica (the actor running the engine)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body")
     max_prompts_per_request: int = Field(

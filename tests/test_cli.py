@@ -9,12 +9,14 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from serving import cli
@@ -152,23 +154,63 @@ def test_bad_speculative_flags_exit_2_with_one_line(tiny_chat_dir, capsys, comma
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"adept: error: {message}"), err
 
 
-def test_adept_serve_starts_answers_and_stops_on_ctrl_c():
-    """`adept serve` as a user runs it: its own local Ray, the addresses it prints, one request, Ctrl-C."""
+@contextlib.contextmanager
+def adept_serve(*flags: str):
+    """`adept serve` as a user runs it (its own local Ray, a process group of its own as a shell gives it),
+    up and printing its banner; yields (process, log lines, HTTP port, gRPC port, every process it started,
+    noted now). Afterwards whatever is left of them is killed."""
     http, grpc = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "serving.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc)]
     proc = subprocess.Popen(
-        [*command, "--max-model-len", "256"], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
+        [*command, "--max-model-len", "256", *flags], stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
     log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
-    reader.start()
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300
         while not any("Ctrl-C stops it" in line for line in log):
             assert proc.poll() is None, "".join(log)
             assert time.monotonic() < deadline, "adept serve did not come up:\n" + "".join(log)
             time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        yield proc, log, http, grpc, started
+    finally:
+        for p in [psutil.Process(proc.pid), *started] if proc.poll() is None else started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
+def left_running(started: list[psutil.Process], http: int, grpc: int) -> list[str]:
+    """What of `started` still runs, and who listens on the two ports."""
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    listening = [c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"]
+    return [f"{p.pid} {p.name()}" for p in alive] + [f"port {port}" for port in (http, grpc) if port in listening]
+
+
+def long_stream(http: int, result: dict) -> None:
+    """A streamed completion too long to end by itself before the server stops; its last event in `result`."""
+    body = {"model": "smollm2-135m", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "stream": True, "adept": {"policy": "none"}}  # fmt: skip
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    result["chunks"] = result.get("chunks", 0) + 1
+                    result["finish_reason"] = (json.loads(line[6:])["choices"] or [{}])[0].get("finish_reason")
+                result["done"] = result.get("done", False) or line == "data: [DONE]"
+    except httpx.HTTPError as e:
+        result["error"] = repr(e)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_adept_serve_answers_then_stops_on_a_signal_to_its_process_group(signum):
+    """Ctrl-C in a terminal (SIGINT) or a supervisor's SIGTERM reaches the whole process group: the server
+    stops in order within 30 s, a stream in flight ends with finish_reason set (cut after --shutdown-grace),
+    and nothing it started is left running or listening."""
+    with adept_serve("--shutdown-grace", "1") as (proc, log, http, grpc, started):
         banner = "".join(log)
         assert f"http://127.0.0.1:{http}" in banner and f"127.0.0.1:{grpc}" in banner
         defaults = load_pack("auto", DEFAULT_MODEL, resolve_model(DEFAULT_MODEL)).defaults  # the shipped pack's
@@ -179,8 +221,49 @@ def test_adept_serve_starts_answers_and_stops_on_ctrl_c():
                 "adept": {"policy": "none"}}  # fmt: skip
         r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, "".join(log)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stream: dict = {}
+        streaming = threading.Thread(target=long_stream, args=(http, stream))
+        streaming.start()
+        while not stream.get("chunks"):
+            assert streaming.is_alive(), stream
+            time.sleep(0.1)
+        signalled = time.monotonic()
+        os.killpg(proc.pid, signum)
+        assert proc.wait(timeout=60) == 0, "".join(log)
+        assert time.monotonic() - signalled < 30
+        streaming.join(timeout=30)
+        assert stream["finish_reason"] == "abort" and stream["done"] and "error" not in stream, stream
+        time.sleep(2)  # the workers' last exits
+        assert left_running(started, http, grpc) == []
+
+
+def test_adept_serve_killed_leaves_nothing_running():
+    """SIGKILL of `adept serve` (the OOM killer, say): 20 s later nothing it started runs or holds a port."""
+    with adept_serve() as (proc, _, http, grpc, started):
+        assert any(p.name() == "raylet" for p in started)
+        proc.kill()
+        deadline = time.monotonic() + 20
+        while left_running(started, http, grpc) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert left_running(started, http, grpc) == []
+
+
+@pytest.mark.parametrize("held", ["http", "grpc"])
+def test_adept_serve_refuses_a_port_in_use_at_once_with_one_line(held):
+    """A plain listener on the port: refused before Ray starts, exit 2, one line naming the address and flag."""
+    ports = {"http": free_port(), "grpc": free_port()}
+    with socket.create_server(("127.0.0.1", ports[held])):
+        started = time.monotonic()
+        proc = adept("serve", "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]))
+    flag = {"http": "--http-port", "grpc": "--grpc-port"}[held]
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"127.0.0.1:{ports[held]}" in proc.stderr and flag in proc.stderr and "in use" in proc.stderr
+    assert time.monotonic() - started < 60  # imports only: nothing was started
+
+
+def test_adept_serve_refuses_the_port_of_a_running_server(served):
+    """Serve's proxy binds with SO_REUSEPORT; a second server must not share its port but be refused."""
+    proc = adept("serve", "--http-port", str(served.config.http.port), "--grpc-port", str(free_port()))
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert f"127.0.0.1:{served.config.http.port} (HTTP) is in use" in proc.stderr
+    assert httpx.get(f"{served.http}/health", timeout=30).status_code == 200

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from serving.config import AppConfig
 from serving.engine import Engine
 from serving.engine.config import EngineConfig
-from serving.engine.exceptions import EngineError, QueueFullError, RequestError
+from serving.engine.exceptions import EngineError, EngineUnavailable, QueueFullError, RequestError
 from serving.engine.outputs import auto_interval
 
 PROMPTS = [
@@ -133,6 +133,32 @@ def test_abort_frees_blocks_and_spares_other_requests(tiny_chat_dir):
 
     reference, done = asyncio.run(main())
     assert done.tokens == reference.tokens
+
+
+def test_closing_refuses_new_requests_and_ends_the_running_ones_with_abort(tiny_chat_dir):
+    """A server stopping: requests that finish within the grace finish; the others (running and waiting)
+    end with finish_reason "abort", nothing leaks, and a new request is refused as unavailable."""
+
+    async def main():
+        engine = make_engine(tiny_chat_dir, max_num_seqs=2)
+        short = asyncio.create_task(collect(engine, PROMPTS[0], {**GREEDY, "max_tokens": 2}))
+        long = [
+            asyncio.create_task(collect(engine, p, {**GREEDY, "max_tokens": 100, "ignore_eos": True}))
+            for p in PROMPTS[1:4]
+        ]  # the third waits: two places
+        await asyncio.sleep(0.3)
+        cut = await engine.close(grace_s=0.5)
+        with pytest.raises(EngineUnavailable, match="shutting down"):
+            engine.submit(PROMPTS[0], GREEDY)
+        done = [await short, *[await t for t in long]]
+        await assert_clean(engine)
+        await engine.shutdown()
+        return cut, done
+
+    cut, done = asyncio.run(main())
+    assert done[0].reason == "length" and len(done[0].tokens) == 2
+    assert cut == 3 and [d.reason for d in done[1:]] == ["abort"] * 3
+    assert all(len(d.tokens) < 100 for d in done[1:])
 
 
 def test_capacity_queues_then_refuses_without_disturbing_others(tiny_chat_dir):

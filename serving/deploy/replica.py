@@ -92,6 +92,11 @@ class PipelineReplica:
         """Each layer-group worker's layers, process id, KV pool size and occupied blocks."""
         return await self.engine.workers()
 
+    async def close(self, grace_s: float) -> int:
+        """The server is stopping (`server.stop`): refuse new requests, give the admitted ones `grace_s`
+        seconds, end the rest with finish_reason "abort"; returns how many were cut."""
+        return await self.engine.close(grace_s)
+
     async def check_health(self) -> None:
         """Serve's health check: fails (and Serve replaces this replica with a new pipeline) only when the
         engine gave up on a lost worker; while it rebuilds, the replica is healthy."""

@@ -42,6 +42,17 @@ def start(config: AppConfig, app: Application) -> DeploymentHandle:
     return serve.run(app, name=APP_NAME, route_prefix="/")
 
 
-def stop() -> None:
+def stop(grace_s: float | None = None) -> None:
+    """Stop Serve and Ray. With `grace_s`, first every pipeline refuses new requests and gives the admitted
+    ones that long to finish; the rest end with finish_reason "abort" (their streams end cleanly, rather
+    than cut when Serve kills a replica that is still busy)."""
+    if grace_s is not None:
+        try:
+            handle = serve.get_deployment_handle("PipelineReplica", APP_NAME)
+            cut = handle.broadcast("close", grace_s).results(timeout_s=grace_s + 15)
+            if sum(cut):
+                log.warning("%d requests ended with finish_reason 'abort' after %.0f s", sum(cut), grace_s)
+        except Exception as e:  # the application never started, or is gone: nothing to wait for
+            log.warning("stopping without waiting for requests: %s", (str(e).splitlines() or [type(e).__name__])[0])
     serve.shutdown()
     ray.shutdown()

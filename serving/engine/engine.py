@@ -104,6 +104,7 @@ class Engine:
         self._background: set[asyncio.Task] = set()
         self._recovery: asyncio.Task | None = None  # rebuilding the KV cache after a worker was lost
         self.broken: str | None = None  # why this pipeline cannot serve any more (a worker lost for good)
+        self.closing = False  # the server is stopping: no new requests
 
     @classmethod
     def build(
@@ -161,6 +162,8 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if self.broken:
             raise EngineUnavailable(f"this pipeline cannot serve: {self.broken}; retry the request")
+        if self.closing:
+            raise EngineUnavailable("the server is shutting down; retry the request on another server")
         if request_id in self.outputs:
             raise RequestError("request_id", f"{request_id!r} is already in use")
         seq = self.admission.sequence(request_id, prompt, sampling, exit, speculative)
@@ -352,6 +355,19 @@ class Engine:
         """Wait until every admitted request has finished and every block is cleared on the workers."""
         while self.scheduler.has_work or self._background:
             await asyncio.sleep(0.01)
+
+    async def close(self, grace_s: float) -> int:
+        """Refuse new requests, give the admitted ones `grace_s` seconds to finish, then end the rest with
+        finish_reason "abort" and clear their blocks (a server stopping). Returns how many were cut."""
+        self.closing = True
+        deadline = time.monotonic() + grace_s
+        while len(self.outputs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.outputs.request_ids()
+        for request_id in cut:
+            self.abort(request_id)
+        await self.drain()
+        return len(cut)
 
     async def shutdown(self) -> None:
         for task in list(self._inflight):

@@ -122,6 +122,9 @@ class OutputProcessor:
     def __len__(self) -> int:
         return len(self._streams)
 
+    def request_ids(self) -> list[str]:
+        return list(self._streams)
+
     def add(self, seq: Sequence, span: Span | None, abort: Callable[[str], None]) -> RequestStream:
         stream = _Stream(seq, Detokenizer(self.tokenizer, seq.sampling.stop, seq.prompt_ids), span=span)
         self._streams[seq.request_id] = stream
