@@ -20,7 +20,7 @@ def build_app(args: AppConfig | dict) -> Application:
     replica = PipelineReplica.options(
         num_replicas=config.num_pipelines,
         placement_group_bundles=bundles,
-        placement_group_strategy="PACK",
+        placement_group_strategy=config.placement_strategy,
         ray_actor_options={"num_cpus": config.router_cpus},
         max_ongoing_requests=streams + 16,  # the engine's own admission queue refuses beyond its limit
     ).bind(config, worker)

@@ -44,6 +44,10 @@ class AppConfig(BaseModel):
     )
     num_pipelines: int = Field(1, ge=1, description="pipeline replicas, each with its own layer-group workers")
     ingress_replicas: int = Field(1, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how a pipeline's placement group (its replica and layer-group workers) lies on the "
+        "cluster's nodes (Ray's strategies): PACK on as few nodes as fit, SPREAD across nodes",
+    )  # fmt: skip
     accelerator: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="gpu: one GPU per layer-group worker; auto: gpu if the Ray cluster has GPUs when built"
     )

@@ -355,6 +355,36 @@ def test_a_failing_worker_call_fails_only_its_batch(tiny_chat_dir):
     assert len(asyncio.run(main()).tokens) == GREEDY["max_tokens"]
 
 
+def test_a_worker_that_does_not_come_back_ends_the_streams_with_a_retryable_error(tiny_chat_dir):
+    """A lost worker whose restart times out (Ray's TimeoutError has no message): the engine gives up,
+    every stream ends with EngineUnavailable (never a hang), and the pipeline refuses new requests. (A Ray
+    actor's death is simulated on the in-process group: it cannot die here.)"""
+
+    async def main():
+        engine = make_engine(tiny_chat_dir)
+        local = engine.pipeline.groups[1]
+        local.lost = lambda error: isinstance(error, ConnectionError)
+
+        async def never(timeout: float) -> None:
+            raise TimeoutError()
+
+        local.ready = never
+        group, real = local.group, local.group.forward
+
+        def dies(*args):
+            group.forward = real
+            raise ConnectionError("the worker's node is gone")
+
+        group.forward = dies
+        with pytest.raises(EngineUnavailable, match="did not come back: TimeoutError"):
+            await asyncio.wait_for(collect(engine, PROMPTS[0]), timeout=30)
+        with pytest.raises(EngineUnavailable):
+            engine.submit(PROMPTS[0], GREEDY)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_stream_interval_auto_grows_with_the_running_batch(tiny_chat_dir):
     """'auto' (the application's default) streams every token at light load and grows the chunks with the
     running batch; a callable interval is asked again for each chunk."""

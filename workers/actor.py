@@ -77,4 +77,4 @@ class LayerGroupWorker:
         return self.spec.start, self.spec.end
 
     def info(self) -> dict:
-        return self.group.info()
+        return self.group.info() | {"node": ray.get_runtime_context().get_node_id()}

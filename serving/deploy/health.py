@@ -8,6 +8,8 @@ import asyncio
 
 import ray
 
+from serving.engine.exceptions import first_line
+
 HEALTH_TIMEOUT_S = 10.0
 
 
@@ -41,7 +43,7 @@ async def unhealthy(app: str, num_groups: int) -> str | None:
         try:
             await done
         except Exception as e:  # that pipeline's worker is dead, restarting or stuck
-            problem = (str(e).splitlines() or [type(e).__name__])[0]
+            problem = first_line(e)
             continue
         for p in pending:
             p.cancel()

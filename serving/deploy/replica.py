@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import ray
 from ray import serve
 
 from serving.config import AppConfig
@@ -96,6 +97,10 @@ class PipelineReplica:
         """The server is stopping (`server.stop`): refuse new requests, give the admitted ones `grace_s`
         seconds, end the rest with finish_reason "abort"; returns how many were cut."""
         return await self.engine.close(grace_s)
+
+    async def node(self) -> str:
+        """The Ray node this replica runs on (its workers' are in `workers`)."""
+        return ray.get_runtime_context().get_node_id()
 
     async def check_health(self) -> None:
         """Serve's health check: fails (and Serve replaces this replica with a new pipeline) only when the

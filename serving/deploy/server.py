@@ -13,6 +13,7 @@ from ray.serve.schema import TracingConfig
 
 from serving.config import APP_NAME, GRPC_SERVICERS, AppConfig
 from serving.deploy.grpc_bind import HOST_ENV
+from serving.engine.exceptions import first_line
 from serving.telemetry import tracing
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,11 @@ def init_ray(config: AppConfig, address: str | None = None, **kwargs) -> None:
     ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, **kwargs)
 
 
-def start(config: AppConfig, app: Application) -> DeploymentHandle:
-    """Start Serve with the configured listeners and run `app`; returns the ingress handle."""
+def start(config: AppConfig, app: Application, proxy_location: str = "EveryNode") -> DeploymentHandle:
+    """Start Serve with the configured listeners and run `app`; returns the ingress handle. Serve runs a
+    proxy on every node; `proxy_location="HeadOnly"` where the nodes share one machine (and its ports)."""
     serve.start(
+        proxy_location=proxy_location,
         http_options={"host": config.http.host, "port": config.http.port},
         grpc_options={"port": config.grpc.port, "grpc_servicer_functions": GRPC_SERVICERS},
         tracing_config=TracingConfig(
@@ -53,6 +56,6 @@ def stop(grace_s: float | None = None) -> None:
             if sum(cut):
                 log.warning("%d requests ended with finish_reason 'abort' after %.0f s", sum(cut), grace_s)
         except Exception as e:  # the application never started, or is gone: nothing to wait for
-            log.warning("stopping without waiting for requests: %s", (str(e).splitlines() or [type(e).__name__])[0])
+            log.warning("stopping without waiting for requests: %s", first_line(e))
     serve.shutdown()
     ray.shutdown()

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.engine.admission import Admission
 from serving.engine.config import EngineConfig
-from serving.engine.exceptions import EngineError, EngineUnavailable, RequestError
+from serving.engine.exceptions import EngineError, EngineUnavailable, RequestError, first_line
 from serving.engine.messages import RequestOutput
 from serving.engine.outputs import OutputProcessor, RequestStream
 from serving.engine.params import ExitParams, PhaseExits, SamplingParams
@@ -306,7 +306,7 @@ class Engine:
         layers, without its cache), clear every running sequence's blocks on every worker, and let the
         scheduler feed each one's prompt and generated tokens again; its next token continues the stream."""
         started = time.monotonic()
-        log.warning("a layer-group worker was lost (%s); waiting for its restart", str(error).splitlines()[0])
+        log.warning("a layer-group worker was lost (%s); waiting for its restart", first_line(error))
         await asyncio.gather(*self._inflight, return_exceptions=True)
         try:
             await self.pipeline.ready(self.config.worker_restart_timeout_s)
@@ -315,7 +315,7 @@ class Engine:
             if held:
                 await Pipeline.confirm(self.pipeline.free(held))
         except Exception as e:
-            self._give_up(f"a layer-group worker did not come back: {str(e).splitlines()[0]}")
+            self._give_up(f"a layer-group worker did not come back: {first_line(e)}")
             return
         finally:
             self._recovery = None

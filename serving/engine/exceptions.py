@@ -25,3 +25,8 @@ class EngineError(RuntimeError):
 
 class EngineUnavailable(EngineError):
     """The pipeline lost a worker for good: retry the request (another pipeline, or this one replaced)."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line for a log or a client (Ray's errors run to many lines; some have none)."""
+    return (str(error).splitlines() or [type(error).__name__])[0]

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from serving.engine.exceptions import first_line
 from serving.telemetry.metrics import EngineStats
 from workers.layer_group import LayerGroup
 from workers.modes import Backfill, Policy
@@ -248,7 +249,7 @@ class Pipeline:
         except Exception as e:
             if not quiet:
                 raise
-            log.warning("freeing KV blocks failed: %s", str(e).splitlines()[0])
+            log.warning("freeing KV blocks failed: %s", first_line(e))
 
     @property
     def block_bytes(self) -> int:
