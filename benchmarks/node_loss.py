@@ -57,11 +57,11 @@ async def stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, t
     return {"token_ids": ids, "error": error}
 
 
-def health_watch(url: str, stop: threading.Event, seen: list) -> None:
+def health_watch(url: str, stop: threading.Event, seen: list, settle_s: float) -> None:
     """/health every 0.5 s: (seconds, status) whenever the answer changes; ends at `stop` once it is 200
-    again (or 120 s after `stop`)."""
+    again (or `settle_s` after `stop`)."""
     last, start, stopped = None, time.monotonic(), None
-    while stopped is None or (last != 200 and time.monotonic() - stopped < 120):
+    while stopped is None or (last != 200 and time.monotonic() - stopped < settle_s):
         if stopped is None and stop.is_set():
             stopped = time.monotonic()
         try:
@@ -86,12 +86,13 @@ async def victim_node(cluster: Cluster, replica) -> tuple:
 
 
 async def kv_blocks_once_answered(replica, timeout_s: float = 120) -> dict | str:
-    """The pipeline's KV blocks once every worker answers again (a restarted one may still be loading)."""
+    """The pipeline's KV blocks once every worker answers again (a restarted one may still be loading);
+    what went wrong if no replica answers in time (one that Serve replaced may wait for room forever)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return await replica.kv_blocks.remote()
-        except ray.exceptions.RayError as e:
+            return await asyncio.wait_for(replica.kv_blocks.remote(), timeout=max(deadline - time.monotonic(), 1))
+        except (ray.exceptions.RayError, TimeoutError) as e:
             if time.monotonic() > deadline:
                 return f"no answer within {timeout_s:.0f} s: {first_line(e)}"
             await asyncio.sleep(1)
@@ -100,6 +101,7 @@ async def kv_blocks_once_answered(replica, timeout_s: float = 120) -> dict | str
 async def run(url: str, model: str, cluster: Cluster, args: argparse.Namespace) -> dict:
     replica = serve.get_deployment_handle("PipelineReplica", APP_NAME)
     prompts = (PROMPTS * args.streams)[: args.streams]
+    settle = 20.0 if args.no_spare else 120.0  # without room the pipeline cannot come back
     async with httpx.AsyncClient(timeout=600) as client:
         reference = await asyncio.gather(*(stream(client, url, model, p, args.max_tokens, []) for p in prompts))
         node, worker = await victim_node(cluster, replica)
@@ -110,7 +112,7 @@ async def run(url: str, model: str, cluster: Cluster, args: argparse.Namespace) 
         in_flight = sum(not t.done() for t in tasks)
         seen: list = []
         stop = threading.Event()
-        watcher = threading.Thread(target=health_watch, args=(url, stop, seen), daemon=True)
+        watcher = threading.Thread(target=health_watch, args=(url, stop, seen, settle), daemon=True)
         watcher.start()
         removed_at = time.monotonic()
         await asyncio.to_thread(cluster.remove_node, node, False)
@@ -120,7 +122,7 @@ async def run(url: str, model: str, cluster: Cluster, args: argparse.Namespace) 
         await asyncio.to_thread(watcher.join)
     after = [t for t in arrivals if t > removed_at]
     pause = max((b - a for a, b in zip([removed_at, *after], after, strict=False)), default=None)
-    blocks = await kv_blocks_once_answered(replica)
+    blocks = await kv_blocks_once_answered(replica, settle)
     completed = [o["token_ids"] == r["token_ids"] for o, r in zip(outs, reference, strict=True) if o["error"] is None]
     return {
         "requests": len(prompts),
