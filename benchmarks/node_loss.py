@@ -170,7 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-timeout", type=float, default=60.0, help="engine.worker_restart_timeout_s")
     server_options(p)
     args = p.parse_args(argv)
-    args.worker_nodes = 3 if args.no_spare else 4  # the replica's bundle rides on the head (router CPUs)
+    # Three nodes go whole to the workers; the pipeline replica and the ingress (0.1 CPU each) take up to two
+    # more. A fourth worker node spare makes room for the lost worker whatever the placement; without one,
+    # the four nodes are full.
+    args.worker_nodes = 3 if args.no_spare else 5
     return args
 
 
